@@ -1,0 +1,33 @@
+"""hf_extras: post-Transformer architectures as first-class Hugging Face transformers models.
+
+`import hf_extras` registers every family with the Auto classes.
+"""
+
+from .models.configuration_retnet import RetNetConfig
+from .models.modeling_retnet import (
+    RetNetForCausalLM,
+    RetNetForMaskedLM,
+    RetNetForQuestionAnswering,
+    RetNetForSequenceClassification,
+    RetNetForTokenClassification,
+    RetNetModel,
+)
+from .models.cache import RecurrentCache
+from .models.norms import DyT
+from .registration import register_all
+
+register_all()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DyT",
+    "RecurrentCache",
+    "RetNetConfig",
+    "RetNetModel",
+    "RetNetForCausalLM",
+    "RetNetForMaskedLM",
+    "RetNetForSequenceClassification",
+    "RetNetForTokenClassification",
+    "RetNetForQuestionAnswering",
+]

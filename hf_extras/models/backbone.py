@@ -1,0 +1,217 @@
+"""The shared backbone: `x = x + mixer(norm(x)); x = x + ffn(norm(x))`, written once for every sequence family.
+
+A family supplies only its token mixer (`mixer_class`) and config; embeddings, blocks, final norm, input checks,
+cache handling, initialisation and the remote-code auto map live here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .cache import as_recurrent_cache
+from .ffn import build_ffn
+from .norms import DyT, build_norm
+from .positions import positions_from_mask
+
+
+@dataclass
+class HfxModelOutput(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus the summed MoE load-balancing loss (`None` without MoE)."""
+
+    aux_loss: torch.Tensor | None = None
+
+
+def pop_cache_kwarg(cache, kwargs: dict):
+    """The cache, whatever name the caller used: `cache` (transformers >= 5.24), `past_key_values`, `cache_params`."""
+    for name in ("past_key_values", "cache_params"):
+        other = kwargs.pop(name, None)
+        if cache is None and other is not None:
+            cache = other
+    return cache
+
+
+def padding_mask(attention_mask, batch_size: int, seq_len: int, past_len: int) -> torch.Tensor | None:
+    """Validate a 2-D padding mask and return it (new and past tokens), or `None`.
+
+    Decode steps may receive `{"linear_attention": mask}` dicts; 4-D attention masks are refused because a
+    recurrent mixer has no pairwise mask to apply.
+    """
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("linear_attention", attention_mask.get("full_attention"))
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(
+            f"`attention_mask` must be a 2-D padding mask of shape (batch, seq_len) with 1 for real tokens, got {shape}."
+        )
+    if attention_mask.shape[0] != batch_size or attention_mask.shape[1] not in (seq_len, past_len + seq_len):
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)} but the input is (batch={batch_size}, "
+            f"seq_len={seq_len}) with {past_len} cached tokens: expected ({batch_size}, {seq_len}) or "
+            f"({batch_size}, {past_len + seq_len})."
+        )
+    return attention_mask
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse token ids outside the vocabulary before any kernel (an embedding lookup would fail obscurely)."""
+    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"`input_ids` contain ids outside the vocabulary [0, {vocab_size}): min {low}, max {high}. "
+            "Check that the tokenizer matches the model (config.vocab_size)."
+        )
+
+
+class HfxBlock(GradientCheckpointingLayer):
+    """One pre-norm residual block around a family's token mixer and the shared FFN."""
+
+    def __init__(self, config, layer_idx: int, mixer_class: type[nn.Module]):
+        super().__init__()
+        self.mixer_norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
+        self.mixer = mixer_class(config, layer_idx)
+        self.ffn_norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
+        self.ffn = build_ffn(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, **kwargs):
+        mixed = self.mixer(self.mixer_norm(hidden_states), attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        hidden_states = hidden_states + self.dropout(mixed)
+        ffn_out, aux = self.ffn(self.ffn_norm(hidden_states), attention_mask)
+        return hidden_states + self.dropout(ffn_out), aux
+
+
+class HfxPreTrainedModel(PreTrainedModel):
+    """Base of every hf_extras model: initialisation, recurrent-cache opt-out, remote-code auto map."""
+
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HfxBlock"]
+    _is_stateful = True
+    _hfx_auto_map: dict[str, str] = {}
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # the model builds its own fixed-size RecurrentCache; a default KV cache would be wrong
+        return False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, DyT):
+            init.constant_(module.alpha, module.alpha_init)
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        init_hook = getattr(module, "init_hfx_weights", None)
+        if init_hook is not None:
+            init_hook(self.config)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # every head of the family in auto_map, so any Auto class loads the folder with trust_remote_code
+        if self._hfx_auto_map:
+            self.config.auto_map = dict(self._hfx_auto_map)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class HfxModel(HfxPreTrainedModel):
+    """Embeddings, a stack of `HfxBlock`s around `mixer_class`, and a final norm."""
+
+    mixer_class: type[nn.Module]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(
+            HfxBlock(config, i, self.mixer_class) for i in range(config.num_hidden_layers)
+        )
+        self.norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HfxModelOutput:
+        cache = pop_cache_kwarg(cache, kwargs)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
+            check_input_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+
+        if self.config.bidirectional or (self.gradient_checkpointing and self.training):
+            use_cache = False
+        elif use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        cache = as_recurrent_cache(cache, self.config, use_cache)
+        past_len = cache.get_seq_length() if cache is not None else 0
+
+        full_mask = padding_mask(attention_mask, batch_size, seq_len, past_len)
+        new_mask = full_mask[:, -seq_len:] if full_mask is not None else None
+        if position_ids is None:
+            position_ids = positions_from_mask(full_mask, seq_len, past_len, inputs_embeds.device)
+        if position_ids.shape[0] != batch_size:
+            position_ids = position_ids.expand(batch_size, -1)
+
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        all_hidden = (inputs_embeds,) if output_hidden_states else None
+        hidden_states = inputs_embeds
+        aux_total = None
+        for layer in self.layers:
+            hidden_states, aux = layer(hidden_states, attention_mask=new_mask, position_ids=position_ids, cache=cache)
+            if self.config.ffn_type == "moe":
+                aux_total = aux if aux_total is None else aux_total + aux
+            if output_hidden_states:
+                all_hidden = all_hidden + (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden_states,)
+        if cache is not None:
+            cache.advance(seq_len)
+        return HfxModelOutput(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden,
+            aux_loss=aux_total,
+        )
+
+
+def register_family(config_class, classes: dict[str, type]) -> None:
+    """Mark a family's classes for `save_pretrained` code export and record the full `auto_map`.
+
+    `classes` maps Auto class names (`"AutoModel"`, `"AutoModelForCausalLM"`, ...) to model classes. Called at the
+    bottom of each `modeling_<family>.py`, so it also runs inside a `trust_remote_code` load.
+    """
+    config_class.register_for_auto_class()
+    auto_map = {"AutoConfig": f"{config_class.__module__.split('.')[-1]}.{config_class.__name__}"}
+    for auto_name, cls in classes.items():
+        cls.register_for_auto_class(auto_name)
+        auto_map[auto_name] = f"{cls.__module__.split('.')[-1]}.{cls.__name__}"
+    for cls in classes.values():
+        cls._hfx_auto_map = auto_map

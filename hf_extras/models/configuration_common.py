@@ -1,0 +1,118 @@
+"""Fields and rules shared by every hf_extras sequence family.
+
+Each family's config subclasses `HfxSequenceConfig` and adds its own fields. The config is a transformers 5
+`@strict` dataclass: a bad value fails when the config is built, with a message that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+NormType = Literal["rmsnorm", "layernorm", "dyt"]
+FfnType = Literal["mlp", "glu", "moe"]
+ForwardMode = Literal["auto", "parallel", "chunkwise", "recurrent"]
+Pooling = Literal["auto", "last", "mean", "first"]
+
+
+@strict
+class HfxSequenceConfig(PreTrainedConfig):
+    r"""
+    Shared configuration of the hf_extras sequence families (one config serves every task head).
+
+    Args:
+        vocab_size (`int`): vocabulary size; the embedded byte tokenizer needs 263 (264 keeps it a multiple of 8).
+        hidden_size (`int`): width of the residual stream.
+        num_hidden_layers (`int`): number of blocks `x = x + mixer(norm(x)); x = x + ffn(norm(x))`.
+        num_heads (`int`): heads of the token mixer (alias `num_attention_heads`).
+        intermediate_size (`int`, *optional*): FFN width; `None` means 4x hidden (mlp) or 8/3x hidden rounded to 8 (glu, moe).
+        hidden_act (`str`): FFN activation (any key of `transformers.activations.ACT2FN`).
+        norm_type (`str`): `"rmsnorm"`, `"layernorm"` or `"dyt"` (Dynamic Tanh).
+        norm_eps (`float`): epsilon of RMSNorm/LayerNorm.
+        dyt_alpha_init (`float`): initial `alpha` of every DyT.
+        ffn_type (`str`): `"mlp"`, `"glu"` (SwiGLU-style) or `"moe"` (top-k routed GLU experts).
+        num_experts, num_experts_per_tok (`int`): MoE size and top-k.
+        router_aux_loss_coef (`float`): weight of the load-balancing loss added to the training loss.
+        bidirectional (`bool`): mix in both directions (encoders: masked LM, classification, QA). Causal LM refuses it.
+        forward_mode (`str`): kernel form, `"auto"` picks by input length.
+        chunk_size (`int`): chunk length of the chunkwise form.
+        hidden_dropout (`float`): dropout on the residual branches and before classifier heads.
+        classifier_pooling (`str`): sequence-classification pooling; `"auto"` is the last real token for causal
+            models and the mean of real tokens for bidirectional ones.
+        use_layer_features (`bool`): heads read a learned softmax-weighted mix of every layer's hidden states.
+    """
+
+    attribute_map = {"num_attention_heads": "num_heads"}
+
+    vocab_size: int = 264
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int | None = None
+    hidden_act: str = "silu"
+    norm_type: NormType = "rmsnorm"
+    norm_eps: float = 1e-6
+    dyt_alpha_init: float = 0.5
+    ffn_type: FfnType = "glu"
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.01
+    bidirectional: bool = False
+    forward_mode: ForwardMode = "auto"
+    chunk_size: int = 64
+    hidden_dropout: float = 0.0
+    classifier_pooling: Pooling = "auto"
+    use_layer_features: bool = False
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    bos_token_id: int | None = 2
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            if self.ffn_type == "mlp":
+                self.intermediate_size = 4 * self.hidden_size
+            else:
+                self.intermediate_size = 8 * ((8 * self.hidden_size // 3 + 7) // 8)
+        super().__post_init__(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def layer_types(self) -> list[str]:
+        return ["linear_attention"] * self.num_hidden_layers
+
+    def validate_architecture(self):
+        """Sizes must be positive and the width must split evenly into heads."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "intermediate_size", "chunk_size"):
+            value = getattr(self, name)
+            if value is None or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_heads` ({self.num_heads}): "
+                f"pick a hidden size that is a multiple of {self.num_heads}, or another head count."
+            )
+
+    def validate_ffn(self):
+        """MoE routing must select a valid number of experts; coefficients are non-negative."""
+        if self.ffn_type == "moe":
+            if self.num_experts <= 0:
+                raise ValueError(f"`num_experts` must be positive for ffn_type='moe', got {self.num_experts}.")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"`num_experts_per_tok` ({self.num_experts_per_tok}) must be between 1 and "
+                    f"`num_experts` ({self.num_experts})."
+                )
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}.")
+        if not 0.0 <= self.hidden_dropout < 1.0:
+            raise ValueError(f"`hidden_dropout` must be in [0, 1), got {self.hidden_dropout}.")
+        if self.norm_eps <= 0:
+            raise ValueError(f"`norm_eps` must be > 0, got {self.norm_eps}.")

@@ -1,0 +1,296 @@
+"""Task heads, written once for every sequence family.
+
+A family's head is `class RetNetForX(RetNetPreTrainedModel, HfxForX): backbone_class = RetNetModel`. The base model
+is built directly (not through `AutoModel.from_config`, which fails inside a `trust_remote_code` load), the losses are
+transformers' own (`self.loss_function`), and the MoE load-balancing loss is added so that it stays right under
+gradient accumulation and DDP.
+
+transformers' `GenericFor*` heads are not subclassed: they lack mean pooling for bidirectional encoders, the MoE
+auxiliary loss and weighted layer features, which is most of what a head here does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers import initialization as init
+from transformers.modeling_outputs import (
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+
+from .backbone import HfxPreTrainedModel, pop_cache_kwarg
+
+
+class LayerFeatures(nn.Module):
+    """ELMo-style features: `scale * sum_l softmax(w)_l * h_l` over the embeddings and every layer's output."""
+
+    def __init__(self, num_layers: int):
+        super().__init__()
+        self.layer_weights = nn.Parameter(torch.zeros(num_layers + 1))
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def init_hfx_weights(self, config) -> None:
+        init.zeros_(self.layer_weights)
+        init.ones_(self.scale)
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        weights = torch.softmax(self.layer_weights, dim=0).to(hidden_states[0].dtype)
+        stacked = torch.stack(hidden_states, dim=0)
+        return self.scale.to(stacked.dtype) * torch.einsum("l,lbtd->btd", weights, stacked)
+
+
+def scaled_aux_loss(aux: torch.Tensor, coef: float, labels: torch.Tensor, num_items_in_batch, shift: bool):
+    """The MoE auxiliary loss weighted like the token loss it is added to.
+
+    When the trainer passes `num_items_in_batch` (the token count of the whole accumulated, possibly multi-process
+    batch), the token loss is a sum divided by that count, so the aux term is weighted by this micro-batch's share
+    of tokens; summed over micro-batches (and averaged over DDP ranks after the trainer's world-size scaling) it
+    is then the token-weighted mean, exactly as with one big batch.
+    """
+    if num_items_in_batch is None:
+        return coef * aux
+    counted = labels[..., 1:] if shift else labels
+    share = counted.ne(-100).sum().to(aux.dtype) / torch.as_tensor(num_items_in_batch, device=aux.device, dtype=aux.dtype)
+    return coef * aux * share
+
+
+class _HfxHead(HfxPreTrainedModel):
+    """Builds the family backbone and, optionally, weighted layer features."""
+
+    backbone_class: type[nn.Module]
+
+    def _build_backbone(self, config) -> None:
+        self.model = self.backbone_class(config)
+        self.layer_features = LayerFeatures(config.num_hidden_layers) if config.use_layer_features else None
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def _run_backbone(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_hidden_states, kwargs):
+        cache = pop_cache_kwarg(cache, kwargs)
+        want_hidden = bool(output_hidden_states) or self.layer_features is not None
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=want_hidden,
+        )
+        features = self.layer_features(outputs.hidden_states) if self.layer_features is not None else outputs.last_hidden_state
+        return features, outputs
+
+    def _with_aux(self, loss, outputs, labels, kwargs, shift: bool):
+        if loss is None or outputs.aux_loss is None or self.config.router_aux_loss_coef == 0:
+            return loss
+        return loss + scaled_aux_loss(
+            outputs.aux_loss, self.config.router_aux_loss_coef, labels, kwargs.get("num_items_in_batch"), shift
+        )
+
+
+class HfxForCausalLM(_HfxHead, GenerationMixin):
+    """Language-model head tied to the input embeddings; generates with the fixed-size recurrent cache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.bidirectional:
+            raise ValueError(
+                f"{type(self).__name__} predicts the next token and cannot see the future: build it with "
+                "`bidirectional=False` (use the ForMaskedLM head for a bidirectional model)."
+            )
+        self._build_backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        features, outputs = self._run_backbone(
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_hidden_states, kwargs
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(features[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self._with_aux(loss, outputs, labels, kwargs, shift=True)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states if output_hidden_states else None
+        )
+
+
+class HfxForMaskedLM(_HfxHead):
+    """Masked-LM head on a bidirectional backbone, tied to the input embeddings."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        if not config.bidirectional:
+            raise ValueError(
+                f"{type(self).__name__} fills in masked tokens from both sides: build it with `bidirectional=True`."
+            )
+        self._build_backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+        output_hidden_states=None, **kwargs,
+    ) -> MaskedLMOutput:
+        features, outputs = self._run_backbone(
+            input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
+        )
+        logits = self.lm_head(features)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self._with_aux(loss, outputs, labels, kwargs, shift=False)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states if output_hidden_states else None)
+
+
+def last_token_index(input_ids, attention_mask, pad_token_id, batch_size: int, seq_len: int, device) -> torch.Tensor:
+    """Index of each row's last real token; works for left and right padding."""
+    if attention_mask is not None:
+        real = attention_mask[:, -seq_len:].to(device, torch.int32)
+    elif input_ids is not None and pad_token_id is not None:
+        real = input_ids.ne(pad_token_id).to(device, torch.int32)
+    else:
+        return torch.full((batch_size,), seq_len - 1, device=device, dtype=torch.long)
+    positions = torch.arange(seq_len, device=device, dtype=torch.int32)
+    return (positions * real).argmax(-1).long()
+
+
+class _ClassifierHead(_HfxHead):
+    # the generic transformers losses below do not divide by num_items_in_batch: let Trainer scale for accumulation
+    accepts_loss_kwargs = False
+
+
+class HfxForSequenceClassification(_ClassifierHead):
+    """Sequence classification: last real token (causal) or mean of real tokens (bidirectional), then `score`."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self._build_backbone(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def pool(self, features, input_ids, attention_mask) -> torch.Tensor:
+        mode = self.config.classifier_pooling
+        if mode == "auto":
+            mode = "mean" if self.config.bidirectional else "last"
+        batch_size, seq_len = features.shape[:2]
+        if mode == "first":
+            return features[:, 0]
+        if mode == "mean":
+            if attention_mask is None:
+                return features.mean(1)
+            weights = attention_mask[:, -seq_len:].to(features.dtype).unsqueeze(-1)
+            return (features * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        idx = last_token_index(input_ids, attention_mask, self.config.pad_token_id, batch_size, seq_len, features.device)
+        return features[torch.arange(batch_size, device=features.device), idx]
+
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+        output_hidden_states=None, **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        features, outputs = self._run_backbone(
+            input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
+        )
+        pooled = self.score(self.dropout(self.pool(features, input_ids, attention_mask)))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=pooled, config=self.config)
+            loss = self._with_aux(loss, outputs, labels, {}, shift=False)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled, hidden_states=outputs.hidden_states if output_hidden_states else None
+        )
+
+
+class HfxForTokenClassification(_ClassifierHead):
+    """Per-token classification (`score` on every position)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self._build_backbone(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+        output_hidden_states=None, **kwargs,
+    ) -> TokenClassifierOutput:
+        features, outputs = self._run_backbone(
+            input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
+        )
+        logits = self.score(self.dropout(features))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+            loss = self._with_aux(loss, outputs, labels, {}, shift=False)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states if output_hidden_states else None)
+
+
+class HfxForQuestionAnswering(_ClassifierHead):
+    """Extractive QA: start and end logits for every token (`qa_outputs`)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._build_backbone(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, start_positions=None,
+        end_positions=None, output_hidden_states=None, **kwargs,
+    ) -> QuestionAnsweringModelOutput:
+        features, outputs = self._run_backbone(
+            input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
+        )
+        start_logits, end_logits = self.qa_outputs(features).split(1, dim=-1)
+        start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+            loss = self._with_aux(loss, outputs, start_positions, {}, shift=False)
+        return QuestionAnsweringModelOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+        )

@@ -1,0 +1,63 @@
+"""Normalisation layers: RMSNorm, LayerNorm and Dynamic Tanh (DyT), chosen by `norm_type`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a per-channel gain, computed in float32 for stability."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` under the project's constructor signature."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps=eps)
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh, `weight * tanh(alpha * x) + bias` ("Transformers without Normalization", Zhu et al. 2025).
+
+    A drop-in replacement for a norm layer: one learnable scalar `alpha`, a per-channel `weight` (init 1) and
+    `bias` (init 0). No statistics are computed, so it is element-wise and fuses well.
+    """
+
+    def __init__(self, hidden_size: int, alpha_init: float = 0.5):
+        super().__init__()
+        self.alpha_init = float(alpha_init)
+        self.alpha = nn.Parameter(torch.full((1,), self.alpha_init))
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * torch.tanh(self.alpha * x) + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, alpha_init={self.alpha_init}"
+
+
+def build_norm(norm_type: str, hidden_size: int, eps: float = 1e-6, alpha_init: float = 0.5) -> nn.Module:
+    """The norm layer that `norm_type` names."""
+    if norm_type == "rmsnorm":
+        return RMSNorm(hidden_size, eps)
+    if norm_type == "layernorm":
+        return LayerNorm(hidden_size, eps)
+    if norm_type == "dyt":
+        return DyT(hidden_size, alpha_init)
+    raise ValueError(f"`norm_type` must be 'rmsnorm', 'layernorm' or 'dyt', got {norm_type!r}.")

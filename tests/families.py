@@ -1,0 +1,50 @@
+"""The families under test, with tiny configs; every generic test is parametrised over this list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import transformers
+
+import hf_extras
+
+
+@dataclass
+class Family:
+    name: str
+    config_class: type
+    prefix: str  # class-name prefix, e.g. "RetNet"
+    tiny: dict = field(default_factory=dict)
+    recurrent: bool = True  # fixed-size state (vs. a growing KV cache)
+
+    def config(self, **overrides):
+        kwargs = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_heads=2, chunk_size=8)
+        kwargs.update(self.tiny)
+        kwargs.update(overrides)
+        return self.config_class(**kwargs)
+
+    def cls(self, head: str):
+        return getattr(hf_extras, f"{self.prefix}{head}")
+
+
+FAMILIES = [
+    Family("retnet", hf_extras.RetNetConfig, "RetNet"),
+]
+
+HEADS = {
+    "Model": transformers.AutoModel,
+    "ForCausalLM": transformers.AutoModelForCausalLM,
+    "ForMaskedLM": transformers.AutoModelForMaskedLM,
+    "ForSequenceClassification": transformers.AutoModelForSequenceClassification,
+    "ForTokenClassification": transformers.AutoModelForTokenClassification,
+    "ForQuestionAnswering": transformers.AutoModelForQuestionAnswering,
+}
+
+# heads that need a bidirectional backbone, and heads that refuse one
+BIDIRECTIONAL_ONLY = {"ForMaskedLM"}
+CAUSAL_ONLY = {"ForCausalLM"}
+
+
+def head_config(family: Family, head: str, **overrides):
+    bidirectional = head in BIDIRECTIONAL_ONLY or (head not in CAUSAL_ONLY and overrides.pop("bidirectional", False))
+    return family.config(bidirectional=bidirectional, num_labels=3, **overrides)
