@@ -4,8 +4,7 @@ Each family's config subclasses `HfxSequenceConfig` and adds its own fields. The
 `@strict` dataclass: a bad value fails when the config is built, with a message that names the field and the fix.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` in config files: @strict validates against the real (unstringified) types.
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict

@@ -1,6 +1,5 @@
 """RetNet configuration (`model_type="hfx_retnet"`)."""
 
-from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 
