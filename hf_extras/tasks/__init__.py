@@ -1,0 +1,1 @@
+"""Task modules: preprocessing, collators and metrics, one module per task."""
