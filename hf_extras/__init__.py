@@ -12,6 +12,15 @@ from .models.modeling_retnet import (
     RetNetForTokenClassification,
     RetNetModel,
 )
+from .models.configuration_gated_retention import GatedRetentionConfig
+from .models.modeling_gated_retention import (
+    GatedRetentionForCausalLM,
+    GatedRetentionForMaskedLM,
+    GatedRetentionForQuestionAnswering,
+    GatedRetentionForSequenceClassification,
+    GatedRetentionForTokenClassification,
+    GatedRetentionModel,
+)
 from .models.cache import RecurrentCache
 from .models.norms import DyT
 from .registration import register_all
@@ -30,4 +39,11 @@ __all__ = [
     "RetNetForSequenceClassification",
     "RetNetForTokenClassification",
     "RetNetForQuestionAnswering",
+    "GatedRetentionConfig",
+    "GatedRetentionModel",
+    "GatedRetentionForCausalLM",
+    "GatedRetentionForMaskedLM",
+    "GatedRetentionForSequenceClassification",
+    "GatedRetentionForTokenClassification",
+    "GatedRetentionForQuestionAnswering",
 ]

@@ -29,6 +29,9 @@ class Family:
 
 FAMILIES = [
     Family("retnet", hf_extras.RetNetConfig, "RetNet"),
+    Family("gla", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="key", use_short_conv=True)),
+    Family("gated_retnet", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="head", use_rotary=True)),
+    Family("linear_attention", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="none", feature_map="elu")),
 ]
 
 HEADS = {

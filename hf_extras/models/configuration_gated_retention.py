@@ -1,0 +1,57 @@
+"""Gated retention configuration (`model_type="hfx_gated_retention"`)."""
+
+# No `from __future__ import annotations` in config files: @strict validates against the real types.
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+
+from .configuration_common import HfxSequenceConfig
+
+
+@strict
+class GatedRetentionConfig(HfxSequenceConfig):
+    r"""
+    Retention whose forgetting is data-dependent: the step from linear attention to retention to gated retention.
+
+    Args (besides the shared ones in `HfxSequenceConfig`):
+        gate (`str`): `"key"` — one decay per key channel from a low-rank projection,
+            `alpha_t = sigmoid(x_t W_1 W_2 + b)^(1/tau)` (GLA, Yang et al. 2023); `"head"` — one scalar decay per head
+            and token, `gamma_t = sigmoid(x_t W_gamma + b)^(1/tau)` (gated retention as in YOCO); `"none"` — plain
+            linear attention, no forgetting.
+        gate_logit_normalizer (`float`): `tau`, which keeps decays near 1 at initialisation (16 as in GLA).
+        gate_low_rank_dim (`int`): rank of the per-key gate projection (16 as in GLA).
+        feature_map (`str`): applied to q and k: `"identity"`, `"elu"` (elu+1) or `"relu"`.
+        use_short_conv (`bool`), conv_size (`int`): a short causal depthwise conv (then SiLU) on q, k and v.
+        value_factor (`int`): value/gate width as a multiple of `hidden_size`.
+        use_rotary (`bool`), rope_theta (`float`): rotary positions on q/k (the gates already encode order).
+    """
+
+    model_type = "hfx_gated_retention"
+
+    gate: Literal["key", "head", "none"] = "key"
+    gate_logit_normalizer: float = 16.0
+    gate_low_rank_dim: int = 16
+    feature_map: Literal["identity", "elu", "relu"] = "identity"
+    use_short_conv: bool = False
+    conv_size: int = 4
+    value_factor: int = 1
+    use_rotary: bool = False
+    rope_theta: float = 10000.0
+
+    def validate_gating(self):
+        """Gate and conv sizes must be usable."""
+        if self.gate_logit_normalizer <= 0:
+            raise ValueError(f"`gate_logit_normalizer` must be > 0, got {self.gate_logit_normalizer}.")
+        if self.gate_low_rank_dim <= 0:
+            raise ValueError(f"`gate_low_rank_dim` must be a positive integer, got {self.gate_low_rank_dim}.")
+        if self.use_short_conv and self.conv_size < 2:
+            raise ValueError(f"`conv_size` must be >= 2 when `use_short_conv=True`, got {self.conv_size}.")
+        if self.value_factor <= 0:
+            raise ValueError(f"`value_factor` must be a positive integer, got {self.value_factor}.")
+        if self.use_rotary and (self.hidden_size // self.num_heads) % 2 != 0:
+            raise ValueError(
+                f"`hidden_size / num_heads` ({self.hidden_size}/{self.num_heads}) must be even for `use_rotary=True`."
+            )
+
+
+__all__ = ["GatedRetentionConfig"]

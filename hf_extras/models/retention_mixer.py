@@ -1,0 +1,94 @@
+"""The retention token mixer shared by RetNet and gated retention.
+
+q/k/v projections (optionally through a short causal conv and a feature map), rotary positions (optional), a decay
+that the family defines (`log_decay`), the shared `retention_ops` kernel, a per-head RMS group norm and a swish
+output gate. Families differ only in `log_decay`.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conv_ops import causal_depthwise_conv
+from .norms import RMSNorm
+from .positions import apply_rotary, rotary_cos_sin
+from .retention_ops import decayed_linear_attention, pick_mode
+
+FEATURE_MAPS = {
+    "identity": lambda x: x,
+    "elu": lambda x: F.elu(x) + 1.0,
+    "relu": F.relu,
+}
+
+
+class RetentionMixer(nn.Module):
+    """Decayed linear attention with gated, group-normed output; subclasses say how the state decays."""
+
+    def __init__(self, config, layer_idx: int, use_rotary: bool = True, conv_size: int = 0, feature_map: str = "identity"):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.value_dim = self.head_dim * config.value_factor
+        self.bidirectional = config.bidirectional
+        self.forward_mode = config.forward_mode
+        self.chunk_size = config.chunk_size
+        self.use_rotary = use_rotary
+        self.rope_theta = getattr(config, "rope_theta", 10000.0)
+        self.feature_map = FEATURE_MAPS[feature_map]
+        value_width = self.num_heads * self.value_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, value_width, bias=False)
+        self.g_proj = nn.Linear(config.hidden_size, value_width, bias=False)
+        self.o_proj = nn.Linear(value_width, config.hidden_size, bias=False)
+        self.g_norm = RMSNorm(self.value_dim, config.norm_eps)
+        self.conv_size = conv_size
+        if conv_size > 0:  # one depthwise conv over the concatenated q, k, v channels
+            channels = 2 * config.hidden_size + value_width
+            self.conv1d = nn.Conv1d(channels, channels, conv_size, groups=channels, bias=False)
+
+    def log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """`None`, `(H,)`, `(B, H, T)` or `(B, H, T, Dk)` log decays (<= 0); see `retention_ops`."""
+        raise NotImplementedError
+
+    def _project(self, hidden_states, attention_mask, cache):
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self.conv_size > 0:
+            qkv = torch.cat([q, k, v], dim=-1)
+            if attention_mask is not None:  # padded inputs must not reach real tokens through the conv
+                qkv = qkv * attention_mask[..., None].to(qkv.dtype)
+            tail = cache.read_conv(self.layer_idx) if cache is not None else None
+            mixed, new_tail = causal_depthwise_conv(qkv.transpose(1, 2), self.conv1d.weight, None, tail)
+            if cache is not None:
+                cache.write_conv(self.layer_idx, new_tail, self.conv_size - 1)
+            q, k, v = F.silu(mixed.transpose(1, 2)).split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+        return q, k, v
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None):
+        batch, seq_len, _ = hidden_states.shape
+        q, k, v = self._project(hidden_states, attention_mask, cache)
+        q = self.feature_map(q.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2))
+        k = self.feature_map(k.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2))
+        v = v.view(batch, seq_len, self.num_heads, self.value_dim).transpose(1, 2)
+        if self.use_rotary:
+            cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = k * (self.head_dim**-0.5)
+        if attention_mask is not None:  # padded tokens write nothing into the state
+            keep = attention_mask[:, None, :, None].to(k.dtype)
+            k, v = k * keep, v * keep
+
+        state = cache.read_recurrent(self.layer_idx) if cache is not None else None
+        mode = self.forward_mode
+        if mode == "auto":
+            mode = pick_mode(seq_len, self.chunk_size, state is not None)
+        out, new_state = decayed_linear_attention(
+            q, k, v, self.log_decay(hidden_states),
+            mode=mode, chunk_size=self.chunk_size, initial_state=state,
+            output_final_state=cache is not None, bidirectional=self.bidirectional,
+        )
+        if cache is not None:
+            cache.write_recurrent(self.layer_idx, new_state)
+        out = self.g_norm(out.transpose(1, 2)).reshape(batch, seq_len, self.num_heads * self.value_dim)
+        return self.o_proj(F.silu(self.g_proj(hidden_states)) * out)
