@@ -80,14 +80,23 @@ class HfxBlock(GradientCheckpointingLayer):
         super().__init__()
         self.mixer_norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
         self.mixer = mixer_class(config, layer_idx)
-        self.ffn_norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
-        self.ffn = build_ffn(config)
+        if config.ffn_type != "none":
+            self.ffn_norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
+            self.ffn = build_ffn(config)
+        else:
+            self.ffn_norm = self.ffn = None
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self.residual_in_fp32 = config.residual_in_fp32
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, **kwargs):
-        mixed = self.mixer(self.mixer_norm(hidden_states), attention_mask=attention_mask, position_ids=position_ids, cache=cache)
-        hidden_states = hidden_states + self.dropout(mixed)
-        ffn_out, aux = self.ffn(self.ffn_norm(hidden_states), attention_mask)
+        dtype = self.mixer_norm.weight.dtype
+        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        normed = self.mixer_norm(hidden_states.to(dtype))
+        mixed = self.mixer(normed, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        hidden_states = residual + self.dropout(mixed)
+        if self.ffn is None:
+            return hidden_states, None
+        ffn_out, aux = self.ffn(self.ffn_norm(hidden_states.to(dtype)), attention_mask)
         return hidden_states + self.dropout(ffn_out), aux
 
 
@@ -185,11 +194,11 @@ class HfxModel(HfxPreTrainedModel):
         aux_total = None
         for layer in self.layers:
             hidden_states, aux = layer(hidden_states, attention_mask=new_mask, position_ids=position_ids, cache=cache)
-            if self.config.ffn_type == "moe":
+            if aux is not None and self.config.ffn_type == "moe":
                 aux_total = aux if aux_total is None else aux_total + aux
             if output_hidden_states:
                 all_hidden = all_hidden + (hidden_states,)
-        hidden_states = self.norm(hidden_states)
+        hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden_states,)
         if cache is not None:

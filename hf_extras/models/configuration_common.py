@@ -11,7 +11,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 NormType = Literal["rmsnorm", "layernorm", "dyt"]
-FfnType = Literal["mlp", "glu", "moe"]
+FfnType = Literal["mlp", "glu", "moe", "none"]
 ForwardMode = Literal["auto", "parallel", "chunkwise", "recurrent"]
 Pooling = Literal["auto", "last", "mean", "first"]
 
@@ -31,7 +31,8 @@ class HfxSequenceConfig(PreTrainedConfig):
         norm_type (`str`): `"rmsnorm"`, `"layernorm"` or `"dyt"` (Dynamic Tanh).
         norm_eps (`float`): epsilon of RMSNorm/LayerNorm.
         dyt_alpha_init (`float`): initial `alpha` of every DyT.
-        ffn_type (`str`): `"mlp"`, `"glu"` (SwiGLU-style) or `"moe"` (top-k routed GLU experts).
+        ffn_type (`str`): `"mlp"`, `"glu"` (SwiGLU-style), `"moe"` (top-k routed GLU experts) or `"none"` (blocks
+            are `x = x + mixer(norm(x))` only, as in Mamba).
         num_experts, num_experts_per_tok (`int`): MoE size and top-k.
         router_aux_loss_coef (`float`): weight of the load-balancing loss added to the training loss.
         bidirectional (`bool`): mix in both directions (encoders: masked LM, classification, QA). Causal LM refuses it.
@@ -41,6 +42,7 @@ class HfxSequenceConfig(PreTrainedConfig):
         classifier_pooling (`str`): sequence-classification pooling; `"auto"` is the last real token for causal
             models and the mean of real tokens for bidirectional ones.
         use_layer_features (`bool`): heads read a learned softmax-weighted mix of every layer's hidden states.
+        residual_in_fp32 (`bool`): keep the residual stream in float32 under reduced-precision weights/autocast.
     """
 
     attribute_map = {"num_attention_heads": "num_heads"}
@@ -64,6 +66,7 @@ class HfxSequenceConfig(PreTrainedConfig):
     hidden_dropout: float = 0.0
     classifier_pooling: Pooling = "auto"
     use_layer_features: bool = False
+    residual_in_fp32: bool = False
     initializer_range: float = 0.02
     use_cache: bool = True
     tie_word_embeddings: bool = True
@@ -73,7 +76,7 @@ class HfxSequenceConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
-            if self.ffn_type == "mlp":
+            if self.ffn_type in ("mlp", "none"):
                 self.intermediate_size = 4 * self.hidden_size
             else:
                 self.intermediate_size = 8 * ((8 * self.hidden_size // 3 + 7) // 8)

@@ -91,4 +91,4 @@ def build_ffn(config) -> nn.Module:
         return MoE(
             config.hidden_size, config.intermediate_size, config.num_experts, config.num_experts_per_tok, config.hidden_act
         )
-    raise ValueError(f"`ffn_type` must be 'mlp', 'glu' or 'moe', got {config.ffn_type!r}.")
+    raise ValueError(f"`ffn_type` must be 'mlp', 'glu', 'moe' or 'none', got {config.ffn_type!r}.")
