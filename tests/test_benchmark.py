@@ -1,0 +1,77 @@
+"""Smoke test of the speed benchmark: the suite runs on tiny models, rows have their keys, tables and plots are written.
+
+No timing assertions: tests never judge speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from hf_extras import benchmark
+
+TINY = dict(
+    seq_lens=(64,), contexts=(16, 64), hidden=32, layers=1, heads=2, tokens_per_step=64,
+    train_steps=1, train_warmup=1, new_tokens=2, decode_warmup=1, threads=1,
+)
+
+
+def test_suite_rows_tables_and_plots(tmp_path):
+    families = benchmark.DEFAULT_FAMILIES
+    rows = benchmark.run_suite(families=families, **TINY)
+
+    train = [row for row in rows if row["kind"] == "train"]
+    decode = [row for row in rows if row["kind"] == "decode"]
+    assert [row["model"] for row in train] == list(families)
+    assert sorted((row["model"], row["context_len"]) for row in decode) == sorted(
+        (name, c) for name in families for c in (16, 64)
+    )
+    for row in train:
+        assert tuple(row) == benchmark.TRAIN_KEYS
+        assert row["error"] is None, row["error"]
+        assert row["seq_len"] == 64 and row["batch_size"] == 1 and row["tokens_per_step"] == 64
+        assert row["tokens_per_s"] > 0 and math.isfinite(row["tokens_per_s"])
+        assert len(row["step_s_all"]) == 1
+        assert row["peak_mem_mb"] is not None and row["peak_mem_mb"] >= 0  # measured in a fresh child process
+        assert row["params"] > row["params_non_embedding"] > 0
+    for row in decode:
+        assert tuple(row) == benchmark.DECODE_KEYS
+        assert row["error"] is None, row["error"]
+        assert row["ms_per_token"] > 0 and len(row["ms_per_token_all"]) == 2
+
+    tables = benchmark.format_tables(rows)
+    for label in ("RetNet / Llama tokens/s", "GLA / Llama tokens/s", "Gated RetNet / Llama tokens/s",
+                  "ctx 64 / ctx 16", "Llama / model @ 64", "### Parameters", "### Peak memory"):
+        assert label in tables
+
+    meta = benchmark.environment_info(threads=1)
+    paths = benchmark.write_report(rows, str(tmp_path), meta)
+    for name in ("results.json", "table.md", "train_throughput.png", "decode_latency.png"):
+        path = tmp_path / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert set(paths) == {"results", "table", "train_throughput", "decode_latency"}
+    with open(tmp_path / "train_throughput.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["meta"]["torch_threads"] == 1
+
+
+def test_failed_configuration_is_reported_not_raised():
+    rows = [
+        dict.fromkeys(benchmark.TRAIN_KEYS) | dict(kind="train", model="llama", label="Llama", params=10,
+                                                   params_non_embedding=5, seq_len=64, batch_size=1,
+                                                   tokens_per_step=64, tokens_per_s=100.0, peak_mem_mb=3.0),
+        dict.fromkeys(benchmark.TRAIN_KEYS) | dict(kind="train", model="retnet", label="RetNet", params=12,
+                                                   params_non_embedding=6, seq_len=64, batch_size=1,
+                                                   tokens_per_step=64, error="RuntimeError: out of memory"),
+    ]
+    tables = benchmark.format_tables(rows)
+    assert "| RetNet / Llama tokens/s | n/a |" in tables
+    assert "out of memory" in tables
+
+
+def test_standalone_measurements():
+    spec = benchmark.MODELS["retnet"]
+    model = spec.build(benchmark.Dims(hidden_size=32, num_hidden_layers=1, num_heads=2, max_positions=64))
+    assert benchmark.train_throughput(model, seq_len=32, batch_size=1, steps=1, warmup=0) > 0
+    assert benchmark.decode_latency(model, context_len=8, new_tokens=2, warmup=0) > 0
