@@ -1,0 +1,474 @@
+"""One training run behind `hf-extras train`: task registry, argument dataclasses and the run itself.
+
+The run is the same for every task and every `model_type`: tokenizer -> data -> config -> model -> evaluate the
+untrained model -> HF `Trainer` -> evaluate -> write a run folder (model + remote code, tokenizer, `metrics.json`,
+`loss_curve.png`, model card `README.md`) that `AutoModel*.from_pretrained` and `AutoTokenizer.from_pretrained`
+load. What differs per task (data preparation, collator, head, derived metrics, a qualitative sample) sits behind
+the small `Task` interface; tasks are looked up by name in `TASKS`, so a new task is one module plus one entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from datasets import Dataset, DatasetDict
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+__all__ = [
+    "TASKS",
+    "CausalLMArguments",
+    "CausalLMTask",
+    "ConfigError",
+    "DataArguments",
+    "RunArguments",
+    "Task",
+    "build_config",
+    "get_task",
+    "load_tokenizer",
+    "plot_loss_curve",
+    "run",
+]
+
+
+DEFAULT_TASK = "causal_lm"
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a run configuration (YAML or command line); the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataArguments:
+    """Which task to run, on which data and tokenizer (shared by every task)."""
+
+    _argument_group_name = "task and data"
+
+    task: str = field(default=DEFAULT_TASK, metadata={"help": "Task to train (see hf_extras.training.TASKS)."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "datasets Hub name, builder name, local file or folder; unset = embedded offline corpus."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "datasets config name."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "data_files for datasets.load_dataset."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the input text."})
+    validation_fraction: float = field(
+        default=0.02, metadata={"help": "Share of documents held out when the data has no validation split."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep this many training examples (after preprocessing; seeded subset)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep this many validation examples (after preprocessing; seeded subset)."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "AutoTokenizer name or path; unset = hf_extras' offline byte tokenizer."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
+
+
+@dataclass
+class CausalLMArguments:
+    """Options of the `causal_lm` task."""
+
+    _argument_group_name = "causal_lm task"
+
+    block_size: int = field(default=256, metadata={"help": "Tokens per packed training block."})
+    sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the sample printed after training."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the sample (0 = no sample)."})
+    sample_temperature: float = field(
+        default=0.8, metadata={"help": "Sampling temperature of the sample (0 = greedy); seeded with `seed`."}
+    )
+
+
+@dataclass
+class RunArguments:
+    """Everything one run needs, as parsed by `hf_extras.cli`."""
+
+    data: DataArguments
+    task: Any  # the task's own arguments dataclass (`Task.arguments`)
+    model_type: str
+    model_overrides: dict[str, Any]  # config fields set explicitly in YAML or on the command line
+    training: TrainingArguments
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Task:
+    """What a task adds to the generic run. Subclass, then add `"name": "module:Class"` to `TASKS`.
+
+    A task module under `hf_extras/tasks/` holds the preprocessing, collator and metrics; its `Task` subclass
+    only wires them into the run.
+    """
+
+    name: ClassVar[str]
+    arguments: ClassVar[type]  # dataclass of the task's own options, parsed with the others
+    auto_model: ClassVar[type]  # e.g. AutoModelForCausalLM
+    pipeline_tag: ClassVar[str]  # Hub pipeline tag for the model card
+    training_defaults: ClassVar[dict[str, Any]] = {}  # TrainingArguments defaults; YAML and CLI override them
+    result_metrics: ClassVar[tuple[tuple[str, str], ...]] = (("eval loss", "eval_loss"),)  # (label, key) for card
+
+    def load_data(self, data_args: DataArguments, seed: int) -> DatasetDict:
+        """Raw `train`/`validation` splits (default: text data through `hf_extras.data.load_text_dataset`)."""
+        from .data import load_text_dataset
+
+        return load_text_dataset(
+            data_args.dataset_name,
+            text_column=data_args.text_column,
+            validation_fraction=data_args.validation_fraction,
+            data_files=data_args.data_files,
+            config_name=data_args.dataset_config_name,
+            seed=seed,
+        )
+
+    def config_defaults(self, task_args: Any, tokenizer: PreTrainedTokenizerBase, raw: DatasetDict) -> dict[str, Any]:
+        """Config values the task derives from its data (e.g. `num_labels`); explicit settings still win."""
+        return {}
+
+    def prepare(
+        self, task_args: Any, tokenizer: PreTrainedTokenizerBase, raw: DatasetDict, num_proc: int | None
+    ) -> DatasetDict:
+        """Model-ready splits."""
+        raise NotImplementedError
+
+    def collator(self, task_args: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
+        """The `Trainer` data collator."""
+        raise NotImplementedError
+
+    compute_metrics: ClassVar[Any] = None  # optional `Trainer(compute_metrics=...)`
+
+    def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Add metrics computed from `Trainer.evaluate()`'s output (e.g. perplexity from the loss)."""
+        return metrics
+
+    def processing_class(self, task_args: Any, tokenizer: PreTrainedTokenizerBase, config: PreTrainedConfig) -> Any:
+        """What `Trainer` saves beside the model in the run folder (default: the tokenizer; images: a processor)."""
+        return tokenizer
+
+    def sample(self, task_args: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict | None:
+        """A small qualitative example from the trained model, saved into metrics.json and the card."""
+        return None
+
+
+class CausalLMTask(Task):
+    """Causal language-model pretraining on packed text blocks (`hf_extras.tasks.causal_lm`)."""
+
+    name = "causal_lm"
+    arguments = CausalLMArguments
+    auto_model = AutoModelForCausalLM
+    pipeline_tag = "text-generation"
+    # count tokens for metrics.json (packed blocks: every token is real, so "all" is exact)
+    training_defaults: ClassVar[dict[str, Any]] = {"include_num_input_tokens_seen": True}
+    result_metrics = (("eval loss", "eval_loss"), ("perplexity", "eval_perplexity"))
+
+    def prepare(self, task_args, tokenizer, raw, num_proc):
+        from .tasks.causal_lm import prepare_causal_lm_dataset
+
+        return prepare_causal_lm_dataset(raw, tokenizer, task_args.block_size, num_proc=num_proc)
+
+    def collator(self, task_args, tokenizer):
+        from .tasks.causal_lm import causal_lm_collator
+
+        return causal_lm_collator(tokenizer)
+
+    def derived_metrics(self, metrics):
+        loss = metrics.get("eval_loss")
+        if loss is not None:
+            metrics["eval_perplexity"] = math.exp(min(loss, 700.0))  # exp overflows past ~709
+        return metrics
+
+    def sample(self, task_args, model, tokenizer):
+        if task_args.sample_max_new_tokens <= 0:
+            return None
+        import torch
+
+        inputs = tokenizer(task_args.sample_prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        sampling = task_args.sample_temperature > 0
+        kwargs = {"do_sample": True, "temperature": task_args.sample_temperature} if sampling else {"do_sample": False}
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(
+                **inputs, max_new_tokens=task_args.sample_max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
+            )
+        completion = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return {
+            "prompt": task_args.sample_prompt,
+            "completion": completion,
+            "decoding": f"sampling, temperature {task_args.sample_temperature}" if sampling else "greedy",
+        }
+
+
+# name -> "module:attribute" (resolved lazily, so a task's dependencies load only when it runs)
+TASKS: dict[str, str] = {
+    "causal_lm": "hf_extras.training:CausalLMTask",
+    "image_classification": "hf_extras.tasks.image_classification:ImageClassificationTask",
+}
+
+
+def get_task(name: str) -> Task:
+    """Instantiate the registered task `name`; unknown names fail with the closest valid one."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}{_did_you_mean(name, TASKS)}; available: {', '.join(sorted(TASKS))}")
+    module_name, _, attribute = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module_name), attribute)()
+
+
+def _did_you_mean(key: str, candidates) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def config_class_for(model_type: str) -> type[PreTrainedConfig]:
+    """The config class registered for `model_type`, or a ConfigError naming the closest known type."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[model_type]
+    except KeyError:
+        hfx = sorted(k for k in CONFIG_MAPPING if k.startswith("hfx_"))
+        raise ConfigError(
+            f"unknown model_type {model_type!r}{_did_you_mean(model_type, CONFIG_MAPPING)}; "
+            f"hf_extras families: {', '.join(hfx)}"
+        ) from None
+
+
+def build_config(model_type: str, values: dict[str, Any]) -> PreTrainedConfig:
+    """Build and validate the config; the config's own validation message becomes a ConfigError."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    config_class_for(model_type)
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (StrictDataclassError, ValueError, TypeError) as error:
+        raise ConfigError(f"invalid {model_type} config: {error}") from error
+
+
+def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
+    """hf_extras' offline byte tokenizer, or any AutoTokenizer (given a pad token for batching)."""
+    if name_or_path is None:
+        from .data import build_byte_tokenizer
+
+        return build_byte_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_config_defaults(config_class: type, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Vocabulary size (rounded up to a multiple of 8) and special-token ids that match the tokenizer."""
+    values = {
+        "vocab_size": -(-len(tokenizer) // 8) * 8,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A seeded random subset of `limit` rows (a prefix would only see the first documents of the corpus)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(limit))
+
+
+def plot_loss_curve(log_history: list[dict[str, Any]], path: str | Path) -> None:
+    """Train and eval loss against the optimizer step, from `trainer.state.log_history`, as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: leaves the global matplotlib backend alone
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _eval_summary(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    """`eval_loss` -> `<prefix>_eval_loss` etc., dropping throughput and bookkeeping numbers."""
+    noise = ("_per_second", "_model_preparation_time")
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if k.startswith("eval_") and not k.endswith(noise)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run(args: RunArguments) -> dict[str, Any]:
+    """Train one model and write its run folder to `args.training.output_dir`; returns the metrics."""
+    from .model_card import ModelCardInfo, write_model_card
+
+    start = time.perf_counter()
+    task = get_task(args.data.task)
+    training_args = args.training
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    set_seed(training_args.seed)
+
+    tokenizer = load_tokenizer(args.data.tokenizer_name)
+    config_class = config_class_for(args.model_type)
+    raw = task.load_data(args.data, data_seed)
+    config = build_config(
+        args.model_type,
+        {
+            **tokenizer_config_defaults(config_class, tokenizer),
+            **task.config_defaults(args.task, tokenizer, raw),
+            **args.model_overrides,
+        },
+    )
+    if getattr(config, "vocab_size", None) is not None and config.vocab_size < len(tokenizer):
+        raise ConfigError(f"vocab_size ({config.vocab_size}) is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    try:
+        model = task.auto_model.from_config(config)
+    except ValueError as error:  # head-dependent rules live in the model's __init__ (e.g. no bidirectional LM)
+        raise ConfigError(f"invalid {args.model_type} config for task {task.name!r}: {error}") from error
+
+    data = task.prepare(args.task, tokenizer, raw, args.data.preprocessing_num_workers)
+    train_dataset = _subset(data["train"], args.data.max_train_samples, data_seed)
+    eval_dataset = _subset(data["validation"], args.data.max_eval_samples, data_seed)
+    if len(train_dataset) == 0 or len(eval_dataset) == 0:
+        raise ConfigError(
+            f"no examples after preprocessing (train={len(train_dataset)}, validation={len(eval_dataset)}): "
+            "use more data or a smaller block_size"
+        )
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=task.collator(args.task, tokenizer),
+        processing_class=task.processing_class(args.task, tokenizer, config),
+        compute_metrics=task.compute_metrics,
+    )
+    initial = task.derived_metrics(trainer.evaluate())
+    train_result = trainer.train()
+    # train() starts a fresh TrainerState: put the untrained evaluation back at step 0 of the history
+    trainer.state.log_history.insert(0, {**initial, "step": 0})
+    final = task.derived_metrics(trainer.evaluate())
+
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(str(output_dir))  # model (+ remote code via auto_map) and tokenizer
+    trainer.save_state()
+    sample = task.sample(args.task, model, tokenizer)
+
+    state = trainer.state
+    metrics: dict[str, Any] = {
+        "task": task.name,
+        "model_type": args.model_type,
+        "num_parameters": model.num_parameters(),
+        **_eval_summary("initial", initial),
+        **_eval_summary("final", final),
+        "train_loss": train_result.training_loss,
+        "steps": state.global_step,
+        "epochs": state.epoch,
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "train_samples": len(train_dataset),
+        "eval_samples": len(eval_dataset),
+        "train_runtime_s": train_result.metrics.get("train_runtime"),
+        "total_runtime_s": round(time.perf_counter() - start, 2),
+        "device": str(training_args.device),
+        "sample": sample,
+    }
+    if trainer.is_world_process_zero():
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        plot_loss_curve(state.log_history, output_dir / "loss_curve.png")
+        write_model_card(
+            output_dir,
+            ModelCardInfo(
+                config=config,
+                task=task.name,
+                pipeline_tag=task.pipeline_tag,
+                auto_class=task.auto_model.__name__,
+                num_parameters=metrics["num_parameters"],
+                data=_describe_data(args.data, raw, len(train_dataset), len(eval_dataset)),
+                datasets=[args.data.dataset_name]
+                if args.data.dataset_name and not Path(args.data.dataset_name).exists()
+                else [],
+                training=_describe_training(training_args, args.task, metrics),
+                results=[(label, initial.get(key), final.get(key)) for label, key in task.result_metrics],
+                train_loss=metrics["train_loss"],
+                sample=sample,
+                loss_curve="loss_curve.png",
+            ),
+        )
+    if sample:
+        print(f"\nsample ({sample['decoding']}):\n{sample['prompt']}{sample['completion']}\n")
+    print(
+        "results (untrained -> trained): "
+        + ", ".join(f"{label}: {initial.get(key):.4g} -> {final.get(key):.4g}" for label, key in task.result_metrics)
+        + f"; run folder: {output_dir}"
+    )
+    return metrics
+
+
+def _describe_data(data_args: DataArguments, raw: DatasetDict, n_train: int, n_eval: int) -> str:
+    source = (
+        f"`{data_args.dataset_name}`"
+        if data_args.dataset_name
+        else "The embedded offline corpus (the Python standard library's source and `pydoc_data` topics)"
+    )
+    return (
+        f"{source}: {len(raw['train'])} train / {len(raw['validation'])} validation documents, "
+        f"used as {n_train} train / {n_eval} validation examples."
+    )
+
+
+def _describe_training(training_args: TrainingArguments, task_args: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    scheduler = training_args.lr_scheduler_type
+    rows = {
+        "optimizer steps": metrics["steps"],
+        "batch size (per device x accumulation)": batch,
+        "learning rate": training_args.learning_rate,
+        "schedule": f"{getattr(scheduler, 'value', scheduler)}, warmup {training_args.warmup_steps}",
+        "weight decay": training_args.weight_decay,
+        "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+        "tokens seen": metrics["tokens_seen"] or None,
+        "train runtime (s)": metrics["train_runtime_s"],
+        "device": metrics["device"],
+        "seed": training_args.seed,
+    }
+    rows.update({k: v for k, v in dataclasses.asdict(task_args).items() if not k.startswith("sample_")})
+    return rows

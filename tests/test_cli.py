@@ -1,0 +1,164 @@
+"""`hf-extras train`: YAML + command-line parsing, key and value validation, and tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_extras.cli import main, parse_train_args
+from hf_extras.training import ConfigError
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+# quickstart.yaml shrunk to a few seconds on a CPU
+TINY = [
+    "--max_steps", "3", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_heads", "2",
+    "--block_size", "32", "--max_train_samples", "96", "--max_eval_samples", "8",
+    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+    "--logging_steps", "1", "--eval_steps", "2", "--warmup_steps", "1", "--sample_max_new_tokens", "8",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+def write_yaml(tmp_path: Path, **mapping) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    return str(path)
+
+
+def test_end_to_end_run_folder(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", str(QUICKSTART), *TINY, f"--output_dir={out}"]) == 0
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "loss_curve.png", "README.md"):
+        assert (out / name).is_file(), name
+    assert (out / "modeling_retnet.py").is_file()  # remote code travels with the weights
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in (
+        "initial_eval_loss", "initial_eval_perplexity", "final_eval_loss", "final_eval_perplexity",
+        "train_loss", "steps", "tokens_seen", "train_runtime_s", "total_runtime_s", "num_parameters", "sample",
+    ):  # fmt: skip
+        assert key in metrics, key
+    assert metrics["steps"] == 3
+    assert metrics["tokens_seen"] == 3 * 4 * 32
+    assert metrics["final_eval_perplexity"] == pytest.approx(
+        torch.tensor(metrics["final_eval_loss"]).exp().item(), rel=1e-4
+    )
+    assert metrics["sample"]["prompt"] == "def "
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    card = (out / "README.md").read_text()
+    for text in ("RetNet", "hfx_retnet", "AutoModelForCausalLM", "trust_remote_code", "perplexity"):
+        assert text in card, text
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "RetNetForCausalLM"
+    assert (model.config.hidden_size, model.num_parameters()) == (32, metrics["num_parameters"])
+    assert model.config.vocab_size >= len(tokenizer)
+    ids = tokenizer("def f(x):", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_any_text_dataset_replaces_the_default_corpus(tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"body": f"line {i}: " + "spam and eggs " * 20}) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    argv = ["train", str(QUICKSTART), *TINY, f"--output_dir={out}", f"--dataset_name={data}", "--text_column=body"]
+    assert main(argv + ["--validation_fraction=0.1", "--max_steps=2", "--eval_strategy=no"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["final_eval_loss"] < metrics["initial_eval_loss"]
+    assert "docs.jsonl" in (out / "README.md").read_text()
+
+
+def test_command_line_beats_yaml_and_last_value_wins(tmp_path):
+    config = write_yaml(tmp_path, hidden_size=64, learning_rate=1.0e-3, block_size=64, output_dir=str(tmp_path))
+    args = parse_train_args(config, ["--hidden_size", "96", "--learning_rate=3e-4", "--hidden_size=128"])
+    assert args.model_overrides["hidden_size"] == 128
+    assert args.training.learning_rate == 3e-4
+    assert args.task.block_size == 64  # untouched YAML value
+    assert args.model_type == "hfx_retnet" and args.data.task == "causal_lm"
+    assert "num_heads" not in args.model_overrides  # unset fields keep the config's defaults
+
+
+def test_yaml_int_for_float_field_and_cli_defaults(tmp_path):
+    config = write_yaml(tmp_path, hidden_dropout=0, rope_theta=500, weight_decay=0, output_dir=str(tmp_path))
+    args = parse_train_args(config)
+    assert args.model_overrides["hidden_dropout"] == 0.0 and isinstance(args.model_overrides["hidden_dropout"], float)
+    assert isinstance(args.model_overrides["rope_theta"], float)
+    assert args.training.weight_decay == 0.0
+    assert args.training.report_to in ("none", [], ["none"])  # CLI default: no experiment tracker
+
+
+@pytest.mark.parametrize("where", ["yaml", "cli"])
+@pytest.mark.parametrize(
+    "key, suggestion", [("hiden_size", "hidden_size"), ("lerning_rate", "learning_rate"), ("blocksize", "block_size")]
+)
+def test_unknown_key_is_named_with_a_suggestion(tmp_path, where, key, suggestion):
+    if where == "yaml":
+        config, cli = write_yaml(tmp_path, **{key: 1, "output_dir": str(tmp_path)}), []
+    else:
+        config, cli = write_yaml(tmp_path, output_dir=str(tmp_path)), [f"--{key}", "1"]
+    with pytest.raises(ConfigError, match=rf"unknown key '{key}' in .*did you mean '{suggestion}'"):
+        parse_train_args(config, cli)
+
+
+def test_abbreviated_and_stray_arguments_are_rejected(tmp_path):
+    config = write_yaml(tmp_path, output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="'hidden'"):
+        parse_train_args(config, ["--hidden", "64"])  # argparse would otherwise expand it to --hidden_size
+    with pytest.raises(ConfigError, match="unexpected"):
+        parse_train_args(config, ["64"])
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"hidden_size": 30, "num_heads": 4}, "hidden_size"),  # the config's own cross-field validator
+        ({"forward_mode": "paralel"}, "forward_mode"),  # Literal choices
+        ({"hidden_size": 64.5}, "hidden_size"),  # wrong type
+        ({"norm_eps": -1.0}, "norm_eps"),
+    ],
+)
+def test_bad_config_value_names_the_field(tmp_path, values, field):
+    config = write_yaml(tmp_path, output_dir=str(tmp_path), **values)
+    with pytest.raises(ConfigError, match=field):
+        parse_train_args(config)
+
+
+def test_yaml_boolean_for_a_choice_field_asks_for_quotes(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output_dir: {tmp_path}\nsave_strategy: no\n")  # YAML 1.1 reads `no` as false
+    with pytest.raises(ConfigError, match="save_strategy.*quote"):
+        parse_train_args(str(config))
+
+
+def test_unknown_model_type_and_task(tmp_path):
+    config = write_yaml(tmp_path, output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="did you mean 'hfx_retnet'"):
+        parse_train_args(config, ["--model_type", "hfx_retnett"])
+    with pytest.raises(ConfigError, match="did you mean 'causal_lm'"):
+        parse_train_args(config, ["--task=causal_l"])
+
+
+def test_main_prints_errors_and_help(tmp_path, capsys):
+    config = write_yaml(tmp_path, output_dir=str(tmp_path))
+    assert main(["train", config, "--bogus", "1"]) == 2
+    assert "unknown key 'bogus'" in capsys.readouterr().err
+    assert main(["train", config, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--forward_mode" in out and "--learning_rate" in out and "--block_size" in out
+
+
+def test_quickstart_config_parses():
+    args = parse_train_args(str(QUICKSTART))
+    assert args.model_type == "hfx_retnet" and args.data.task == "causal_lm"
+    assert args.training.max_steps > 0 and not args.training.bf16
+    assert args.data.max_eval_samples is not None
