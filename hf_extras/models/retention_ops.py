@@ -44,13 +44,27 @@ __all__ = [
 
 MODES = ("parallel", "chunkwise", "recurrent")
 
-# Sub-chunk size for the per-key-channel (GLA) intra-chunk computation.
-_SUB_CHUNK = 16
+# Sub-chunk size for the per-key-channel (GLA) intra-chunk computation. The diagonal
+# sub-blocks materialise a (c, c, Dk) tensor per sub-chunk (T * c * Dk elements in all), the
+# off-diagonal ones are matmuls. On the dev CPU (B=1, H=4, Dk=Dv=64, chunk 64, T=512/2048)
+# c=8 ran 1.7-2x faster than c=16 (fwd and fwd+bwd): the elementwise part is memory bound.
+_SUB_CHUNK = 8
 
-# ``pick_mode`` threshold: parallel for seq_len <= this, chunkwise above.
-# Measured on the dev CPU (2 threads, torch 2.13, float32, B=1, H=4, Dk=Dv=64, forward):
-# see the table in ``pick_mode``'s comment.
-_PARALLEL_MAX_LEN = 256
+# ``pick_mode`` thresholds, measured on the dev CPU (2 shared, heavily loaded cores, so +-50%
+# noise; torch 2.13; 1 thread; float32; B=1, H=4, Dk=Dv=64; chunk 64; median ms,
+# forward / forward+backward):
+#
+#   T     none: parallel | chunkwise   gated (B,H,T): par | chunk   GLA (B,H,T,Dk): par | chunk
+#   128         1.5/7.0  | 1.1/8.1           1.6/6.7 | 1.4/7.8            13/17  | 8.0/23
+#   256         7.1/17   | 1.8/9.9           7.9/18  | 1.5/8.9            74/108 | 19/36
+#   512          35/54   | 2.7/21             50/58  | 8.0/24            208/215 | 26/57
+#
+# T <= 64 is a single chunk (both forms do the same work); at 128 it is a wash; from 256
+# chunkwise wins clearly. Decoding (forward, with a state), T = 1 / 2 / 4 tokens:
+#   recurrent 0.11 / 0.23 / 0.44 ms vs parallel 0.40 / 0.47 / 0.36 (no decay),
+#   0.17 / 0.23 / 0.43 vs 0.42 / 0.38 / 0.39 (gated), 0.15 / 0.27 / 0.43 vs 0.67 / 0.63 / 0.63 (GLA).
+_PARALLEL_MAX_LEN = 128
+_RECURRENT_MAX_LEN = 2  # with a state (decoding a few tokens at a time)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,23 +143,18 @@ def _prep(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor]):
     return q, k, v, g, per_key, cdt, fdt
 
 
-def _segsum(x: Tensor, strict: bool) -> Tensor:
-    """``out[..., t, s] = sum_{s < r <= t} x[..., r]`` for ``s <= t`` (``s < t`` if strict), else -inf.
-
-    Sums are taken over the segment itself (no difference of two long cumulative sums), so
-    they are exact to rounding and always <= 0 for x <= 0.
-    """
-    T = x.shape[-1]
-    ones = torch.ones(T, T, dtype=torch.bool, device=x.device)
-    xx = x.unsqueeze(-1).expand(*x.shape, T)  # xx[..., r, s] = x[r]
-    xx = xx.masked_fill(~torch.tril(ones, diagonal=-1), 0.0)  # keep r > s
-    seg = torch.cumsum(xx, dim=-2)  # seg[t, s] = sum_{s < r <= t} x[r]
-    keep = torch.tril(ones, diagonal=-1 if strict else 0)
-    return seg.masked_fill(~keep, float("-inf"))
-
-
 def _causal_mask(n: int, strict: bool, device: torch.device) -> Tensor:
     return torch.tril(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=-1 if strict else 0)
+
+
+def _masked_exp(x: Tensor, mask: Tensor) -> Tensor:
+    """``exp(x)`` where ``mask`` else 0, never exponentiating a positive number.
+
+    Same result as ``exp(x.masked_fill(~mask, -inf))`` (the masked-out entries are the
+    positive differences b_t - b_s, s > t), but clamping to <= 0 and multiplying by the mask
+    avoids exp(-inf), which is ~5x slower than a finite exp on x86 CPUs.
+    """
+    return torch.exp(x.clamp(max=0.0)) * mask
 
 
 def _empty_result(q, v, initial_state, output_final_state, fdt):
@@ -219,57 +228,15 @@ def recurrent_retention(
 
 
 def _parallel(q, k, v, log_decay, initial_state, output_final_state, strict):
-    B, H, T, Dk = q.shape
-    out_dtype = v.dtype
-    q, k, v, g, per_key, cdt, fdt = _prep(q, k, v, log_decay)
-    if T == 0:
-        return _empty_result(q, v, initial_state, output_final_state, fdt)
-    need_state = output_final_state or initial_state is not None
-    S0 = initial_state.to(fdt) if initial_state is not None else None
-    final = None
-
-    if g is None:
-        A = torch.matmul(q, k.transpose(-1, -2))
-        A = A.masked_fill(~_causal_mask(T, strict, q.device), 0.0)
-        o = torch.matmul(A, v)
-        if S0 is not None:
-            o = o + torch.matmul(q, S0.to(cdt))
-        if output_final_state:
-            final = torch.matmul(k.transpose(-1, -2), v).to(fdt)
-            if S0 is not None:
-                final = final + S0
-    elif not per_key:
-        seg = _segsum(g, strict)  # (b, H, T, T)
-        A = torch.matmul(q, k.transpose(-1, -2)) * torch.exp(seg)
-        o = torch.matmul(A.to(cdt), v)
-        if need_state:
-            G = torch.cumsum(g, dim=-1)  # log decay from the start up to t (inclusive), <= 0
-        if S0 is not None:
-            o = o + torch.matmul((q * torch.exp(G).unsqueeze(-1)).to(cdt), S0.to(cdt))
-        if output_final_state:
-            # decay from s to the end: segsum's last row, with its diagonal (0) kept
-            to_end = seg[..., -1, :] if not strict else _segsum(g, False)[..., -1, :]
-            kd = (k * torch.exp(to_end).unsqueeze(-1)).to(cdt)
-            final = torch.matmul(kd.transpose(-1, -2), v).to(fdt)
-            if S0 is not None:
-                final = final + S0 * torch.exp(G[..., -1])[..., None, None]
+    # The whole sequence as one chunk: the full (T, T) score matrix, decays exp(b_t - b_s)
+    # masked before exp; per-key decays build it from small sub-blocks (never a (T, T, Dk)
+    # tensor). No state loop.
+    T = q.shape[2]
+    if log_decay is not None and log_decay.dim() == 4:
+        C = -(-T // _SUB_CHUNK) * _SUB_CHUNK
     else:
-        gk = g.transpose(-1, -2)  # (B, H, Dk, T)
-        seg = _segsum(gk, strict)  # (B, H, Dk, T, T), the (T, T, Dk) pairwise decay, masked
-        # A[t, s] = sum_k q[t,k] k[s,k] exp(seg[k, t, s])
-        A = torch.einsum("bhtk,bhsk,bhkts->bhts", q.to(fdt), k.to(fdt), torch.exp(seg))
-        o = torch.matmul(A.to(cdt), v)
-        if need_state:
-            G = torch.cumsum(g, dim=-2)  # (B, H, T, Dk)
-        if S0 is not None:
-            o = o + torch.matmul((q * torch.exp(G)).to(cdt), S0.to(cdt))
-        if output_final_state:
-            to_end = seg[..., -1, :] if not strict else _segsum(gk, False)[..., -1, :]
-            kd = (k * torch.exp(to_end).transpose(-1, -2)).to(cdt)
-            final = torch.matmul(kd.transpose(-1, -2), v).to(fdt)
-            if S0 is not None:
-                final = final + S0 * torch.exp(G[..., -1, :]).unsqueeze(-1)
-    return o.to(out_dtype), final
+        C = T
+    return _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, max(C, 1))
 
 
 def parallel_retention(
@@ -284,8 +251,8 @@ def parallel_retention(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Whole-sequence ``T x T`` form (best for short inputs). ``chunk_size`` is ignored.
 
-    The decay matrix uses segment sums (``_segsum``), so it is exact and finite for any decays;
-    the per-key case materialises a ``(T, T, Dk)`` pairwise tensor -- keep T short.
+    Same arithmetic as one chunk of the chunkwise form spanning the whole input: cost and
+    memory grow as T^2, so keep T short (see ``pick_mode``).
     """
     _check(q, k, v, log_decay, initial_state, chunk_size)
     return _parallel(q, k, v, log_decay, initial_state, output_final_state, strict=False)
@@ -324,9 +291,9 @@ def _intra_per_key(q, k, b, strict):
 
     # diagonal sub-blocks: (..., M, c, c, Dk) pairwise decays
     diff = bs.unsqueeze(-2) - bs.unsqueeze(-3)  # [t, s] = b_t - b_s
-    mask = _causal_mask(c, strict, q.device).unsqueeze(-1)
-    dec = torch.exp(diff.masked_fill(~mask, float("-inf")))
-    A_diag = torch.einsum("...tk,...sk,...tsk->...ts", qs.to(fdt), ks.to(fdt), dec)  # (..., M, c, c)
+    dec = _masked_exp(diff, _causal_mask(c, strict, q.device).unsqueeze(-1))
+    # elementwise + sum (einsum would lower this to a bmm over tiny K-vectors: much slower)
+    A_diag = (qs.unsqueeze(-2) * dec * ks.unsqueeze(-3)).sum(-1)  # (B, H, N, M, c, c), float
 
     if M == 1:
         return A_diag.reshape(B, H, N, C, C)
@@ -354,7 +321,7 @@ def _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, ch
     if T == 0:
         return _empty_result(q, v, initial_state, output_final_state, fdt)
     # effective chunk: no point padding a short input up to a long chunk
-    C = min(chunk_size, -(-T // _SUB_CHUNK) * _SUB_CHUNK)
+    C = min(chunk_size, -(-T // _SUB_CHUNK) * _SUB_CHUNK if per_key else T)
     N = -(-T // C)
     pad = N * C - T
     if pad:
@@ -388,7 +355,7 @@ def _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, ch
         else:
             b = torch.cumsum(g.reshape(gb, H, N, C), dim=-1)  # within-chunk, <= 0
             diff = b.unsqueeze(-1) - b.unsqueeze(-2)  # [t, s] = b_t - b_s
-            D = torch.exp(diff.masked_fill(~_causal_mask(C, strict, q.device), float("-inf")))
+            D = _masked_exp(diff, _causal_mask(C, strict, q.device))
             A = torch.matmul(qc, kc.transpose(-1, -2)) * D
             b_end = b[..., -1:]  # (gb, H, N, 1)
             if use_state:
@@ -411,15 +378,18 @@ def _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, ch
                 final = incl[:, :, -1] if S0 is None else incl[:, :, -1] + S0
         else:
             # sequential over chunks only (N = T / C steps of elementwise work)
+            # (unbind, not U[:, :, n]: select's backward would allocate a full-size zero
+            # tensor per chunk, O(N^2) work)
             S = S0 if S0 is not None else torch.zeros(B, H, Dk, Dv, dtype=fdt, device=q.device)
             prev = []
-            for n in range(N):
+            for dec_n, u_n in zip(chunk_dec.unbind(2), U.unbind(2)):
                 prev.append(S)
-                S = S * chunk_dec[:, :, n] + U[:, :, n]
+                S = S * dec_n + u_n
             states = torch.stack(prev, dim=2)  # state entering each chunk
             final = S if output_final_state else None
         if S0 is not None or N > 1:
-            o = o + torch.matmul(q_dec, states.to(cdt))
+            # add in the float dtype: with bf16 matmuls, one rounding less on the output
+            o = o.to(fdt) + torch.matmul(q_dec, states.to(cdt)).to(fdt)
     o = o.reshape(B, H, N * C, Dv)
     if pad:
         o = o[:, :, :T]
@@ -438,7 +408,7 @@ def chunkwise_retention(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Chunkwise form: batched matmuls inside all chunks at once, a short loop over chunks
     for the state. O(T); the training default. T need not be a multiple of ``chunk_size``
-    (padded internally). Per-key decays use sub-chunks of 16 inside a chunk (GLA).
+    (padded internally). Per-key decays use sub-chunks of ``_SUB_CHUNK`` inside a chunk (GLA).
     """
     _check(q, k, v, log_decay, initial_state, chunk_size)
     return _chunkwise(q, k, v, log_decay, initial_state, output_final_state, False, chunk_size)
@@ -450,14 +420,13 @@ def chunkwise_retention(
 
 
 def pick_mode(seq_len: int, chunk_size: int, has_state: bool) -> str:
-    """The "auto" mode: recurrent for one token, parallel for short inputs, chunkwise otherwise.
+    """The "auto" mode: which form is fastest for this input (thresholds measured on CPU,
+    see ``_PARALLEL_MAX_LEN``).
 
-    Measured on the dev CPU (2 threads, torch 2.13, B=1, H=4, Dk=Dv=64, float32, fwd / fwd+bwd ms):
-    see ``_PARALLEL_MAX_LEN``. ``has_state`` does not change the choice: every form takes and
-    returns the state.
+    recurrent for one token, or for two continuing from a state (decoding);
+    parallel up to ``max(128, chunk_size)`` tokens; chunkwise beyond.
     """
-    del has_state  # every form handles the state; kept for API stability
-    if seq_len <= 1:
+    if seq_len <= 1 or (has_state and seq_len <= _RECURRENT_MAX_LEN):
         return "recurrent"
     if seq_len <= max(_PARALLEL_MAX_LEN, chunk_size):
         return "parallel"
@@ -503,10 +472,8 @@ def decayed_linear_attention(
     padding without an initial state leaves the real tokens' outputs unchanged.
     """
     if mode == "auto":
-        mode = pick_mode(q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else 0,
-                         chunk_size, initial_state is not None)
-        if bidirectional and mode == "recurrent" and q.shape[2] > 1:
-            mode = "chunkwise"
+        T = q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else 0
+        mode = pick_mode(T, chunk_size, initial_state is not None)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES + ('auto',)}, got {mode!r}")
     _check(q, k, v, log_decay, initial_state, chunk_size)
