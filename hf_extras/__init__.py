@@ -21,9 +21,19 @@ from .models.modeling_gated_retention import (
     GatedRetentionForTokenClassification,
     GatedRetentionModel,
 )
+from .models.configuration_dyt import DyTConfig
+from .models.modeling_dyt import (
+    DyTForCausalLM,
+    DyTForMaskedLM,
+    DyTForQuestionAnswering,
+    DyTForSequenceClassification,
+    DyTForTokenClassification,
+    DyTModel,
+)
 from .models.cache import RecurrentCache
 from .models.norms import DyT
 from .registration import register_all
+from .dyt import convert_norms_to_dyt, load_dyt_model
 
 register_all()
 
@@ -46,4 +56,13 @@ __all__ = [
     "GatedRetentionForSequenceClassification",
     "GatedRetentionForTokenClassification",
     "GatedRetentionForQuestionAnswering",
+    "DyTConfig",
+    "DyTModel",
+    "DyTForCausalLM",
+    "DyTForMaskedLM",
+    "DyTForSequenceClassification",
+    "DyTForTokenClassification",
+    "DyTForQuestionAnswering",
+    "convert_norms_to_dyt",
+    "load_dyt_model",
 ]

@@ -12,7 +12,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from .models import modeling_gated_retention, modeling_retnet
+from .models import modeling_dyt, modeling_gated_retention, modeling_retnet
 
 AUTO_FACTORIES = {
     "AutoModel": AutoModel,
@@ -23,7 +23,7 @@ AUTO_FACTORIES = {
     "AutoModelForQuestionAnswering": AutoModelForQuestionAnswering,
 }
 
-FAMILY_MODULES = [modeling_retnet, modeling_gated_retention]
+FAMILY_MODULES = [modeling_retnet, modeling_gated_retention, modeling_dyt]
 
 
 def register_all() -> None:

@@ -32,6 +32,7 @@ FAMILIES = [
     Family("gla", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="key", use_short_conv=True)),
     Family("gated_retnet", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="head", use_rotary=True)),
     Family("linear_attention", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="none", feature_map="elu")),
+    Family("dyt", hf_extras.DyTConfig, "DyT", recurrent=False),
 ]
 
 HEADS = {

@@ -15,7 +15,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .cache import as_recurrent_cache
+from .cache import RecurrentCache, as_recurrent_cache
 from .ffn import build_ffn
 from .norms import DyT, build_norm
 from .positions import positions_from_mask
@@ -78,7 +78,10 @@ class HfxBlock(GradientCheckpointingLayer):
 
     def __init__(self, config, layer_idx: int, mixer_class: type[nn.Module]):
         super().__init__()
-        self.mixer_norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
+        # DyT before the mixer may start from its own alpha (the DyT paper's LLM recipe: larger on the attention side)
+        mixer_alpha = getattr(config, "dyt_attn_alpha_init", None)
+        mixer_alpha = config.dyt_alpha_init if mixer_alpha is None else mixer_alpha
+        self.mixer_norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, mixer_alpha)
         self.mixer = mixer_class(config, layer_idx)
         if config.ffn_type != "none":
             self.ffn_norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
@@ -88,7 +91,9 @@ class HfxBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.residual_in_fp32 = config.residual_in_fp32
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, padding_mask=None, **kwargs):
+        """`attention_mask` is what the mixer gets (see `HfxModel.mixer_attention_mask`); `padding_mask`, the 2-D mask
+        of the new tokens for the FFN (MoE statistics over real tokens), defaults to `attention_mask`."""
         dtype = self.mixer_norm.weight.dtype
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
         normed = self.mixer_norm(hidden_states.to(dtype))
@@ -96,7 +101,8 @@ class HfxBlock(GradientCheckpointingLayer):
         hidden_states = residual + self.dropout(mixed)
         if self.ffn is None:
             return hidden_states, None
-        ffn_out, aux = self.ffn(self.ffn_norm(hidden_states.to(dtype)), attention_mask)
+        ffn_mask = attention_mask if padding_mask is None else padding_mask
+        ffn_out, aux = self.ffn(self.ffn_norm(hidden_states.to(dtype)), ffn_mask)
         return hidden_states + self.dropout(ffn_out), aux
 
 
@@ -152,6 +158,24 @@ class HfxModel(HfxPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    # --- hooks a family may override (the defaults are the recurrent families' behaviour) ---
+
+    def prepare_cache(self, cache, use_cache: bool):
+        """The cache this forward works with: by default the fixed-size `RecurrentCache` (given, new, or `None`)."""
+        return as_recurrent_cache(cache, self.config, use_cache)
+
+    def finish_embeddings(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings -> the first block's input (e.g. add absolute positions); identity by default."""
+        return inputs_embeds
+
+    def mixer_attention_mask(self, padding_mask, inputs_embeds: torch.Tensor, cache, position_ids: torch.Tensor):
+        """What every mixer receives as `attention_mask`.
+
+        `padding_mask` is the validated 2-D mask (past and new tokens, or new tokens only) or `None`. Recurrent mixers
+        take its new-token columns; a pairwise-attention family returns a 4-D causal/bidirectional mask instead.
+        """
+        return padding_mask[:, -inputs_embeds.shape[1] :] if padding_mask is not None else None
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -178,7 +202,7 @@ class HfxModel(HfxPreTrainedModel):
             use_cache = False
         elif use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        cache = as_recurrent_cache(cache, self.config, use_cache)
+        cache = self.prepare_cache(cache, use_cache)
         past_len = cache.get_seq_length() if cache is not None else 0
 
         full_mask = padding_mask(attention_mask, batch_size, seq_len, past_len)
@@ -187,13 +211,17 @@ class HfxModel(HfxPreTrainedModel):
             position_ids = positions_from_mask(full_mask, seq_len, past_len, inputs_embeds.device)
         if position_ids.shape[0] != batch_size:
             position_ids = position_ids.expand(batch_size, -1)
+        inputs_embeds = self.finish_embeddings(inputs_embeds, position_ids)
+        mixer_mask = self.mixer_attention_mask(full_mask, inputs_embeds, cache, position_ids)
 
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         all_hidden = (inputs_embeds,) if output_hidden_states else None
         hidden_states = inputs_embeds
         aux_total = None
         for layer in self.layers:
-            hidden_states, aux = layer(hidden_states, attention_mask=new_mask, position_ids=position_ids, cache=cache)
+            hidden_states, aux = layer(
+                hidden_states, attention_mask=mixer_mask, position_ids=position_ids, cache=cache, padding_mask=new_mask
+            )
             if aux is not None and self.config.ffn_type == "moe":
                 aux_total = aux if aux_total is None else aux_total + aux
             if output_hidden_states:
@@ -201,7 +229,7 @@ class HfxModel(HfxPreTrainedModel):
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden_states,)
-        if cache is not None:
+        if isinstance(cache, RecurrentCache):  # a KV cache counts its tokens itself
             cache.advance(seq_len)
         return HfxModelOutput(
             last_hidden_state=hidden_states,

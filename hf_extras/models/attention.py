@@ -1,0 +1,90 @@
+"""Multi-head softmax self-attention as a token mixer of the shared backbone.
+
+The attention itself goes through transformers' attention interface (`config._attn_implementation`: `"eager"`,
+`"sdpa"`, or a registered backend), so the same weights run under every implementation; the mask it receives is the
+one transformers' `masking_utils` prepared for that implementation (see `modeling_dyt.DyTModel`). The KV cache is
+transformers' `DynamicCache`, updated here per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .positions import apply_rotary, rotary_cos_sin
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """Plain softmax attention on `(batch, heads, seq, head_dim)` tensors; `attention_mask` is additive (4-D) or None.
+
+    Without a mask it applies causality itself when `module.is_causal` (the SDPA path does the same through
+    `is_causal`), so both implementations agree whatever mask the masking utilities chose to skip.
+    """
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+    elif getattr(module, "is_causal", False) and query.shape[2] > 1:
+        q_len, kv_len = query.shape[2], key.shape[2]
+        future = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).triu(kv_len - q_len + 1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """q/k/v projections, optional rotary positions, softmax attention, output projection.
+
+    `is_causal` is False for bidirectional models: transformers' SDPA path reads it when no mask is passed.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.num_key_value_groups = 1
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = not config.bidirectional
+        self.use_rotary = config.position_embedding_type == "rotary"
+        self.rope_theta = config.rope_theta
+        width = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None):
+        batch, seq_len, _ = hidden_states.shape
+        shape = (batch, seq_len, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.use_rotary:
+            cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(
+            self, q, k, v, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        return self.o_proj(out.reshape(batch, seq_len, -1))

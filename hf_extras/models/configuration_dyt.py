@@ -1,0 +1,128 @@
+"""DyT Transformer configuration (`model_type="hfx_dyt"`)."""
+
+# No `from __future__ import annotations` in config files: @strict validates against the real (unstringified) types.
+import math
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+
+from .configuration_common import HfxSequenceConfig, NormType
+
+PositionType = Literal["rotary", "sinusoidal", "learned"]
+DytInit = Literal["constant", "paper_llm"]
+
+# "Transformers without Normalization" (Zhu et al., CVPR 2025), Sec. 7 "Initialization of alpha" / appendix tables on
+# LLaMA: for LLMs the best alpha_0 depends on the width (not on the depth), and the DyT in front of attention wants a
+# larger alpha_0 than the others (before the FFN and the final one). (max width, attention alpha_0, other alpha_0):
+# 4096 -> 0.8/0.2 (LLaMA 7B), 5120 -> 0.6/0.15 (13B), 8192 -> 0.2/0.05 (34B, 70B) are the published LLaMA 2 recipes
+# (also the official repository's training configs); the two narrow rows are the paper's width sweep.
+PAPER_LLM_ALPHA_TABLE: tuple[tuple[int, float, float], ...] = (
+    (1024, 1.0, 1.0),
+    (2048, 1.0, 0.5),
+    (4096, 0.8, 0.2),
+    (5120, 0.6, 0.15),
+)
+PAPER_LLM_ALPHA_WIDEST: tuple[float, float] = (0.2, 0.05)
+
+
+def paper_llm_alphas(hidden_size: int) -> tuple[float, float]:
+    """`(attention alpha_0, other alpha_0)` of the DyT paper's LLM recipe for a model of this width."""
+    for max_width, attn, other in PAPER_LLM_ALPHA_TABLE:
+        if hidden_size <= max_width:
+            return attn, other
+    return PAPER_LLM_ALPHA_WIDEST
+
+
+@strict
+class DyTConfig(HfxSequenceConfig):
+    r"""
+    Transformer with Dynamic Tanh norms ("Transformers without Normalization", Zhu et al. 2025): pre-norm blocks
+    `x = x + attention(norm(x)); x = x + ffn(norm(x))` with multi-head softmax self-attention (through transformers'
+    attention interface: `attn_implementation="eager"` or `"sdpa"`), a KV cache (`DynamicCache`) for generation, and
+    every norm a `DyT(x) = weight * tanh(alpha * x) + bias` (`norm_type="dyt"`, the default).
+
+    With `norm_type="layernorm"`, `position_embedding_type="sinusoidal"`, `ffn_type="mlp"` and `hidden_act="relu"` it
+    is the classic Transformer of "Attention Is All You Need" (in its pre-norm form, without biases), the baseline of the
+    other families; `norm_type="rmsnorm"` with rotary positions and `ffn_type="glu"` is a LLaMA-style decoder.
+
+    Args (besides the shared ones in `HfxSequenceConfig`):
+        position_embedding_type (`str`): `"rotary"` (RoPE on q/k), `"sinusoidal"` (the fixed sin/cos table added to
+            the token embeddings) or `"learned"` (a trained table of `max_position_embeddings` rows, added).
+        max_position_embeddings (`int`): rows of the learned table; longer inputs are refused. Informative otherwise.
+        rope_theta (`float`): rotary base.
+        attention_bias (`bool`): biases on the q/k/v/o projections.
+        attention_dropout (`float`): dropout on the attention probabilities (training only).
+        dyt_init (`str`): how DyT's `alpha` starts.
+            `"constant"`: every DyT at `dyt_alpha_init` (0.5, the paper's default for non-LLM Transformers), except the
+            DyT in front of attention at `dyt_attn_alpha_init` when that is set.
+            `"paper_llm"`: the paper's LLM rule (Sec. 7 and its LLaMA tables): alpha_0 depends on the width and is
+            larger in front of attention than elsewhere: width <= 1024: 1.0 / 1.0; <= 2048: 1.0 / 0.5;
+            <= 4096: 0.8 / 0.2 (LLaMA 7B); <= 5120: 0.6 / 0.15 (13B); wider: 0.2 / 0.05 (34B, 70B)
+            (attention / other). Building the config writes these values into `dyt_attn_alpha_init` and
+            `dyt_alpha_init` (so the saved config shows them) and turns `embedding_scale` on unless it was set.
+        dyt_attn_alpha_init (`float`, *optional*): initial alpha of the DyT in front of attention; `None` means
+            `dyt_alpha_init`.
+        embedding_scale (`bool`, *optional*): multiply the token embeddings by a learnable scalar initialised to
+            `embedding_scale_init` (the paper's LLaMA setting adds one after the embedding layer, initialised to
+            sqrt(hidden_size); the original Transformer multiplies by a fixed sqrt(d_model)). `None`: on for
+            `dyt_init="paper_llm"`, off otherwise.
+        embedding_scale_init (`float`, *optional*): initial value of that scalar; `None` means sqrt(hidden_size).
+
+    Example:
+        >>> from hf_extras import DyTConfig, DyTForCausalLM
+        >>> model = DyTForCausalLM(DyTConfig(hidden_size=128, num_hidden_layers=2, num_heads=4))
+        >>> classic = DyTConfig(norm_type="layernorm", position_embedding_type="sinusoidal", ffn_type="mlp",
+        ...                     hidden_act="relu")
+    """
+
+    model_type = "hfx_dyt"
+
+    norm_type: NormType = "dyt"
+    position_embedding_type: PositionType = "rotary"
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    dyt_init: DytInit = "constant"
+    dyt_attn_alpha_init: float | None = None
+    embedding_scale: bool | None = None
+    embedding_scale_init: float | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.dyt_init == "paper_llm" and isinstance(self.hidden_size, int):
+            self.dyt_attn_alpha_init, self.dyt_alpha_init = paper_llm_alphas(self.hidden_size)
+        if self.embedding_scale is None:
+            self.embedding_scale = self.dyt_init == "paper_llm"
+        super().__post_init__(**kwargs)
+
+    @property
+    def layer_types(self) -> list[str]:
+        # every layer keeps a growing KV cache (transformers' DynamicCache reads this)
+        return ["full_attention"] * self.num_hidden_layers
+
+    @property
+    def resolved_embedding_scale_init(self) -> float:
+        return self.embedding_scale_init if self.embedding_scale_init is not None else math.sqrt(self.hidden_size)
+
+    def validate_attention(self):
+        """Positions, dropout and DyT initial values must be usable."""
+        if self.position_embedding_type == "rotary" and (self.hidden_size // self.num_heads) % 2 != 0:
+            raise ValueError(
+                f"`hidden_size / num_heads` ({self.hidden_size}/{self.num_heads}) must be even for "
+                "`position_embedding_type='rotary'`: pick another head count or 'sinusoidal'/'learned' positions."
+            )
+        if self.max_position_embeddings <= 0:
+            raise ValueError(f"`max_position_embeddings` must be a positive integer, got {self.max_position_embeddings}.")
+        if self.rope_theta <= 0:
+            raise ValueError(f"`rope_theta` must be > 0, got {self.rope_theta}.")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}.")
+        for name in ("dyt_alpha_init", "dyt_attn_alpha_init"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"`{name}` must be > 0 (tanh(alpha * x) with alpha <= 0 is flat or inverted), got {value}.")
+        if self.embedding_scale_init is not None and self.embedding_scale_init <= 0:
+            raise ValueError(f"`embedding_scale_init` must be > 0, got {self.embedding_scale_init}.")
+
+
+__all__ = ["DyTConfig", "paper_llm_alphas"]
