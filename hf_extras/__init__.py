@@ -30,6 +30,15 @@ from .models.modeling_dyt import (
     DyTForTokenClassification,
     DyTModel,
 )
+from .models.configuration_mlp_mixer import MlpMixerConfig
+from .models.image_processing_mlp_mixer import MlpMixerImageProcessor
+from .models.modeling_mlp_mixer import (
+    MlpMixerForCausalLM,
+    MlpMixerForImageClassification,
+    MlpMixerForSequenceClassification,
+    MlpMixerForTokenClassification,
+    MlpMixerModel,
+)
 from .models.cache import RecurrentCache
 from .models.norms import DyT
 from .registration import register_all
@@ -65,4 +74,11 @@ __all__ = [
     "DyTForQuestionAnswering",
     "convert_norms_to_dyt",
     "load_dyt_model",
+    "MlpMixerConfig",
+    "MlpMixerImageProcessor",
+    "MlpMixerModel",
+    "MlpMixerForImageClassification",
+    "MlpMixerForCausalLM",
+    "MlpMixerForSequenceClassification",
+    "MlpMixerForTokenClassification",
 ]

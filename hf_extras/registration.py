@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
 
-from .models import modeling_dyt, modeling_gated_retention, modeling_retnet
+from .models import modeling_dyt, modeling_gated_retention, modeling_mlp_mixer, modeling_retnet
+from .models.configuration_mlp_mixer import MlpMixerConfig
+from .models.image_processing_mlp_mixer import MlpMixerImageProcessor
 
 AUTO_FACTORIES = {
     "AutoModel": AutoModel,
@@ -21,9 +25,13 @@ AUTO_FACTORIES = {
     "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
     "AutoModelForTokenClassification": AutoModelForTokenClassification,
     "AutoModelForQuestionAnswering": AutoModelForQuestionAnswering,
+    "AutoModelForImageClassification": AutoModelForImageClassification,
 }
 
-FAMILY_MODULES = [modeling_retnet, modeling_gated_retention, modeling_dyt]
+FAMILY_MODULES = [modeling_retnet, modeling_gated_retention, modeling_dyt, modeling_mlp_mixer]
+
+# config class -> PIL-backend image processor (registered with AutoImageProcessor)
+IMAGE_PROCESSORS = {MlpMixerConfig: MlpMixerImageProcessor}
 
 
 def register_all() -> None:
@@ -34,3 +42,5 @@ def register_all() -> None:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         for auto_name, model_class in classes.items():
             AUTO_FACTORIES[auto_name].register(config_class, model_class, exist_ok=True)
+    for config_class, processor_class in IMAGE_PROCESSORS.items():
+        AutoImageProcessor.register(config_class, image_processor_classes={"pil": processor_class}, exist_ok=True)
