@@ -23,7 +23,8 @@ def _seed():
 
 def run_without_hf_extras(code: str, cwd: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh Python where `import hf_extras` fails (as on a machine without the package)."""
-    prelude = "import sys\nsys.modules['hf_extras'] = None\n"
+    # same intra-op thread count as this process, so float reductions split the same way (bitwise comparisons)
+    prelude = f"import sys, torch\nsys.modules['hf_extras'] = None\ntorch.set_num_threads({torch.get_num_threads()})\n"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     return subprocess.run(

@@ -268,7 +268,8 @@ def test_remote_code_load_of_a_variant_with_extra_modules(tmp_path):
         model = AutoModelForCausalLM.from_pretrained("{tmp_path}/ckpt", trust_remote_code=True).eval()
         assert type(model).__name__ == "DyTForCausalLM" and "hf_extras" not in type(model).__module__
         with torch.no_grad():
-            torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], rtol=0, atol=0)
+            # same weights and code; SDPA's CPU kernel may split work differently across processes/threads
+            torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], rtol=1e-6, atol=1e-7)
         eager = AutoModelForCausalLM.from_pretrained("{tmp_path}/ckpt", trust_remote_code=True, attn_implementation="eager")
         with torch.no_grad():
             torch.testing.assert_close(eager.eval()(ref["ids"]).logits, ref["logits"], rtol=1e-5, atol=1e-5)
