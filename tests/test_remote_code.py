@@ -45,3 +45,19 @@ def test_remote_code_load_without_hf_extras(family, tmp_path):
         cwd=str(tmp_path),
     )
     assert "REMOTE_OK" in result.stdout, result.stdout + result.stderr
+
+
+def test_push_to_hub_offline_fails_with_the_hub_error(tmp_path, monkeypatch):
+    """Offline, push_to_hub fails in huggingface_hub/transformers' own code, after our save_pretrained ran cleanly."""
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    import hf_extras
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = hf_extras.RetNetForCausalLM(FAMILIES[0].config())
+    with pytest.raises((OfflineModeIsEnabled, OSError, ValueError)) as info:
+        model.push_to_hub("hf-extras-test/never-created", token="hf_dummy")
+    raised_in = str(info.traceback[-1].path)
+    assert "hf_extras" not in raised_in, raised_in
+    print(type(info.value).__name__, raised_in)
