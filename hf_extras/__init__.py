@@ -39,6 +39,15 @@ from .models.modeling_mlp_mixer import (
     MlpMixerForTokenClassification,
     MlpMixerModel,
 )
+from .models.configuration_mamba import HfxMambaConfig
+from .models.modeling_mamba import (
+    HfxMambaForCausalLM,
+    HfxMambaForMaskedLM,
+    HfxMambaForQuestionAnswering,
+    HfxMambaForSequenceClassification,
+    HfxMambaForTokenClassification,
+    HfxMambaModel,
+)
 from .models.cache import RecurrentCache
 from .models.norms import DyT
 from .registration import register_all
@@ -81,4 +90,11 @@ __all__ = [
     "MlpMixerForCausalLM",
     "MlpMixerForSequenceClassification",
     "MlpMixerForTokenClassification",
+    "HfxMambaConfig",
+    "HfxMambaModel",
+    "HfxMambaForCausalLM",
+    "HfxMambaForMaskedLM",
+    "HfxMambaForSequenceClassification",
+    "HfxMambaForTokenClassification",
+    "HfxMambaForQuestionAnswering",
 ]

@@ -14,7 +14,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from .models import modeling_dyt, modeling_gated_retention, modeling_mlp_mixer, modeling_retnet
+from .models import modeling_dyt, modeling_gated_retention, modeling_mamba, modeling_mlp_mixer, modeling_retnet
 from .models.configuration_mlp_mixer import MlpMixerConfig
 from .models.image_processing_mlp_mixer import MlpMixerImageProcessor
 
@@ -28,7 +28,7 @@ AUTO_FACTORIES = {
     "AutoModelForImageClassification": AutoModelForImageClassification,
 }
 
-FAMILY_MODULES = [modeling_retnet, modeling_gated_retention, modeling_dyt, modeling_mlp_mixer]
+FAMILY_MODULES = [modeling_retnet, modeling_gated_retention, modeling_dyt, modeling_mlp_mixer, modeling_mamba]
 
 # config class -> PIL-backend image processor (registered with AutoImageProcessor)
 IMAGE_PROCESSORS = {MlpMixerConfig: MlpMixerImageProcessor}

@@ -33,6 +33,7 @@ FAMILIES = [
     Family("gated_retnet", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="head", use_rotary=True)),
     Family("linear_attention", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="none", feature_map="elu")),
     Family("dyt", hf_extras.DyTConfig, "DyT", recurrent=False),
+    Family("mamba", hf_extras.HfxMambaConfig, "HfxMamba", dict(state_size=8, num_heads=1)),
 ]
 
 HEADS = {

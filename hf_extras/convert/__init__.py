@@ -1,3 +1,9 @@
-"""Importers from other implementations' checkpoints (transformers Mamba, timm Mixer)."""
-
 from .timm_mixer import convert_timm_mixer_state_dict, load_timm_mixer, mlp_mixer_config_from_timm, timm_mixer_key_to_hf, timm_mixer_shapes
+from .mamba import (
+    export_to_transformers_mamba,
+    hfx_config_from_mamba,
+    hfx_state_dict_to_mamba,
+    import_transformers_mamba,
+    mamba_config_from_hfx,
+    mamba_state_dict_to_hfx,
+)

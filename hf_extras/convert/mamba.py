@@ -1,0 +1,197 @@
+"""Import transformers' `MambaForCausalLM` into `HfxMambaForCausalLM` (identical logits), and export back.
+
+The mixer's parameters have transformers' names and shapes, so the conversion is a pure key rename (one to one, no
+reshapes) plus a config mapping::
+
+    transformers MambaForCausalLM            hf_extras HfxMambaForCausalLM
+    backbone.embeddings.weight               model.embed_tokens.weight
+    backbone.layers.N.norm.weight            model.layers.N.mixer_norm.weight
+    backbone.layers.N.mixer.<p>              model.layers.N.mixer.<p>
+        (<p>: in_proj.{weight,bias}, conv1d.{weight,bias}, x_proj.weight, dt_proj.{weight,bias}, A_log, D,
+         out_proj.{weight,bias})
+    backbone.norm_f.weight                   model.norm.weight
+    lm_head.weight                           lm_head.weight
+
+Once imported, a Mamba checkpoint gets every hf_extras head (classification, token classification, QA, masked LM
+with a bidirectional scan) and PEFT:
+
+    >>> from hf_extras.convert import import_transformers_mamba
+    >>> model = import_transformers_mamba("path/to/mamba-130m-hf")          # or a MambaForCausalLM object
+    >>> clf = HfxMambaForSequenceClassification.from_pretrained(saved_folder_of_model, num_labels=2)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+
+from ..models.configuration_mamba import HfxMambaConfig
+from ..models.modeling_mamba import HfxMambaForCausalLM
+
+__all__ = [
+    "MAMBA_MIXER_PARAMS",
+    "mamba_key_to_hfx",
+    "hfx_key_to_mamba",
+    "hfx_config_from_mamba",
+    "mamba_config_from_hfx",
+    "mamba_state_dict_to_hfx",
+    "hfx_state_dict_to_mamba",
+    "import_transformers_mamba",
+    "export_to_transformers_mamba",
+]
+
+MAMBA_MIXER_PARAMS = (
+    "in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight",
+    "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias",
+)
+
+# MambaConfig field -> HfxMambaConfig field (same meaning)
+_SAME_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel", "use_bias",
+    "use_conv_bias", "hidden_act", "initializer_range", "residual_in_fp32", "time_step_rank", "time_step_scale",
+    "time_step_min", "time_step_max", "time_step_init_scheme", "time_step_floor", "rescale_prenorm_residual",
+    "use_cache", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+)
+
+_TO_HFX = [
+    (re.compile(r"^backbone\.embeddings?\.weight$"), "model.embed_tokens.weight"),
+    (re.compile(r"^backbone\.layers\.(\d+)\.norm\.weight$"), r"model.layers.\1.mixer_norm.weight"),
+    (re.compile(r"^backbone\.layers\.(\d+)\.mixer\.(.+)$"), r"model.layers.\1.mixer.\2"),
+    (re.compile(r"^backbone\.norm_f\.weight$"), "model.norm.weight"),
+    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
+]
+_TO_MAMBA = [
+    (re.compile(r"^model\.embed_tokens\.weight$"), "backbone.embeddings.weight"),
+    (re.compile(r"^model\.layers\.(\d+)\.mixer_norm\.weight$"), r"backbone.layers.\1.norm.weight"),
+    (re.compile(r"^model\.layers\.(\d+)\.mixer\.(.+)$"), r"backbone.layers.\1.mixer.\2"),
+    (re.compile(r"^model\.norm\.weight$"), "backbone.norm_f.weight"),
+    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
+]
+
+
+def _rename(key: str, rules, what: str) -> str:
+    for pattern, replacement in rules:
+        if pattern.match(key):
+            new = pattern.sub(replacement, key)
+            if ".mixer." in new and not new.split(".mixer.", 1)[1] in MAMBA_MIXER_PARAMS:
+                break
+            return new
+    raise KeyError(f"{key!r} is not a parameter of {what}; is this the right model?")
+
+
+def mamba_key_to_hfx(key: str) -> str:
+    """A transformers `MambaForCausalLM` state-dict key -> the `HfxMambaForCausalLM` key."""
+    return _rename(key, _TO_HFX, "transformers' MambaForCausalLM")
+
+
+def hfx_key_to_mamba(key: str) -> str:
+    """An `HfxMambaForCausalLM` state-dict key -> the transformers `MambaForCausalLM` key."""
+    return _rename(key, _TO_MAMBA, "an HfxMambaForCausalLM with ffn_type='none' and norm_type='rmsnorm'")
+
+
+def hfx_config_from_mamba(mamba_config, **overrides) -> HfxMambaConfig:
+    """The `HfxMambaConfig` of a transformers `MambaConfig` (or its dict); `overrides` are set on top."""
+    src = mamba_config if isinstance(mamba_config, Mapping) else mamba_config.to_dict()
+    if src.get("model_type", "mamba") != "mamba":
+        raise ValueError(f"expected a transformers MambaConfig (model_type 'mamba'), got model_type {src['model_type']!r}")
+    kwargs = {name: src[name] for name in _SAME_FIELDS if name in src}
+    if "layer_norm_epsilon" in src:
+        kwargs["norm_eps"] = float(src["layer_norm_epsilon"])
+    for name in ("initializer_range", "time_step_scale", "time_step_min", "time_step_max", "time_step_floor"):
+        if name in kwargs:  # @strict refuses an int for a float field
+            kwargs[name] = float(kwargs[name])
+    expand, hidden = kwargs.get("expand", 2), kwargs.get("hidden_size", 768)
+    if src.get("intermediate_size") not in (None, expand * hidden):
+        raise ValueError(
+            f"MambaConfig.intermediate_size ({src['intermediate_size']}) is not expand * hidden_size "
+            f"({expand} * {hidden}); HfxMambaConfig derives the mixer width from `expand`."
+        )
+    kwargs.update(ffn_type="none", norm_type="rmsnorm", num_heads=1, bidirectional=False)
+    kwargs.update(overrides)
+    return HfxMambaConfig(**kwargs)
+
+
+def mamba_config_from_hfx(config: HfxMambaConfig):
+    """The transformers `MambaConfig` of an `HfxMambaConfig` (which must be a plain causal Mamba stack)."""
+    from transformers import MambaConfig
+
+    problems = []
+    if config.ffn_type != "none":
+        problems.append(f"ffn_type={config.ffn_type!r} (transformers' Mamba blocks have no FFN)")
+    if config.norm_type != "rmsnorm":
+        problems.append(f"norm_type={config.norm_type!r} (transformers' Mamba uses RMSNorm)")
+    if config.bidirectional:
+        problems.append("bidirectional=True (transformers' Mamba is causal)")
+    if config.use_layer_features:
+        problems.append("use_layer_features=True")
+    if problems:
+        raise ValueError("cannot export to transformers' MambaForCausalLM: " + "; ".join(problems))
+    kwargs = {name: getattr(config, name) for name in _SAME_FIELDS}
+    kwargs["layer_norm_epsilon"] = config.norm_eps
+    return MambaConfig(**kwargs)
+
+
+def mamba_state_dict_to_hfx(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a `MambaForCausalLM` (or `MambaModel`, keys without `backbone.`) state dict; tensors are not copied."""
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith(("backbone.", "lm_head.")):
+            key = "backbone." + key  # a bare MambaModel state dict
+        out[mamba_key_to_hfx(key)] = value
+    return out
+
+
+def hfx_state_dict_to_mamba(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an `HfxMambaForCausalLM` state dict to transformers' `MambaForCausalLM` keys; tensors are not copied."""
+    return {hfx_key_to_mamba(key): value for key, value in state_dict.items()}
+
+
+def _load_mamba(source, dtype):
+    from transformers import MambaForCausalLM
+
+    if isinstance(source, (str, os.PathLike)):
+        return MambaForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+    if isinstance(source, torch.nn.Module):
+        return source
+    raise TypeError(f"expected a MambaForCausalLM, or a folder / Hub id it was saved to, got {type(source).__name__}")
+
+
+def import_transformers_mamba(source, dtype: torch.dtype | None = None, **config_overrides) -> HfxMambaForCausalLM:
+    """`HfxMambaForCausalLM` with the weights of a transformers `MambaForCausalLM` (an object, or a saved folder).
+
+    The result gives the same logits (to float rounding of the scan) and keeps the source's dtype unless `dtype` is
+    given. `config_overrides` set `HfxMambaConfig` fields that do not change the weights (e.g. `forward_mode`,
+    `chunk_size`).
+    """
+    mamba = _load_mamba(source, dtype)
+    if not hasattr(mamba, "backbone"):
+        raise TypeError(f"expected a MambaForCausalLM (with `.backbone` and `.lm_head`), got {type(mamba).__name__}")
+    config = hfx_config_from_mamba(mamba.config, **config_overrides)
+    state = mamba_state_dict_to_hfx(mamba.state_dict())
+    src_dtype = next(iter(state.values())).dtype if dtype is None else dtype
+    model = HfxMambaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    return model.to(src_dtype).train(mamba.training)
+
+
+def export_to_transformers_mamba(model: HfxMambaForCausalLM, dtype: torch.dtype | None = None):
+    """A transformers `MambaForCausalLM` with the weights of an `HfxMambaForCausalLM` (inverse of the import)."""
+    from transformers import MambaForCausalLM
+
+    if not isinstance(model, HfxMambaForCausalLM):
+        raise TypeError(f"expected an HfxMambaForCausalLM, got {type(model).__name__}")
+    config = mamba_config_from_hfx(model.config)
+    state = hfx_state_dict_to_mamba(model.state_dict())
+    mamba = MambaForCausalLM(config)
+    missing, unexpected = mamba.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    target = dtype if dtype is not None else next(iter(state.values())).dtype
+    return mamba.to(target).train(model.training)

@@ -1,0 +1,421 @@
+"""The selective scan of Mamba (S6) as pure tensor functions.
+
+Recurrence, per batch row, channel ``d`` and state ``n`` (``h`` is ``(D, N)``)::
+
+    h_t = exp(dt_t A) * h_{t-1} + dt_t B_t x_t          (elementwise decay per (d, n))
+    y_t = C_t . h_t + D x_t                              (sum over n)
+
+Shapes: ``x, dt`` ``(batch, T, D)``, ``A`` ``(D, N)`` (negative), ``B, C`` ``(batch, T, N)``, ``D`` ``(D,)``, states
+``(batch, D, N)`` (the layout of transformers' ``MambaMixer`` SSM state). ``dt`` is the step size *after* softplus
+(>= 0; a padded token has ``dt = 0``, so it leaves the state unchanged).
+
+Forms (they agree to float tolerance, take and return the recurrent state):
+
+* ``recurrent``  -- one token at a time: the reference, and the decoding step.
+* ``chunkwise``  -- a Python loop over chunks; inside a chunk a log-depth odd/even (Blelloch-style) parallel scan
+  over time, with a hand-written backward that recomputes each chunk's states from the saved chunk-start state.
+  Memory is O(batch * T * (D + N)) saved plus O(batch * chunk * D * N) transient, whatever T is.
+* ``parallel``   -- the same odd/even scan over the whole sequence, differentiated by plain autograd (it keeps every
+  level's states: O(batch * T * D * N) memory). Kept as a second fast form and for compile experiments.
+* ``auto``       -- ``recurrent`` for single-token steps, ``chunkwise`` otherwise (see the measurements below).
+
+Numerics: decays are only ever ``exp`` of non-positive numbers (``dt >= 0``, ``A < 0``), and the parallel scan
+combines them by multiplication (products of numbers in ``[0, 1]``), so nothing overflows for any ``dt * A``
+(log decays of -50 per step and beyond underflow exactly to 0, as the recurrence does). States and outputs are
+computed in float32 (float64 for float64 inputs), whatever the input dtype.
+
+``bidirectional=True`` (encoders): a causal scan plus an anti-causal scan of the time-flipped sequence, with the
+same ``dt, A, B, C``, combined as::
+
+    y_t = C_t . h_fwd_t + C_t . h_bwd_t - C_t . (dt_t B_t x_t) + D x_t
+
+where ``h_fwd_t = exp(dt_t A) h_fwd_{t-1} + dt_t B_t x_t`` and ``h_bwd_t = exp(dt_t A) h_bwd_{t+1} + dt_t B_t x_t``.
+Both scans include token t itself, so its own contribution is subtracted once (and ``D x`` added once). In matrix
+form ``y = M x + D x`` with ``M[t, s] = C_t . (prod of the decays strictly between s and t, and t's own) dt_s B_s``
+for every s (the causal kernel for s <= t and its mirror for s > t).
+
+Measured on the dev machine (shared, loaded 2-core AMD EPYC VM; torch 2.13 CPU, 1 thread, float32, batch 1,
+D=512, N=16; the scan alone, best of 5; "train" is forward + backward; memory is the resident-set growth of one
+forward + backward in a fresh process; see ``benchmarks/mamba_vs_transformers.py`` for whole models)::
+
+    T      form                  forward    train      train memory
+    512    recurrent (reference)   46 ms     540 ms
+    512    parallel                62 ms     241 ms
+    512    chunkwise (L=64)        35 ms     113 ms
+    2048   parallel               415 ms    1103 ms
+    2048   chunkwise (L=64)        58 ms     267 ms
+    8192   parallel                                     2004 MiB
+    8192   chunkwise (L=64)       345 ms    1132 ms       89 MiB
+
+Chunk length (2048 tokens, train, 1 thread): L=16 216 ms, 32 185 ms, 64 197 ms, 128 226 ms; with 2 threads 64 was
+best. The scan is memory-bound: small chunks keep a chunk's (L, D, N) arrays in cache, larger ones pay fewer
+Python-level ops. ``parallel`` keeps every level of the whole-sequence scan for autograd and streams full-size
+arrays, hence its memory and its slowness at length; so ``auto`` uses ``chunkwise`` for every input longer than
+one token, and ``parallel`` stays available (and compiles as one graph without a chunk loop).
+
+Threads: a chunk is ~100 small ops, so the chunk loop runs on one intra-op thread when chunks are small
+(``SERIAL_MAX_ELEMENTS``): on an oversubscribed machine every multi-threaded op otherwise waits for a descheduled
+worker thread at its join. The thread count is restored after the loop.
+
+This file is copied into saved checkpoints: it must import only torch / math / typing.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "selective_scan",
+    "recurrent_selective_scan",
+    "chunkwise_selective_scan",
+    "parallel_selective_scan",
+    "linear_scan",
+    "pick_scan_mode",
+    "SCAN_MODES",
+]
+
+SCAN_MODES = ("parallel", "chunkwise", "recurrent")
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# the log-depth scan h_t = a_t * h_{t-1} + u_t along dim 1
+# --------------------------------------------------------------------------------------------
+
+
+def linear_scan(a: Tensor, u: Tensor, reverse: bool = False) -> Tensor:
+    """All states of ``h_t = a_t * h_{t-1} + u_t`` (``h_{-1} = 0``) along dim 1, in O(log T) tensor ops.
+
+    ``reverse=True`` scans from the end: ``h_t = a_t * h_{t+1} + u_t``. ``a`` and ``u`` have the same shape
+    ``(batch, T, ...)``; ``a`` holds decays in ``[0, 1]``. Odd/even reduction: pairs of steps are combined into one
+    step (``a = a_e a_o``, ``u = u_o + a_o u_e``), the half-length problem is solved recursively, and the other half
+    of the states is filled in with one multiply-add. Differentiable by autograd; no loop over tokens.
+    """
+    T = a.shape[1]
+    if T == 1:
+        return u
+    if T == 2:
+        if reverse:
+            h1 = u[:, 1:]
+            return torch.cat([torch.addcmul(u[:, :1], a[:, :1], h1), h1], dim=1)
+        h0 = u[:, :1]
+        return torch.cat([h0, torch.addcmul(u[:, 1:], a[:, 1:], h0)], dim=1)
+    if T % 2:
+        # peel off the step that is processed last and fill it in with one multiply-add
+        if reverse:
+            rest = linear_scan(a[:, 1:], u[:, 1:], reverse=True)
+            return torch.cat([torch.addcmul(u[:, :1], a[:, :1], rest[:, :1]), rest], dim=1)
+        rest = linear_scan(a[:, :-1], u[:, :-1])
+        return torch.cat([rest, torch.addcmul(u[:, -1:], a[:, -1:], rest[:, -1:])], dim=1)
+    a_e, a_o = a[:, 0::2], a[:, 1::2]
+    u_e, u_o = u[:, 0::2], u[:, 1::2]
+    if reverse:
+        # pair (e, o) steps o first: h_e = a_e a_o h_next + (u_e + a_e u_o)
+        h_e = linear_scan(a_e * a_o, torch.addcmul(u_e, a_e, u_o), reverse=True)
+        h_o_last = u_o[:, -1:]
+        h_o = torch.cat([torch.addcmul(u_o[:, :-1], a_o[:, :-1], h_e[:, 1:]), h_o_last], dim=1)
+    else:
+        h_o = linear_scan(a_e * a_o, torch.addcmul(u_o, a_o, u_e))
+        h_e = torch.cat([u_e[:, :1], torch.addcmul(u_e[:, 1:], a_e[:, 1:], h_o[:, :-1])], dim=1)
+    return torch.stack([h_e, h_o], dim=2).flatten(1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# recurrent (reference, decoding)
+# --------------------------------------------------------------------------------------------
+
+
+def _recurrent(x, dt, A, B, C, h):
+    outs = []
+    for t in range(x.shape[1]):
+        a = torch.exp(dt[:, t, :, None] * A)
+        h = a * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
+        outs.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
+    y = torch.stack(outs, dim=1) if outs else x.new_zeros(x.shape)
+    return y, h
+
+
+# --------------------------------------------------------------------------------------------
+# parallel: whole-sequence odd/even scan under autograd
+# --------------------------------------------------------------------------------------------
+
+
+def _parallel(x, dt, A, B, C, h0, reverse=False):
+    a = torch.exp(dt[..., None] * A)
+    u = (dt * x)[..., None] * B[:, :, None, :]
+    if h0 is not None:
+        idx = -1 if reverse else 0
+        first = torch.addcmul(u[:, idx], a[:, idx], h0).unsqueeze(1)
+        u = torch.cat([u[:, :-1], first], 1) if reverse else torch.cat([first, u[:, 1:]], 1)
+    h = linear_scan(a, u, reverse=reverse)
+    y = torch.einsum("btdn,btn->btd", h, C)
+    return y, h[:, 0 if reverse else -1]
+
+
+# --------------------------------------------------------------------------------------------
+# chunkwise: loop over chunks, in-place odd/even scan inside, recomputing backward
+# --------------------------------------------------------------------------------------------
+
+_LOG2_E = 1.4426950408889634
+
+
+def _scan_(a: Tensor, u: Tensor, reverse: bool = False) -> None:
+    """In place: ``u`` <- all states of ``h_t = a_t h_{t-1} + u_t`` (``reverse``: ``h_t = a_t h_{t+1} + u_t``).
+
+    The same odd/even reduction as ``linear_scan`` written with in-place multiply-adds on strided views of ``u``
+    (pair inputs are combined into the odd slots, solved recursively there, then the even slots are filled in):
+    no concatenation, and the only allocations are the pair decays (T/2 + T/4 + ... elements). ``a`` is not
+    modified. Not differentiable (used inside ``_ChunkwiseScan``).
+    """
+    T = u.shape[1]
+    if T > 1 and T % 2:
+        # peel off the last-processed step: solve the rest, then one multiply-add
+        if reverse:
+            _scan_(a[:, 1:], u[:, 1:], True)
+            u[:, 0].addcmul_(a[:, 0], u[:, 1])
+        else:
+            _scan_(a[:, :-1], u[:, :-1])
+            u[:, -1].addcmul_(a[:, -1], u[:, -2])
+        return
+    if T == 1:
+        return
+    a_e, a_o = a[:, 0::2], a[:, 1::2]
+    u_e, u_o = u[:, 0::2], u[:, 1::2]
+    if reverse:
+        u_e.addcmul_(a_e, u_o)
+        _scan_(a_e * a_o, u_e, True)
+        u_o[:, :-1].addcmul_(a_o[:, :-1], u_e[:, 1:])
+    else:
+        u_o.addcmul_(a_o, u_e)
+        _scan_(a_e * a_o, u_o)
+        u_e[:, 1:].addcmul_(a_e[:, 1:], u_o[:, :-1])
+
+
+def _chunk_states(v, dt, A2, B, h_start):
+    """Decays ``a`` and states ``h`` of one chunk, both ``(batch, L, D, N)``; ``A2 = A * log2(e)``.
+
+    ``exp2`` is used for the decays: same values as ``exp(dt A)`` to float rounding, and about twice as fast as
+    ``exp`` on CPU.
+    """
+    a = torch.exp2(dt[..., None] * A2)
+    h = v[..., None] * B[:, :, None, :]
+    h[:, 0].addcmul_(a[:, 0], h_start)
+    _scan_(a, h)
+    return a, h
+
+
+# The chunk loop runs its ops on one intra-op thread when a chunk's (batch, L, D, N) arrays have at most this many
+# elements (the default width-512, batch-1, 64-token chunk has 2**19). Each chunk is ~100 small ops: with more
+# threads every op forks and joins the pool, and on a machine with more runnable threads than cores each join waits
+# for a descheduled worker (a few ms), so a training step can take 10-40x longer (measured on the shared 2-core dev
+# machine under load; at load ~1 the 2-thread step is ~25% faster than the 1-thread one). Set it to 0 to always use
+# torch's thread count; larger chunks (big batch or width) always do.
+SERIAL_MAX_ELEMENTS = 2**20
+
+
+class _intra_op_threads:
+    """``torch.set_num_threads(1)`` inside (when ``enabled``), restored after; a no-op under ``torch.compile``."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.saved = enabled, None
+
+    def __enter__(self):
+        if self.enabled and not torch.compiler.is_compiling():
+            saved = torch.get_num_threads()
+            if saved > 1:
+                self.saved = saved
+                torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            torch.set_num_threads(self.saved)
+            self.saved = None
+        return False
+
+
+def _serial(x: Tensor, A: Tensor, chunk_size: int) -> bool:
+    return x.shape[0] * min(chunk_size, x.shape[1]) * x.shape[2] * A.shape[1] <= SERIAL_MAX_ELEMENTS
+
+
+class _ChunkwiseScan(torch.autograd.Function):
+    """``y_t = C_t . h_t`` and the final state; saves only the inputs and one state per chunk.
+
+    Backward, per chunk from the last: the chunk's decays and states, recomputed from its saved start state (as
+    fast as keeping them from the forward on a CPU, where re-reading them from memory costs about as much as
+    recomputing them in cache; and memory stays O(batch * T * (D + N)) at any length), the adjoint recurrence ``G_t = C_t gy_t + a_{t+1} G_{t+1}`` as a reverse scan, then::
+
+        dL/dC_t = gy_t . h_t        dL/d(dt_t x_t) = G_t . B_t      dL/dB_t = sum_d G_t dt_t x_t
+        dL/d(dt_t A) = G_t a_t h_{t-1}  (-> dt and A)                dL/dh_start = a_0 G_0
+    """
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, h0, chunk_size):
+        batch, T, D = x.shape
+        N = A.shape[-1]
+        A2 = A * _LOG2_E
+        v = dt * x
+        h = h0 if h0 is not None else x.new_zeros(batch, D, N)
+        y = x.new_empty(batch, T, D)
+        starts = []
+        with _intra_op_threads(_serial(x, A, chunk_size)):
+            for vc, dtc, Bc, Cc, yc in zip(
+                v.split(chunk_size, 1), dt.split(chunk_size, 1), B.split(chunk_size, 1), C.split(chunk_size, 1),
+                y.split(chunk_size, 1),
+            ):
+                starts.append(h)
+                _, states = _chunk_states(vc, dtc, A2, Bc, h)
+                yc.copy_(torch.einsum("bldn,bln->bld", states, Cc))
+                h = states[:, -1].clone()
+        ctx.save_for_backward(x, dt, A, B, C, torch.stack(starts, 0))
+        ctx.chunk_size = chunk_size
+        ctx.has_h0 = h0 is not None
+        return y, h
+
+    @staticmethod
+    def backward(ctx, gy, gh_last):
+        x, dt, A, B, C, starts = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        A2 = A * _LOG2_E
+        v = dt * x
+        gv, gdt = torch.empty_like(x), torch.empty_like(dt)
+        gB, gC = torch.empty_like(B), torch.empty_like(C)
+        gA = torch.zeros_like(A)
+        g = gh_last.to(x.dtype) if gh_last is not None else torch.zeros_like(starts[0])
+        if gy is None:
+            gy = torch.zeros_like(x)
+        chunks = list(zip(
+            v.split(chunk_size, 1), dt.split(chunk_size, 1), B.split(chunk_size, 1), C.split(chunk_size, 1),
+            gy.split(chunk_size, 1), gv.split(chunk_size, 1), gdt.split(chunk_size, 1), gB.split(chunk_size, 1),
+            gC.split(chunk_size, 1),
+        ))
+        with _intra_op_threads(_serial(x, A, chunk_size)):
+            for i in reversed(range(len(chunks))):
+                vc, dtc, Bc, Cc, gyc, gvc, gdtc, gBc, gCc = chunks[i]
+                h_start = starts[i]
+                a, states = _chunk_states(vc, dtc, A2, Bc, h_start)
+                gCc.copy_(torch.einsum("bldn,bld->bln", states, gyc))
+                # adjoint: G_t = C_t gy_t + a_{t+1} G_{t+1}, with the later chunks' gradient g entering at the end
+                G = gyc[..., None] * Cc[:, :, None, :]
+                G[:, -1] += g
+                if G.shape[1] > 1:
+                    G[:, -2].addcmul_(a[:, -1], G[:, -1])
+                    _scan_(a[:, 1:], G[:, :-1], reverse=True)
+                g = a[:, 0] * G[:, 0]
+                # dL/d(dt A) = G_t a_t h_{t-1}, reusing `a` as its buffer
+                g_log_a = a.mul_(G)
+                g_log_a[:, 1:] *= states[:, :-1]
+                g_log_a[:, 0] *= h_start
+                gvc.copy_(torch.einsum("bldn,bln->bld", G, Bc))
+                gBc.copy_(torch.einsum("bldn,bld->bln", G, vc))
+                gdtc.copy_((g_log_a * A).sum(-1))
+                gA += g_log_a.mul_(dtc[..., None]).sum((0, 1))
+        gx = gv * dt
+        gdt = gdt.addcmul_(gv, x)
+        return gx, gdt, gA, gB, gC, (g if ctx.has_h0 else None), None
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+
+def _check(x, dt, A, B, C, D, initial_state):
+    if x.dim() != 3 or dt.shape != x.shape:
+        raise ValueError(f"x and dt must both have shape (batch, T, D), got {tuple(x.shape)} and {tuple(dt.shape)}")
+    batch, T, d = x.shape
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A must have shape (D={d}, N), got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (batch, T, n):
+            raise ValueError(f"{name} must have shape (batch={batch}, T={T}, N={n}), got {tuple(t.shape)}")
+    if D is not None and tuple(D.shape) != (d,):
+        raise ValueError(f"D must have shape ({d},), got {tuple(D.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (batch, d, n):
+        raise ValueError(f"initial_state must have shape ({batch}, {d}, {n}), got {tuple(initial_state.shape)}")
+
+
+def pick_scan_mode(seq_len: int, has_state: bool = False) -> str:
+    """``recurrent`` for a single decoding step, ``chunkwise`` for everything longer (see the module docstring)."""
+    return "recurrent" if seq_len == 1 else "chunkwise"
+
+
+def recurrent_selective_scan(x, dt, A, B, C, D=None, initial_state=None, output_final_state=False):
+    return selective_scan(x, dt, A, B, C, D, mode="recurrent", initial_state=initial_state,
+                          output_final_state=output_final_state)
+
+
+def chunkwise_selective_scan(x, dt, A, B, C, D=None, chunk_size=64, initial_state=None, output_final_state=False):
+    return selective_scan(x, dt, A, B, C, D, mode="chunkwise", chunk_size=chunk_size, initial_state=initial_state,
+                          output_final_state=output_final_state)
+
+
+def parallel_selective_scan(x, dt, A, B, C, D=None, initial_state=None, output_final_state=False):
+    return selective_scan(x, dt, A, B, C, D, mode="parallel", initial_state=initial_state,
+                          output_final_state=output_final_state)
+
+
+def _causal(mode, x, dt, A, B, C, h0, chunk_size, reverse=False):
+    if mode == "recurrent":
+        if reverse:
+            y, h = _recurrent(x.flip(1), dt.flip(1), A, B.flip(1), C.flip(1), h0)
+            return y.flip(1), h
+        return _recurrent(x, dt, A, B, C, h0)
+    if mode == "parallel":
+        return _parallel(x, dt, A, B, C, h0, reverse=reverse)
+    if reverse:
+        y, h = _ChunkwiseScan.apply(x.flip(1), dt.flip(1), A, B.flip(1), C.flip(1), h0, chunk_size)
+        return y.flip(1), h
+    return _ChunkwiseScan.apply(x, dt, A, B, C, h0, chunk_size)
+
+
+def selective_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    mode: str = "auto",
+    chunk_size: int = 64,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+    bidirectional: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``y = scan(x; dt, A, B, C) + D x`` and the final state (``None`` unless ``output_final_state``).
+
+    Outputs are float32 (float64 for float64 inputs); the caller casts back. See the module docstring for the
+    recurrence, the forms and the bidirectional combination.
+    """
+    _check(x, dt, A, B, C, D, initial_state)
+    if mode == "auto":
+        mode = pick_scan_mode(x.shape[1], initial_state is not None)
+    if mode not in SCAN_MODES:
+        raise ValueError(f"mode must be 'auto' or one of {SCAN_MODES}, got {mode!r}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if bidirectional and (initial_state is not None or output_final_state):
+        raise ValueError("a bidirectional scan has no recurrent state to start from or to return")
+    fdt = _float_dtype(x.dtype)
+    x, dt, A, B, C = (t.to(fdt) for t in (x, dt, A, B, C))
+    h0 = initial_state.to(fdt) if initial_state is not None else None
+    batch, T, d = x.shape
+    if T == 0:
+        state = h0 if h0 is not None else x.new_zeros(batch, d, A.shape[1])
+        return x.new_zeros(batch, 0, d), (state if output_final_state else None)
+    if h0 is None and mode == "recurrent":
+        h0 = x.new_zeros(batch, d, A.shape[1])
+    y, h = _causal(mode, x, dt, A, B, C, h0, chunk_size)
+    if bidirectional:
+        y_bwd, _ = _causal(mode, x, dt, A, B, C, x.new_zeros(batch, d, A.shape[1]) if mode == "recurrent" else None,
+                           chunk_size, reverse=True)
+        # both scans counted token t itself: subtract C_t . (dt_t B_t x_t) once
+        y = y + y_bwd - (dt * x) * (B * C).sum(-1, keepdim=True)
+    if D is not None:
+        y = y + x * D.to(fdt)
+    return y, (h if output_final_state else None)

@@ -1,0 +1,241 @@
+"""The selective scan (`hf_extras.models.scan_ops`): every form against the token-by-token reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_extras.models.scan_ops import linear_scan, selective_scan
+
+FAST = [("parallel", 64), ("chunkwise", 8), ("chunkwise", 5), ("chunkwise", 64)]
+
+
+def loop_scan(a, u, reverse=False):
+    h = torch.zeros_like(u[:, 0])
+    out = torch.empty_like(u)
+    for t in reversed(range(u.shape[1])) if reverse else range(u.shape[1]):
+        h = a[:, t] * h + u[:, t]
+        out[:, t] = h
+    return out
+
+
+def make_inputs(batch=2, T=37, D=6, N=4, dtype=torch.float32, dt_scale=1.0, seed=0):
+    """Unit-scale inputs; A in [-3, 0), dt in [0, 2 * dt_scale)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, T, D, generator=g, dtype=dtype)
+    dt = torch.rand(batch, T, D, generator=g, dtype=dtype) * 2 * dt_scale
+    A = -torch.rand(D, N, generator=g, dtype=dtype) * 3 - 0.01
+    B = torch.randn(batch, T, N, generator=g, dtype=dtype)
+    C = torch.randn(batch, T, N, generator=g, dtype=dtype)
+    D_skip = torch.randn(D, generator=g, dtype=dtype)
+    h0 = torch.randn(batch, D, N, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (x, dt, A, B, C, D_skip, h0)]
+
+
+def run(inputs, mode, chunk_size=16, bidirectional=False, with_state=True):
+    x, dt, A, B, C, D_skip, h0 = inputs
+    for t in inputs:
+        t.grad = None
+    y, h = selective_scan(
+        x, dt, A, B, C, D_skip, mode=mode, chunk_size=chunk_size,
+        initial_state=h0 if with_state else None, output_final_state=with_state, bidirectional=bidirectional,
+    )
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    loss = (y * weights).sum() + ((h * h).sum() if h is not None else 0)
+    loss.backward()
+    return y.detach(), (h.detach() if h is not None else None), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 8, 13, 64, 100])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_linear_scan_matches_loop(T, reverse):
+    a, u = torch.rand(2, T, 3, dtype=torch.float64), torch.randn(2, T, 3, dtype=torch.float64)
+    torch.testing.assert_close(linear_scan(a, u, reverse=reverse), loop_scan(a, u, reverse=reverse))
+
+
+@pytest.mark.parametrize("mode, chunk_size", FAST)
+def test_fast_forms_match_recurrent_float64(mode, chunk_size):
+    inputs = make_inputs(dtype=torch.float64)
+    ref_y, ref_h, ref_g = run(inputs, "recurrent")
+    y, h, grads = run(inputs, mode, chunk_size)
+    torch.testing.assert_close(y, ref_y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, ref_h, rtol=1e-10, atol=1e-10)
+    for name, g, r in zip(("x", "dt", "A", "B", "C", "D", "h0"), grads, ref_g):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("mode, chunk_size", FAST)
+@pytest.mark.parametrize("with_state", [True, False])
+def test_fast_forms_match_recurrent_float32(mode, chunk_size, with_state):
+    """Outputs and gradients (initial state included) agree at the 1e-5 scale on unit inputs."""
+    inputs = make_inputs(T=70)
+    ref_y, ref_h, ref_g = run(inputs, "recurrent", with_state=with_state)
+    y, h, grads = run(inputs, mode, chunk_size, with_state=with_state)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    if with_state:
+        torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
+    for name, g, r in zip(("x", "dt", "A", "B", "C", "D", "h0"), grads, ref_g):
+        if r is None:
+            assert g is None, name
+            continue
+        scale = r.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(g / scale, r / scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def explicit_bidirectional(x, dt, A, B, C, D_skip):
+    """The documented combination written out pair by pair (float64, O(T^2)):
+
+    y_t = sum_{s <= t} C_t . (prod_{s < r <= t} exp(dt_r A)) dt_s B_s x_s        (causal scan, token t included)
+        + sum_{s >= t} C_t . (prod_{t <= r < s} exp(dt_r A)) dt_s B_s x_s        (anti-causal scan, token t included)
+        - C_t . dt_t B_t x_t + D x_t                                               (token t counted once)
+    """
+    batch, T, D = x.shape
+    log_a = dt[..., None] * A  # (batch, T, D, N)
+    inputs = dt[..., None] * B[:, :, None, :] * x[..., None]  # dt_s B_s x_s, (batch, T, D, N)
+    forward = torch.zeros(batch, T, D, dtype=x.dtype)
+    backward = torch.zeros(batch, T, D, dtype=x.dtype)
+    for t in range(T):
+        for s in range(t + 1):  # first pass: causal, s <= t
+            forward[:, t] += (torch.exp(log_a[:, s + 1 : t + 1].sum(1)) * inputs[:, s] * C[:, t, None, :]).sum(-1)
+        for s in range(t, T):  # second pass: anti-causal, s >= t
+            backward[:, t] += (torch.exp(log_a[:, t:s].sum(1)) * inputs[:, s] * C[:, t, None, :]).sum(-1)
+    y = forward + backward - (inputs * C[:, :, None, :]).sum(-1)
+    return y + x * D_skip
+
+
+@pytest.mark.parametrize("mode, chunk_size", [("recurrent", 16)] + FAST)
+def test_bidirectional_matches_explicit_two_pass_reference(mode, chunk_size):
+    inputs = make_inputs(batch=2, T=19, D=3, N=2, dtype=torch.float64)
+    x, dt, A, B, C, D_skip, _ = inputs
+    with torch.no_grad():
+        ref = explicit_bidirectional(x, dt, A, B, C, D_skip)
+    y, h, grads = run(inputs, mode, chunk_size, bidirectional=True, with_state=False)
+    assert h is None
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    # and the gradients of the fast forms equal the reference form's
+    _, _, ref_grads = run(inputs, "recurrent", bidirectional=True, with_state=False)
+    for name, g, r in zip(("x", "dt", "A", "B", "C", "D"), grads[:6], ref_grads[:6]):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_bidirectional_float32_forms_agree():
+    inputs = make_inputs(T=50)
+    ref_y, _, ref_g = run(inputs, "recurrent", bidirectional=True, with_state=False)
+    y, _, grads = run(inputs, "chunkwise", 16, bidirectional=True, with_state=False)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads[:6], ref_g[:6]):
+        scale = r.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(g / scale, r / scale, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_then_steps_equals_one_pass():
+    """A chunkwise prefill's final state seeds token-by-token decoding; the outputs equal a single pass."""
+    x, dt, A, B, C, D_skip, _ = (t.detach() for t in make_inputs(T=40))
+    full, _ = selective_scan(x, dt, A, B, C, D_skip, mode="recurrent")
+    y, state = selective_scan(x[:, :23], dt[:, :23], A, B[:, :23], C[:, :23], D_skip, mode="chunkwise",
+                              chunk_size=8, output_final_state=True)
+    outs = [y]
+    for t in range(23, 40):
+        y, state = selective_scan(x[:, t : t + 1], dt[:, t : t + 1], A, B[:, t : t + 1], C[:, t : t + 1], D_skip,
+                                  initial_state=state, output_final_state=True)
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_dt_leaves_the_state_unchanged():
+    """dt = 0 (a padded token) multiplies the state by exp(0) = 1 and adds nothing."""
+    x, dt, A, B, C, _, h0 = (t.detach() for t in make_inputs(T=12))
+    dt_pad = dt.clone()
+    dt_pad[:, 4:9] = 0
+    _, h_skip = selective_scan(torch.cat([x[:, :4], x[:, 9:]], 1), torch.cat([dt[:, :4], dt[:, 9:]], 1), A,
+                               torch.cat([B[:, :4], B[:, 9:]], 1), torch.cat([C[:, :4], C[:, 9:]], 1),
+                               initial_state=h0, output_final_state=True, mode="chunkwise", chunk_size=4)
+    _, h_pad = selective_scan(x, dt_pad, A, B, C, initial_state=h0, output_final_state=True, mode="chunkwise",
+                              chunk_size=4)
+    torch.testing.assert_close(h_pad, h_skip, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise"])
+@pytest.mark.parametrize("log_decay", [-50.0, -1e4])
+def test_extreme_decays_are_exact_and_finite(mode, log_decay):
+    """dt * A down to -50 per step (and far beyond): finite, equal to the recurrence, gradients finite."""
+    inputs = make_inputs(T=300, D=4, N=3)
+    with torch.no_grad():
+        inputs[2].copy_(torch.full_like(inputs[2], -1.0))
+        inputs[1].mul_(-log_decay / 2)  # dt in [0, -log_decay)
+    ref_y, ref_h, ref_g = run(inputs, "recurrent")
+    y, h, grads = run(inputs, mode, 64)
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_g):
+        scale = r.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(g / scale, r / scale, rtol=1e-5, atol=1e-5)
+
+
+def test_long_sequence_float32_stays_close():
+    """4096 tokens, slow decays (long memory): the chunkwise form does not drift from the recurrence."""
+    x, dt, A, B, C, D_skip, _ = (t.detach() for t in make_inputs(batch=1, T=4096, D=4, N=2, dt_scale=0.01))
+    ref, ref_h = selective_scan(x, dt, A, B, C, D_skip, mode="recurrent", output_final_state=True)
+    y, h = selective_scan(x, dt, A, B, C, D_skip, mode="chunkwise", chunk_size=64, output_final_state=True)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
+
+
+def test_reduced_precision_inputs_compute_in_float32():
+    x, dt, A, B, C, D_skip, _ = (t.detach() for t in make_inputs(T=33))
+    ref, _ = selective_scan(*(t.bfloat16().float() for t in (x, dt, A, B, C, D_skip)), mode="recurrent")
+    y, _ = selective_scan(*(t.bfloat16() for t in (x, dt, A, B, C, D_skip)), mode="chunkwise", chunk_size=8)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_sequence_and_bad_arguments():
+    x, dt, A, B, C, D_skip, h0 = (t.detach() for t in make_inputs(T=5))
+    y, h = selective_scan(x[:, :0], dt[:, :0], A, B[:, :0], C[:, :0], D_skip, initial_state=h0, output_final_state=True)
+    assert y.shape == (2, 0, 6) and torch.equal(h, h0)
+    with pytest.raises(ValueError, match="mode"):
+        selective_scan(x, dt, A, B, C, mode="fast")
+    with pytest.raises(ValueError, match="A must have shape"):
+        selective_scan(x, dt, A[:3], B, C)
+    with pytest.raises(ValueError, match="B must have shape"):
+        selective_scan(x, dt, A, B[:, :3], C)
+    with pytest.raises(ValueError, match="initial_state"):
+        selective_scan(x, dt, A, B, C, initial_state=h0[:1])
+    with pytest.raises(ValueError, match="bidirectional"):
+        selective_scan(x, dt, A, B, C, initial_state=h0, bidirectional=True)
+
+
+@pytest.mark.parametrize("mode", ["chunkwise", "parallel"])
+def test_compiles_without_graph_breaks(mode):
+    """fullgraph torch.compile (AOT autograd, no C++ toolchain needed) gives the eager numbers and gradients."""
+    inputs = make_inputs(batch=1, T=20, D=4, N=2)
+    x, dt, A, B, C, D_skip, h0 = inputs
+
+    def f(x, dt, A, B, C, D_skip, h0):
+        return selective_scan(x, dt, A, B, C, D_skip, mode=mode, chunk_size=8, initial_state=h0,
+                              output_final_state=True)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (f, compiled):
+        for t in inputs:
+            t.grad = None
+        y, h = fn(*inputs)
+        (y.sum() + h.square().sum()).backward()
+        results.append((y.detach(), [t.grad.clone() for t in inputs]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for g, r in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g, r)
+
+
+def test_thread_count_is_restored():
+    """The chunk loop may run single-threaded (`SERIAL_MAX_ELEMENTS`); torch's thread count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inputs = make_inputs(T=20)
+        run(inputs, "chunkwise", 8)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
