@@ -39,19 +39,20 @@ D=512, N=16; the scan alone, best of 5; "train" is forward + backward; memory is
 forward + backward in a fresh process; see ``benchmarks/mamba_vs_transformers.py`` for whole models)::
 
     T      form                  forward    train      train memory
-    512    recurrent (reference)   46 ms     540 ms
-    512    parallel                62 ms     241 ms
-    512    chunkwise (L=64)        35 ms     113 ms
-    2048   parallel               415 ms    1103 ms
-    2048   chunkwise (L=64)        58 ms     267 ms
+    512    recurrent (reference)   71 ms     551 ms
+    512    parallel                32 ms     182 ms
+    512    chunkwise (L=64)        12 ms      53 ms
+    2048   parallel               371 ms    1171 ms
+    2048   chunkwise (L=64)        46 ms     153 ms
     8192   parallel                                     2004 MiB
-    8192   chunkwise (L=64)       345 ms    1132 ms       89 MiB
+    8192   chunkwise (L=64)       233 ms     911 ms      106 MiB
 
-Chunk length (2048 tokens, train, 1 thread): L=16 216 ms, 32 185 ms, 64 197 ms, 128 226 ms; with 2 threads 64 was
-best. The scan is memory-bound: small chunks keep a chunk's (L, D, N) arrays in cache, larger ones pay fewer
-Python-level ops. ``parallel`` keeps every level of the whole-sequence scan for autograd and streams full-size
-arrays, hence its memory and its slowness at length; so ``auto`` uses ``chunkwise`` for every input longer than
-one token, and ``parallel`` stays available (and compiles as one graph without a chunk loop).
+Chunk length (2048 tokens, 1 thread): L=32 79/189 ms, 64 46/153 ms, 128 72/198 ms (forward/train); with 2
+threads 64 was best too. The scan is memory-bound: small chunks keep a chunk's (L, D, N) arrays in cache, larger
+ones pay fewer Python-level ops; the chunk buffers are allocated once per call (``_Workspace``). ``parallel`` keeps
+every level of the whole-sequence scan for autograd and streams full-size arrays, hence its memory and its
+slowness at length; so ``auto`` uses ``chunkwise`` for every input longer than one token, and ``parallel`` stays
+available (it compiles as one graph without a chunk loop).
 
 Threads: a chunk is ~100 small ops, so the chunk loop runs on one intra-op thread when chunks are small
 (``SERIAL_MAX_ELEMENTS``): on an oversubscribed machine every multi-threaded op otherwise waits for a descheduled
@@ -163,48 +164,69 @@ def _parallel(x, dt, A, B, C, h0, reverse=False):
 _LOG2_E = 1.4426950408889634
 
 
-def _scan_(a: Tensor, u: Tensor, reverse: bool = False) -> None:
+def _scan_(a: Tensor, u: Tensor, reverse: bool = False, work: Optional[Tensor] = None) -> None:
     """In place: ``u`` <- all states of ``h_t = a_t h_{t-1} + u_t`` (``reverse``: ``h_t = a_t h_{t+1} + u_t``).
 
     The same odd/even reduction as ``linear_scan`` written with in-place multiply-adds on strided views of ``u``
     (pair inputs are combined into the odd slots, solved recursively there, then the even slots are filled in):
-    no concatenation, and the only allocations are the pair decays (T/2 + T/4 + ... elements). ``a`` is not
-    modified. Not differentiable (used inside ``_ChunkwiseScan``).
+    no concatenation. The pair decays (T/2 + T/4 + ... < T steps) go to ``work`` (``(batch, >= T - 1, ...)``) when
+    given, else to fresh tensors. ``a`` is not modified. Not differentiable (used inside ``_ChunkwiseScan``).
     """
     T = u.shape[1]
-    if T > 1 and T % 2:
+    if T <= 4:  # a few sequential multiply-adds: fewer tensor ops than two more levels
+        steps = range(T - 2, -1, -1) if reverse else range(1, T)
+        for t in steps:
+            u[:, t].addcmul_(a[:, t], u[:, t + 1] if reverse else u[:, t - 1])
+        return
+    if T % 2:
         # peel off the last-processed step: solve the rest, then one multiply-add
         if reverse:
-            _scan_(a[:, 1:], u[:, 1:], True)
+            _scan_(a[:, 1:], u[:, 1:], True, work)
             u[:, 0].addcmul_(a[:, 0], u[:, 1])
         else:
-            _scan_(a[:, :-1], u[:, :-1])
+            _scan_(a[:, :-1], u[:, :-1], False, work)
             u[:, -1].addcmul_(a[:, -1], u[:, -2])
-        return
-    if T == 1:
         return
     a_e, a_o = a[:, 0::2], a[:, 1::2]
     u_e, u_o = u[:, 0::2], u[:, 1::2]
+    half = T // 2
+    if work is None:
+        a_pair, rest = a_e * a_o, None
+    else:
+        a_pair, rest = torch.mul(a_e, a_o, out=work[:, :half]), work[:, half:]
     if reverse:
         u_e.addcmul_(a_e, u_o)
-        _scan_(a_e * a_o, u_e, True)
+        _scan_(a_pair, u_e, True, rest)
         u_o[:, :-1].addcmul_(a_o[:, :-1], u_e[:, 1:])
     else:
         u_o.addcmul_(a_o, u_e)
-        _scan_(a_e * a_o, u_o)
+        _scan_(a_pair, u_o, False, rest)
         u_e[:, 1:].addcmul_(a_e[:, 1:], u_o[:, :-1])
 
 
-def _chunk_states(v, dt, A2, B, h_start):
-    """Decays ``a`` and states ``h`` of one chunk, both ``(batch, L, D, N)``; ``A2 = A * log2(e)``.
+class _Workspace:
+    """Chunk-sized ``(batch, L, D, N)`` buffers reused by every chunk of one call.
 
-    ``exp2`` is used for the decays: same values as ``exp(dt A)`` to float rounding, and about twice as fast as
+    Allocating fresh multi-MiB arrays for every chunk costs a page fault per 4 KiB on first touch: measured on the
+    dev VM, half of the chunkwise forward time was the kernel zero-filling pages (7,500 faults per 512 tokens).
+    """
+
+    def __init__(self, ref: Tensor, batch: int, length: int, D: int, N: int, names=("a", "h", "work")):
+        for name in names:
+            setattr(self, name, ref.new_empty(batch, length, D, N))
+
+
+def _chunk_states(v, dt, A2, B, h_start, ws: _Workspace):
+    """Decays ``a`` and states ``h`` of one chunk (views of ``ws``), both ``(batch, L, D, N)``; ``A2 = A log2(e)``.
+
+    ``exp2`` is used for the decays: the same values as ``exp(dt A)`` to float rounding, and about twice as fast as
     ``exp`` on CPU.
     """
-    a = torch.exp2(dt[..., None] * A2)
-    h = v[..., None] * B[:, :, None, :]
+    length = v.shape[1]
+    a = torch.mul(dt[..., None], A2, out=ws.a[:, :length]).exp2_()
+    h = torch.mul(v[..., None], B[:, :, None, :], out=ws.h[:, :length])
     h[:, 0].addcmul_(a[:, 0], h_start)
-    _scan_(a, h)
+    _scan_(a, h, False, ws.work)
     return a, h
 
 
@@ -262,13 +284,14 @@ class _ChunkwiseScan(torch.autograd.Function):
         h = h0 if h0 is not None else x.new_zeros(batch, D, N)
         y = x.new_empty(batch, T, D)
         starts = []
+        ws = _Workspace(x, batch, min(chunk_size, T), D, N)
         with _intra_op_threads(_serial(x, A, chunk_size)):
             for vc, dtc, Bc, Cc, yc in zip(
                 v.split(chunk_size, 1), dt.split(chunk_size, 1), B.split(chunk_size, 1), C.split(chunk_size, 1),
                 y.split(chunk_size, 1),
             ):
                 starts.append(h)
-                _, states = _chunk_states(vc, dtc, A2, Bc, h)
+                _, states = _chunk_states(vc, dtc, A2, Bc, h, ws)
                 yc.copy_(torch.einsum("bldn,bln->bld", states, Cc))
                 h = states[:, -1].clone()
         ctx.save_for_backward(x, dt, A, B, C, torch.stack(starts, 0))
@@ -280,6 +303,8 @@ class _ChunkwiseScan(torch.autograd.Function):
     def backward(ctx, gy, gh_last):
         x, dt, A, B, C, starts = ctx.saved_tensors
         chunk_size = ctx.chunk_size
+        batch, T, D = x.shape
+        N = A.shape[-1]
         A2 = A * _LOG2_E
         v = dt * x
         gv, gdt = torch.empty_like(x), torch.empty_like(dt)
@@ -293,27 +318,30 @@ class _ChunkwiseScan(torch.autograd.Function):
             gy.split(chunk_size, 1), gv.split(chunk_size, 1), gdt.split(chunk_size, 1), gB.split(chunk_size, 1),
             gC.split(chunk_size, 1),
         ))
+        ws = _Workspace(x, batch, min(chunk_size, T), D, N, names=("a", "h", "work", "G"))
         with _intra_op_threads(_serial(x, A, chunk_size)):
             for i in reversed(range(len(chunks))):
                 vc, dtc, Bc, Cc, gyc, gvc, gdtc, gBc, gCc = chunks[i]
+                length = vc.shape[1]
                 h_start = starts[i]
-                a, states = _chunk_states(vc, dtc, A2, Bc, h_start)
+                a, states = _chunk_states(vc, dtc, A2, Bc, h_start, ws)
                 gCc.copy_(torch.einsum("bldn,bld->bln", states, gyc))
                 # adjoint: G_t = C_t gy_t + a_{t+1} G_{t+1}, with the later chunks' gradient g entering at the end
-                G = gyc[..., None] * Cc[:, :, None, :]
+                G = torch.mul(gyc[..., None], Cc[:, :, None, :], out=ws.G[:, :length])
                 G[:, -1] += g
-                if G.shape[1] > 1:
+                if length > 1:
                     G[:, -2].addcmul_(a[:, -1], G[:, -1])
-                    _scan_(a[:, 1:], G[:, :-1], reverse=True)
+                    _scan_(a[:, 1:], G[:, :-1], True, ws.work)
                 g = a[:, 0] * G[:, 0]
-                # dL/d(dt A) = G_t a_t h_{t-1}, reusing `a` as its buffer
+                # dL/d(dt A) = G_t a_t h_{t-1}, in `a`'s buffer
                 g_log_a = a.mul_(G)
                 g_log_a[:, 1:] *= states[:, :-1]
                 g_log_a[:, 0] *= h_start
                 gvc.copy_(torch.einsum("bldn,bln->bld", G, Bc))
                 gBc.copy_(torch.einsum("bldn,bld->bln", G, vc))
-                gdtc.copy_((g_log_a * A).sum(-1))
-                gA += g_log_a.mul_(dtc[..., None]).sum((0, 1))
+                scratch = ws.h[:, :length]  # the states are no longer needed
+                torch.sum(torch.mul(g_log_a, A, out=scratch), -1, out=gdtc)
+                gA += torch.mul(g_log_a, dtc[..., None], out=scratch).sum((0, 1))
         gx = gv * dt
         gdt = gdt.addcmul_(gv, x)
         return gx, gdt, gA, gB, gC, (g if ctx.has_h0 else None), None
