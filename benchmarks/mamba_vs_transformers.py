@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -79,10 +78,11 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def rss_kib() -> int:
+def status_kib(field: str) -> int:
+    """`VmRSS` (resident now) or `VmHWM` (peak resident) of this process, in KiB (Linux)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -91,9 +91,10 @@ def measure_memory(kind: str, length: int, batch: int) -> dict:
     """Run in a fresh process: peak RSS growth of one training step (after the model and inputs exist)."""
     model = build(kind)
     ids = torch.randint(0, VOCAB, (batch, length))
-    before = rss_kib()
+    before = status_kib("VmRSS")
     seconds = timed(train_step, model, ids)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # VmHWM, not getrusage's ru_maxrss: the latter survives execve, so a child would report its parent's peak
+    peak = status_kib("VmHWM")
     return {"kind": kind, "length": length, "peak_step_mib": (peak - before) / 1024, "seconds": seconds}
 
 
@@ -105,7 +106,7 @@ def fmt_s(value) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[512, 2048], help="none: memory runs only")
     parser.add_argument("--memory-length", type=int, default=8192, help="0 skips the memory runs")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds of the fast models")
@@ -125,7 +126,7 @@ def main() -> None:
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} at start")
-    models = {kind: build(kind) for kind in ("hf_mamba", "hfx_mamba", "llama")}
+    models = {kind: build(kind) for kind in ("hf_mamba", "hfx_mamba", "llama")} if args.lengths else {}
     for kind, model in models.items():
         print(f"# {kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     results = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "times": {}, "memory": {}}

@@ -15,9 +15,12 @@ reshapes) plus a config mapping::
 Once imported, a Mamba checkpoint gets every hf_extras head (classification, token classification, QA, masked LM
 with a bidirectional scan) and PEFT:
 
-    >>> from hf_extras.convert import import_transformers_mamba
+    >>> from hf_extras import HfxMambaForSequenceClassification
+    >>> from hf_extras.convert import export_to_transformers_mamba, import_transformers_mamba
     >>> model = import_transformers_mamba("path/to/mamba-130m-hf")          # or a MambaForCausalLM object
-    >>> clf = HfxMambaForSequenceClassification.from_pretrained(saved_folder_of_model, num_labels=2)
+    >>> model.save_pretrained("mamba-130m-hfx")
+    >>> clf = HfxMambaForSequenceClassification.from_pretrained("mamba-130m-hfx", num_labels=2)
+    >>> back = export_to_transformers_mamba(model)                          # a MambaForCausalLM again
 """
 
 from __future__ import annotations
