@@ -10,6 +10,7 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
@@ -17,6 +18,7 @@ from transformers import (
 from .models import modeling_dyt, modeling_gated_retention, modeling_mamba, modeling_mlp_mixer, modeling_retnet
 from .models.configuration_mlp_mixer import MlpMixerConfig
 from .models.image_processing_mlp_mixer import MlpMixerImageProcessor
+from .peft_maps import register_peft_target_modules
 
 AUTO_FACTORIES = {
     "AutoModel": AutoModel,
@@ -26,6 +28,7 @@ AUTO_FACTORIES = {
     "AutoModelForTokenClassification": AutoModelForTokenClassification,
     "AutoModelForQuestionAnswering": AutoModelForQuestionAnswering,
     "AutoModelForImageClassification": AutoModelForImageClassification,
+    "AutoModelForSeq2SeqLM": AutoModelForSeq2SeqLM,
 }
 
 FAMILY_MODULES = [modeling_retnet, modeling_gated_retention, modeling_dyt, modeling_mlp_mixer, modeling_mamba]
@@ -35,7 +38,8 @@ IMAGE_PROCESSORS = {MlpMixerConfig: MlpMixerImageProcessor}
 
 
 def register_all() -> None:
-    """Map each family's `model_type` to its config and each head to its Auto class (idempotent)."""
+    """Map each family's `model_type` to its config and each head to its Auto class, and register the families'
+    default PEFT target modules (idempotent)."""
     for module in FAMILY_MODULES:
         classes = module.AUTO_CLASSES
         config_class = classes["AutoModel"].config_class
@@ -44,3 +48,4 @@ def register_all() -> None:
             AUTO_FACTORIES[auto_name].register(config_class, model_class, exist_ok=True)
     for config_class, processor_class in IMAGE_PROCESSORS.items():
         AutoImageProcessor.register(config_class, image_processor_classes={"pil": processor_class}, exist_ok=True)
+    register_peft_target_modules()
