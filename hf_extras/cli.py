@@ -34,6 +34,7 @@ from .training import (
     build_config,
     config_class_for,
     get_task,
+    load_checkpoint_config,
 )
 
 __all__ = ["build_parser", "main", "model_arguments_class", "parse_train_args", "yaml_to_args"]
@@ -220,7 +221,9 @@ def _selector(name: str, mapping: dict[str, Any], cli_args: Sequence[str], defau
 def _prepare(config_path: str | None, cli_args: Sequence[str]) -> tuple[dict[str, Any], str, str, HfArgumentParser]:
     """The YAML mapping, the selected model_type and task, and the parser they call for."""
     mapping = _read_yaml(config_path)
-    model_type = _selector("model_type", mapping, cli_args, DEFAULT_MODEL_TYPE)
+    checkpoint = _selector("model_name_or_path", mapping, cli_args, "")
+    default_model_type = load_checkpoint_config(checkpoint).model_type if checkpoint else DEFAULT_MODEL_TYPE
+    model_type = _selector("model_type", mapping, cli_args, default_model_type)
     task_name = _selector("task", mapping, cli_args, DEFAULT_TASK)
     return mapping, model_type, task_name, build_parser(model_type, task_name)
 

@@ -18,6 +18,7 @@ from transformers import (
 from .models import modeling_dyt, modeling_gated_retention, modeling_mamba, modeling_mlp_mixer, modeling_retnet
 from .models.configuration_mlp_mixer import MlpMixerConfig
 from .models.image_processing_mlp_mixer import MlpMixerImageProcessor
+from .pipelines import register_qa_pipeline
 from .peft_maps import register_peft_target_modules
 
 AUTO_FACTORIES = {
@@ -48,4 +49,5 @@ def register_all() -> None:
             AUTO_FACTORIES[auto_name].register(config_class, model_class, exist_ok=True)
     for config_class, processor_class in IMAGE_PROCESSORS.items():
         AutoImageProcessor.register(config_class, image_processor_classes={"pil": processor_class}, exist_ok=True)
+    register_qa_pipeline()  # transformers 5 dropped pipeline("question-answering")
     register_peft_target_modules()

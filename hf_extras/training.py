@@ -83,7 +83,19 @@ class DataArguments:
         default=None, metadata={"help": "Keep this many validation examples (after preprocessing; seeded subset)."}
     )
     tokenizer_name: str | None = field(
-        default=None, metadata={"help": "AutoTokenizer name or path; unset = hf_extras' offline byte tokenizer."}
+        default=None,
+        metadata={
+            "help": "AutoTokenizer name or path; unset = the checkpoint's tokenizer (model_name_or_path) or else "
+            "hf_extras' offline byte tokenizer."
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fine-tune from this saved model folder (e.g. a `hf-extras train` run): its weights load into the "
+            "task's head (new head weights are initialised), model keys set here override its config; unset = train "
+            "from scratch."
+        },
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
 
@@ -160,6 +172,15 @@ class Task:
         raise NotImplementedError
 
     compute_metrics: ClassVar[Any] = None  # optional `Trainer(compute_metrics=...)`
+    preprocess_logits_for_metrics: ClassVar[Any] = None  # optional: shrink logits (e.g. to arg-max ids) per batch
+
+    def metrics_function(self, task_args: Any, eval_dataset: Dataset) -> Any:
+        """`Trainer(compute_metrics=...)` for this evaluation set (default: `compute_metrics`; QA needs the set)."""
+        return self.compute_metrics
+
+    def subset(self, dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+        """`max_train_samples` / `max_eval_samples`: a seeded subset of `limit` prepared examples."""
+        return _subset(dataset, limit, seed)
 
     def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Add metrics computed from `Trainer.evaluate()`'s output (e.g. perplexity from the loss)."""
@@ -226,6 +247,10 @@ class CausalLMTask(Task):
 TASKS: dict[str, str] = {
     "causal_lm": "hf_extras.training:CausalLMTask",
     "image_classification": "hf_extras.tasks.image_classification:ImageClassificationTask",
+    "masked_lm": "hf_extras.tasks.masked_lm:MaskedLMTask",
+    "sequence_classification": "hf_extras.tasks.sequence_classification:SequenceClassificationTask",
+    "token_classification": "hf_extras.tasks.token_classification:TokenClassificationTask",
+    "question_answering": "hf_extras.tasks.question_answering:QuestionAnsweringTask",
 }
 
 
@@ -284,6 +309,29 @@ def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_checkpoint_config(path: str) -> PreTrainedConfig:
+    """The config of the model to fine-tune (`model_name_or_path`), or a ConfigError naming the path."""
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model_name_or_path {path!r} is not a loadable model folder or name: {error}") from error
+
+
+def pretrained_config_values(path: str, model_type: str) -> dict[str, Any]:
+    """The config of a saved model folder as keyword values (bookkeeping keys dropped), checked against
+    `model_type`; explicit model keys and the task's defaults are laid over it."""
+    config = load_checkpoint_config(path)
+    if config.model_type != model_type:
+        raise ConfigError(
+            f"model_name_or_path {path!r} holds a {config.model_type!r} model but model_type is {model_type!r}: "
+            "drop model_type (it is read from the checkpoint) or pick a matching checkpoint"
+        )
+    values = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"):
+        values.pop(key, None)
+    return values
 
 
 def tokenizer_config_defaults(config_class: type, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
@@ -346,27 +394,40 @@ def run(args: RunArguments) -> dict[str, Any]:
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     set_seed(training_args.seed)
 
-    tokenizer = load_tokenizer(args.data.tokenizer_name)
+    pretrained = args.data.model_name_or_path
+    tokenizer = load_tokenizer(args.data.tokenizer_name or pretrained)
     config_class = config_class_for(args.model_type)
     raw = task.load_data(args.data, data_seed)
+    base = pretrained_config_values(pretrained, args.model_type) if pretrained else {}
     config = build_config(
         args.model_type,
         {
-            **tokenizer_config_defaults(config_class, tokenizer),
+            **(base or tokenizer_config_defaults(config_class, tokenizer)),
             **task.config_defaults(args.task, tokenizer, raw),
             **args.model_overrides,
         },
     )
     if getattr(config, "vocab_size", None) is not None and config.vocab_size < len(tokenizer):
-        raise ConfigError(f"vocab_size ({config.vocab_size}) is smaller than the tokenizer ({len(tokenizer)} tokens)")
+        fix = "use the checkpoint's own tokenizer (unset tokenizer_name)" if pretrained else "raise vocab_size"
+        raise ConfigError(
+            f"vocab_size ({config.vocab_size}) is smaller than the tokenizer ({len(tokenizer)} tokens): {fix}"
+        )
+    if pretrained and config.vocab_size != base["vocab_size"]:
+        raise ConfigError(
+            f"vocab_size {config.vocab_size} differs from the checkpoint's {base['vocab_size']} ({pretrained}): its "
+            "embeddings cannot load; drop the vocab_size override"
+        )
     try:
-        model = task.auto_model.from_config(config)
+        if pretrained:
+            model = task.auto_model.from_pretrained(pretrained, config=config)
+        else:
+            model = task.auto_model.from_config(config)
     except ValueError as error:  # head-dependent rules live in the model's __init__ (e.g. no bidirectional LM)
         raise ConfigError(f"invalid {args.model_type} config for task {task.name!r}: {error}") from error
 
     data = task.prepare(args.task, tokenizer, raw, args.data.preprocessing_num_workers)
-    train_dataset = _subset(data["train"], args.data.max_train_samples, data_seed)
-    eval_dataset = _subset(data["validation"], args.data.max_eval_samples, data_seed)
+    train_dataset = task.subset(data["train"], args.data.max_train_samples, data_seed)
+    eval_dataset = task.subset(data["validation"], args.data.max_eval_samples, data_seed)
     if len(train_dataset) == 0 or len(eval_dataset) == 0:
         raise ConfigError(
             f"no examples after preprocessing (train={len(train_dataset)}, validation={len(eval_dataset)}): "
@@ -380,7 +441,8 @@ def run(args: RunArguments) -> dict[str, Any]:
         eval_dataset=eval_dataset,
         data_collator=task.collator(args.task, tokenizer),
         processing_class=task.processing_class(args.task, tokenizer, config),
-        compute_metrics=task.compute_metrics,
+        compute_metrics=task.metrics_function(args.task, eval_dataset),
+        preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
     )
     initial = task.derived_metrics(trainer.evaluate())
     train_result = trainer.train()
