@@ -26,6 +26,7 @@ from typing import Any, Literal, Union
 import yaml
 from transformers import HfArgumentParser, PreTrainedConfig, TrainingArguments
 
+from .finetune import FinetuneArguments
 from .training import (
     DEFAULT_TASK,
     ConfigError,
@@ -132,13 +133,13 @@ def model_arguments_class(model_type: str, reserved: set[str] = frozenset()) -> 
 def build_parser(model_type: str, task_name: str) -> HfArgumentParser:
     """The parser for one (model_type, task) pair: data, task, generated model and training arguments."""
     task = get_task(task_name)
-    others = (DataArguments, task.arguments, TrainingArguments)
+    others = (DataArguments, task.arguments, FinetuneArguments, TrainingArguments)
     reserved = {f.name for dtype in others for f in dataclasses.fields(dtype)}
     model_arguments = model_arguments_class(model_type, reserved)
     if config_class_for(model_type) not in task.auto_model._model_mapping:
         raise ConfigError(f"model_type {model_type!r} has no {task.auto_model.__name__} head for task {task_name!r}")
     parser = _Parser(
-        [DataArguments, task.arguments, model_arguments, TrainingArguments],
+        [DataArguments, task.arguments, model_arguments, FinetuneArguments, TrainingArguments],
         prog="hf-extras train",
         description=f"Train a {model_type} model on the {task_name} task (YAML keys and --key value pairs).",
     )
@@ -233,7 +234,7 @@ def parse_train_args(config_path: str | None, cli_args: Sequence[str] = ()) -> R
     mapping, model_type, task_name, parser = _prepare(config_path, cli_args)
     args = _default_args(task_name, config_path) + yaml_to_args(mapping, parser, f"config file {config_path!r}")
     try:
-        data, task_args, model, training, remaining = parser.parse_args_into_dataclasses(
+        data, task_args, model, finetune, training, remaining = parser.parse_args_into_dataclasses(
             args=args + list(cli_args), return_remaining_strings=True, look_for_args_file=False
         )
     except ConfigError:
@@ -247,7 +248,9 @@ def parse_train_args(config_path: str | None, cli_args: Sequence[str] = ()) -> R
         raise _unknown_key(key.lstrip("-").split("=", 1)[0], parser, "the command line")
     overrides = {k: v for k, v in dataclasses.asdict(model).items() if v is not None and k != "model_type"}
     build_config(model_type, overrides)  # fail now, not after loading data, on a bad config value
-    return RunArguments(data=data, task=task_args, model_type=model_type, model_overrides=overrides, training=training)
+    return RunArguments(
+        data=data, task=task_args, model_type=model_type, model_overrides=overrides, training=training, finetune=finetune
+    )
 
 
 def _train(argv: list[str]) -> int:

@@ -123,6 +123,7 @@ class RunArguments:
     model_type: str
     model_overrides: dict[str, Any]  # config fields set explicitly in YAML or on the command line
     training: TrainingArguments
+    finetune: Any = None  # hf_extras.finetune.FinetuneArguments; None = full fine-tuning
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,6 +426,11 @@ def run(args: RunArguments) -> dict[str, Any]:
     except ValueError as error:  # head-dependent rules live in the model's __init__ (e.g. no bidirectional LM)
         raise ConfigError(f"invalid {args.model_type} config for task {task.name!r}: {error}") from error
 
+    from .finetune import FinetuneArguments, apply_finetune_method, save_finetuned
+
+    finetune = args.finetune or FinetuneArguments()
+    model, finetune_counts = apply_finetune_method(model, finetune, training_args.output_dir, training_args.should_save)
+
     data = task.prepare(args.task, tokenizer, raw, args.data.preprocessing_num_workers)
     train_dataset = task.subset(data["train"], args.data.max_train_samples, data_seed)
     eval_dataset = task.subset(data["validation"], args.data.max_eval_samples, data_seed)
@@ -451,7 +457,10 @@ def run(args: RunArguments) -> dict[str, Any]:
     final = task.derived_metrics(trainer.evaluate())
 
     output_dir = Path(training_args.output_dir)
-    trainer.save_model(str(output_dir))  # model (+ remote code via auto_map) and tokenizer
+    if finetune.finetune_method == "full":
+        trainer.save_model(str(output_dir))  # model (+ remote code via auto_map) and tokenizer
+    elif trainer.is_world_process_zero():  # the adapter (+ head) and tokenizer, reloadable with load_finetuned
+        save_finetuned(trainer.model, output_dir, finetune, trainer.processing_class)
     trainer.save_state()
     sample = task.sample(args.task, model, tokenizer)
 
@@ -460,6 +469,7 @@ def run(args: RunArguments) -> dict[str, Any]:
         "task": task.name,
         "model_type": args.model_type,
         "num_parameters": model.num_parameters(),
+        **finetune_counts,
         **_eval_summary("initial", initial),
         **_eval_summary("final", final),
         "train_loss": train_result.training_loss,
