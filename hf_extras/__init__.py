@@ -5,6 +5,7 @@
 
 from .models.configuration_retnet import RetNetConfig
 from .models.modeling_retnet import (
+    RetNetForConditionalGeneration,
     RetNetForCausalLM,
     RetNetForMaskedLM,
     RetNetForQuestionAnswering,
@@ -14,6 +15,7 @@ from .models.modeling_retnet import (
 )
 from .models.configuration_gated_retention import GatedRetentionConfig
 from .models.modeling_gated_retention import (
+    GatedRetentionForConditionalGeneration,
     GatedRetentionForCausalLM,
     GatedRetentionForMaskedLM,
     GatedRetentionForQuestionAnswering,
@@ -23,6 +25,7 @@ from .models.modeling_gated_retention import (
 )
 from .models.configuration_dyt import DyTConfig
 from .models.modeling_dyt import (
+    DyTForConditionalGeneration,
     DyTForCausalLM,
     DyTForMaskedLM,
     DyTForQuestionAnswering,
@@ -41,6 +44,7 @@ from .models.modeling_mlp_mixer import (
 )
 from .models.configuration_mamba import HfxMambaConfig
 from .models.modeling_mamba import (
+    HfxMambaForConditionalGeneration,
     HfxMambaForCausalLM,
     HfxMambaForMaskedLM,
     HfxMambaForQuestionAnswering,
@@ -67,6 +71,7 @@ __all__ = [
     "RetNetForSequenceClassification",
     "RetNetForTokenClassification",
     "RetNetForQuestionAnswering",
+    "RetNetForConditionalGeneration",
     "GatedRetentionConfig",
     "GatedRetentionModel",
     "GatedRetentionForCausalLM",
@@ -74,6 +79,7 @@ __all__ = [
     "GatedRetentionForSequenceClassification",
     "GatedRetentionForTokenClassification",
     "GatedRetentionForQuestionAnswering",
+    "GatedRetentionForConditionalGeneration",
     "DyTConfig",
     "DyTModel",
     "DyTForCausalLM",
@@ -81,6 +87,7 @@ __all__ = [
     "DyTForSequenceClassification",
     "DyTForTokenClassification",
     "DyTForQuestionAnswering",
+    "DyTForConditionalGeneration",
     "convert_norms_to_dyt",
     "load_dyt_model",
     "MlpMixerConfig",
@@ -97,4 +104,5 @@ __all__ = [
     "HfxMambaForSequenceClassification",
     "HfxMambaForTokenClassification",
     "HfxMambaForQuestionAnswering",
+    "HfxMambaForConditionalGeneration",
 ]

@@ -1,4 +1,5 @@
-"""Multi-head softmax self-attention as a token mixer of the shared backbone.
+"""Multi-head softmax attention: self-attention as a token mixer of the shared backbone, and cross-attention over
+encoder states for the seq2seq decoder blocks.
 
 The attention itself goes through transformers' attention interface (`config._attn_implementation`: `"eager"`,
 `"sdpa"`, or a registered backend), so the same weights run under every implementation; the mask it receives is the
@@ -46,13 +47,13 @@ def eager_attention_forward(
     return out, probs
 
 
-class MultiHeadSelfAttention(nn.Module):
-    """q/k/v projections, optional rotary positions, softmax attention, output projection.
+class SoftmaxAttention(nn.Module):
+    """q/k/v/o projections and the call into transformers' attention interface, shared by self- and cross-attention.
 
-    `is_causal` is False for bidirectional models: transformers' SDPA path reads it when no mask is passed.
+    `is_causal` is read by transformers' SDPA path when no mask is passed: False for encoders and cross-attention.
     """
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, is_causal: bool):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -60,31 +61,71 @@ class MultiHeadSelfAttention(nn.Module):
         self.head_dim = config.hidden_size // config.num_heads
         self.num_key_value_groups = 1
         self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = not config.bidirectional
-        self.use_rotary = config.position_embedding_type == "rotary"
-        self.rope_theta = config.rope_theta
+        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
+        self.is_causal = is_causal
+        bias = getattr(config, "attention_bias", False)
         width = self.num_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
-        self.o_proj = nn.Linear(width, config.hidden_size, bias=config.attention_bias)
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=bias)
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None):
-        batch, seq_len, _ = hidden_states.shape
-        shape = (batch, seq_len, self.num_heads, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        if self.use_rotary:
-            cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq, hidden)` -> `(batch, heads, seq, head_dim)`."""
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q, k, v, attention_mask) -> torch.Tensor:
+        """Softmax attention under the configured implementation, then the output projection."""
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, _ = attention(
             self, q, k, v, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )
-        return self.o_proj(out.reshape(batch, seq_len, -1))
+        return self.o_proj(out.reshape(q.shape[0], q.shape[2], -1))
+
+
+class MultiHeadSelfAttention(SoftmaxAttention):
+    """Self-attention token mixer: optional rotary positions on q/k, the KV cache, causal unless bidirectional."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx, is_causal=not config.bidirectional)
+        self.use_rotary = config.position_embedding_type == "rotary"
+        self.rope_theta = config.rope_theta
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None):
+        q = self.split_heads(self.q_proj(hidden_states))
+        k = self.split_heads(self.k_proj(hidden_states))
+        v = self.split_heads(self.v_proj(hidden_states))
+        if self.use_rotary:
+            cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        return self.attend(q, k, v, attention_mask)
+
+
+class CrossAttention(SoftmaxAttention):
+    """Softmax attention of decoder tokens over encoder states (no positions: order lives in the states).
+
+    With an `EncoderDecoderCache`, the encoder keys/values are projected once, on the first decoder step, into its
+    `cross_attention_cache` (flagged in `is_updated`), and read back on every later step.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx, is_causal=False)
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_attention_mask=None, cache=None):
+        """`encoder_attention_mask`: what `masking_utils.create_bidirectional_mask` made of the source padding mask;
+        `cache`: the model's `EncoderDecoderCache`, or `None`."""
+        q = self.split_heads(self.q_proj(hidden_states))
+        if cache is not None and cache.is_updated.get(self.layer_idx):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            k, v = layer.keys, layer.values
+        else:
+            k = self.split_heads(self.k_proj(encoder_hidden_states))
+            v = self.split_heads(self.v_proj(encoder_hidden_states))
+            if cache is not None:
+                k, v = cache.cross_attention_cache.update(k, v, self.layer_idx)
+                cache.is_updated[self.layer_idx] = True
+        return self.attend(q, k, v, encoder_attention_mask)

@@ -12,9 +12,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from .attention import CrossAttention
 from .cache import RecurrentCache, as_recurrent_cache
 from .ffn import build_ffn
 from .norms import DyT, build_norm
@@ -74,7 +77,11 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 
 class HfxBlock(GradientCheckpointingLayer):
-    """One pre-norm residual block around a family's token mixer and the shared FFN."""
+    """One pre-norm residual block around a family's token mixer and the shared FFN.
+
+    With `config.add_cross_attention` (a seq2seq decoder) a pre-norm residual softmax cross-attention over the
+    encoder states sits between the mixer and the FFN.
+    """
 
     def __init__(self, config, layer_idx: int, mixer_class: type[nn.Module]):
         super().__init__()
@@ -83,6 +90,11 @@ class HfxBlock(GradientCheckpointingLayer):
         mixer_alpha = config.dyt_alpha_init if mixer_alpha is None else mixer_alpha
         self.mixer_norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, mixer_alpha)
         self.mixer = mixer_class(config, layer_idx)
+        if getattr(config, "add_cross_attention", False):
+            self.cross_norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, mixer_alpha)
+            self.cross_attn = CrossAttention(config, layer_idx)
+        else:
+            self.cross_norm = self.cross_attn = None
         if config.ffn_type != "none":
             self.ffn_norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
             self.ffn = build_ffn(config)
@@ -91,14 +103,25 @@ class HfxBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.residual_in_fp32 = config.residual_in_fp32
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, padding_mask=None, **kwargs):
+    def forward(
+        self, hidden_states, attention_mask=None, position_ids=None, cache=None, padding_mask=None,
+        encoder_hidden_states=None, encoder_attention_mask=None, cross_cache=None, **kwargs,
+    ):
         """`attention_mask` is what the mixer gets (see `HfxModel.mixer_attention_mask`); `padding_mask`, the 2-D mask
-        of the new tokens for the FFN (MoE statistics over real tokens), defaults to `attention_mask`."""
+        of the new tokens for the FFN (MoE statistics over real tokens), defaults to `attention_mask`.
+        `encoder_*` and `cross_cache` (an `EncoderDecoderCache`) feed the cross-attention of a decoder block."""
         dtype = self.mixer_norm.weight.dtype
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
         normed = self.mixer_norm(hidden_states.to(dtype))
         mixed = self.mixer(normed, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
         hidden_states = residual + self.dropout(mixed)
+        if self.cross_attn is not None:
+            if encoder_hidden_states is None:
+                raise ValueError("A decoder block with cross-attention needs `encoder_hidden_states`.")
+            attended = self.cross_attn(
+                self.cross_norm(hidden_states.to(dtype)), encoder_hidden_states.to(dtype), encoder_attention_mask, cross_cache
+            )
+            hidden_states = hidden_states + self.dropout(attended)
         if self.ffn is None:
             return hidden_states, None
         ffn_mask = attention_mask if padding_mask is None else padding_mask
@@ -168,11 +191,14 @@ class HfxModel(HfxPreTrainedModel):
         """Token embeddings -> the first block's input (e.g. add absolute positions); identity by default."""
         return inputs_embeds
 
-    def mixer_attention_mask(self, padding_mask, inputs_embeds: torch.Tensor, cache, position_ids: torch.Tensor):
+    def mixer_attention_mask(
+        self, padding_mask, inputs_embeds: torch.Tensor, cache, position_ids: torch.Tensor, prefix_mask=None
+    ):
         """What every mixer receives as `attention_mask`.
 
         `padding_mask` is the validated 2-D mask (past and new tokens, or new tokens only) or `None`. Recurrent mixers
-        take its new-token columns; a pairwise-attention family returns a 4-D causal/bidirectional mask instead.
+        take its new-token columns; a pairwise-attention family returns a 4-D causal/bidirectional mask instead, and a
+        prefix-LM family joins the two by `prefix_mask` (validated by `forward`).
         """
         return padding_mask[:, -inputs_embeds.shape[1] :] if padding_mask is not None else None
 
@@ -186,9 +212,23 @@ class HfxModel(HfxPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> HfxModelOutput:
+        """`encoder_hidden_states`/`encoder_attention_mask` (2-D source padding mask) feed the cross-attention of a
+        seq2seq decoder stack, whose `cache` is then an `EncoderDecoderCache`. `prefix_mask` (1 = source token, seen
+        both ways; columns missing at the end count as target) needs a config with `prefix_lm=True`."""
         cache = pop_cache_kwarg(cache, kwargs)
+        cross_cache = None
+        if isinstance(cache, EncoderDecoderCache):  # the mixers keep the self-state, cross-attention the encoder k/v
+            cross_cache, cache = cache, cache.self_attention_cache
+        if prefix_mask is not None and not getattr(self.config, "prefix_lm", False):
+            raise ValueError(
+                f"`prefix_mask` needs a prefix LM: build {type(self.config).__name__} with `prefix_lm=True` "
+                "(a family with pairwise attention, e.g. DyT)."
+            )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None:
@@ -212,7 +252,14 @@ class HfxModel(HfxPreTrainedModel):
         if position_ids.shape[0] != batch_size:
             position_ids = position_ids.expand(batch_size, -1)
         inputs_embeds = self.finish_embeddings(inputs_embeds, position_ids)
-        mixer_mask = self.mixer_attention_mask(full_mask, inputs_embeds, cache, position_ids)
+        mixer_mask = self.mixer_attention_mask(full_mask, inputs_embeds, cache, position_ids, prefix_mask)
+        cross = {}
+        if encoder_hidden_states is not None:
+            cross_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+            )
+            cross = dict(encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=cross_mask, cross_cache=cross_cache)
 
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         all_hidden = (inputs_embeds,) if output_hidden_states else None
@@ -220,7 +267,8 @@ class HfxModel(HfxPreTrainedModel):
         aux_total = None
         for layer in self.layers:
             hidden_states, aux = layer(
-                hidden_states, attention_mask=mixer_mask, position_ids=position_ids, cache=cache, padding_mask=new_mask
+                hidden_states, attention_mask=mixer_mask, position_ids=position_ids, cache=cache, padding_mask=new_mask,
+                **cross,
             )
             if aux is not None and self.config.ffn_type == "moe":
                 aux_total = aux if aux_total is None else aux_total + aux

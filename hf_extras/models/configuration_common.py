@@ -5,6 +5,7 @@ Each family's config subclasses `HfxSequenceConfig` and adds its own fields. The
 """
 
 # No `from __future__ import annotations` in config files: @strict validates against the real (unstringified) types.
+import copy
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -43,6 +44,12 @@ class HfxSequenceConfig(PreTrainedConfig):
             models and the mean of real tokens for bidirectional ones.
         use_layer_features (`bool`): heads read a learned softmax-weighted mix of every layer's hidden states.
         residual_in_fp32 (`bool`): keep the residual stream in float32 under reduced-precision weights/autocast.
+        num_decoder_layers (`int`, *optional*): decoder blocks of the seq2seq head (`...ForConditionalGeneration`),
+            whose encoder has `num_hidden_layers`; `None` means as many as the encoder.
+        decoder_start_token_id (`int`, *optional*): first decoder input of the seq2seq head (labels are shifted
+            right behind it); `None` means `bos_token_id` (or `pad_token_id` without one).
+        add_cross_attention (`bool`): give every block a softmax cross-attention over encoder states after its
+            mixer (set on the seq2seq head's decoder stack; rarely set by hand).
     """
 
     attribute_map = {"num_attention_heads": "num_heads"}
@@ -73,8 +80,13 @@ class HfxSequenceConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     bos_token_id: int | None = 2
+    num_decoder_layers: int | None = None
+    decoder_start_token_id: int | None = None
+    add_cross_attention: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.decoder_start_token_id is None:
+            self.decoder_start_token_id = self.bos_token_id if self.bos_token_id is not None else self.pad_token_id
         if self.intermediate_size is None:
             if self.ffn_type in ("mlp", "none"):
                 self.intermediate_size = 4 * self.hidden_size
@@ -90,6 +102,18 @@ class HfxSequenceConfig(PreTrainedConfig):
     def layer_types(self) -> list[str]:
         return ["linear_attention"] * self.num_hidden_layers
 
+    def stack_config(self, role: Literal["encoder", "decoder"]) -> "HfxSequenceConfig":
+        """The config of one stack of the seq2seq head: a bidirectional encoder of `num_hidden_layers` blocks, or a
+        causal decoder of `num_decoder_layers` blocks with cross-attention. A copy: the head's config is the one saved."""
+        stack = copy.deepcopy(self)
+        stack.is_encoder_decoder = False
+        stack.bidirectional = role == "encoder"
+        stack.add_cross_attention = role == "decoder"
+        stack.use_cache = self.use_cache and role == "decoder"
+        if role == "decoder" and self.num_decoder_layers is not None:
+            stack.num_hidden_layers = self.num_decoder_layers
+        return stack
+
     def validate_architecture(self):
         """Sizes must be positive and the width must split evenly into heads."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "intermediate_size", "chunk_size"):
@@ -100,6 +124,20 @@ class HfxSequenceConfig(PreTrainedConfig):
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_heads` ({self.num_heads}): "
                 f"pick a hidden size that is a multiple of {self.num_heads}, or another head count."
+            )
+
+    def validate_seq2seq(self):
+        """The decoder depth and start token of the seq2seq head must be usable."""
+        if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
+            raise ValueError(
+                f"`num_decoder_layers` must be a positive integer (or None for as many as `num_hidden_layers`), "
+                f"got {self.num_decoder_layers}."
+            )
+        start = self.decoder_start_token_id
+        if start is not None and not 0 <= start < self.vocab_size:
+            raise ValueError(
+                f"`decoder_start_token_id` ({start}) must be a token id in [0, vocab_size={self.vocab_size}): "
+                "use the tokenizer's bos or pad id."
             )
 
     def validate_ffn(self):

@@ -67,6 +67,8 @@ class DyTConfig(HfxSequenceConfig):
             sqrt(hidden_size); the original Transformer multiplies by a fixed sqrt(d_model)). `None`: on for
             `dyt_init="paper_llm"`, off otherwise.
         embedding_scale_init (`float`, *optional*): initial value of that scalar; `None` means sqrt(hidden_size).
+        prefix_lm (`bool`): a prefix LM (one stack for seq2seq): the causal LM takes a `prefix_mask` (1 on source
+            tokens) and the source attends both ways while the target stays causal (the two masks joined).
 
     Example:
         >>> from hf_extras import DyTConfig, DyTForCausalLM
@@ -87,6 +89,7 @@ class DyTConfig(HfxSequenceConfig):
     dyt_attn_alpha_init: float | None = None
     embedding_scale: bool | None = None
     embedding_scale_init: float | None = None
+    prefix_lm: bool = False
 
     def __post_init__(self, **kwargs):
         if self.dyt_init == "paper_llm" and isinstance(self.hidden_size, int):
@@ -121,6 +124,11 @@ class DyTConfig(HfxSequenceConfig):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"`{name}` must be > 0 (tanh(alpha * x) with alpha <= 0 is flat or inverted), got {value}.")
+        if self.prefix_lm and self.bidirectional:
+            raise ValueError(
+                "`prefix_lm=True` is causal over the target: build it with `bidirectional=False` (only the source "
+                "marked by `prefix_mask` is seen both ways)."
+            )
         if self.embedding_scale_init is not None and self.embedding_scale_init <= 0:
             raise ValueError(f"`embedding_scale_init` must be > 0, got {self.embedding_scale_init}.")
 

@@ -74,7 +74,10 @@ class _HfxHead(HfxPreTrainedModel):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    def _run_backbone(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_hidden_states, kwargs):
+    def _run_backbone(
+        self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_hidden_states, kwargs,
+        prefix_mask=None,
+    ):
         cache = pop_cache_kwarg(cache, kwargs)
         want_hidden = bool(output_hidden_states) or self.layer_features is not None
         outputs = self.model(
@@ -85,6 +88,7 @@ class _HfxHead(HfxPreTrainedModel):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=want_hidden,
+            prefix_mask=prefix_mask,
         )
         features = self.layer_features(outputs.hidden_states) if self.layer_features is not None else outputs.last_hidden_state
         return features, outputs
@@ -130,10 +134,13 @@ class HfxForCausalLM(_HfxHead, GenerationMixin):
         use_cache=None,
         output_hidden_states=None,
         logits_to_keep: int | torch.Tensor = 0,
+        prefix_mask=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """`prefix_mask` (prefix LMs, e.g. DyT with `prefix_lm=True`): 1 on source tokens, which attend both ways."""
         features, outputs = self._run_backbone(
-            input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_hidden_states, kwargs
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_hidden_states, kwargs,
+            prefix_mask=prefix_mask,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(features[:, keep, :])

@@ -28,6 +28,7 @@ from .heads import (
     HfxForSequenceClassification,
     HfxForTokenClassification,
 )
+from .seq2seq import HfxForConditionalGeneration
 from .positions import sinusoidal_embedding
 
 
@@ -101,7 +102,9 @@ class DyTModel(DyTPreTrainedModel, HfxModel):
             hidden = hidden + self.embed_positions(position_ids).to(hidden.dtype)
         return hidden
 
-    def mixer_attention_mask(self, padding_mask, inputs_embeds: torch.Tensor, cache, position_ids: torch.Tensor):
+    def mixer_attention_mask(
+        self, padding_mask, inputs_embeds: torch.Tensor, cache, position_ids: torch.Tensor, prefix_mask=None
+    ):
         if padding_mask is not None and cache is not None:
             # a mask that covers only the new tokens: the cached ones were real
             missing = cache.get_seq_length() + inputs_embeds.shape[1] - padding_mask.shape[1]
@@ -115,7 +118,22 @@ class DyTModel(DyTPreTrainedModel, HfxModel):
             attention_mask=padding_mask,
             cache=cache,
             position_ids=position_ids,
+            block_sequence_ids=self.prefix_blocks(prefix_mask, inputs_embeds, cache),
         )
+
+    @staticmethod
+    def prefix_blocks(prefix_mask, inputs_embeds: torch.Tensor, cache) -> torch.Tensor | None:
+        """A prefix LM's mask as transformers' `block_sequence_ids`: the source is one block (0: bidirectional within
+        it), target tokens are -1 (causal); `masking_utils` pads missing trailing columns with -1 (target)."""
+        if prefix_mask is None:
+            return None
+        total = (cache.get_seq_length() if cache is not None else 0) + inputs_embeds.shape[1]
+        if prefix_mask.dim() != 2 or prefix_mask.shape[0] != inputs_embeds.shape[0] or prefix_mask.shape[1] > total:
+            raise ValueError(
+                f"`prefix_mask` must be (batch={inputs_embeds.shape[0]}, length <= {total}) with 1 on source tokens "
+                f"from the start of the sequence, got {tuple(prefix_mask.shape)}."
+            )
+        return torch.where(prefix_mask.bool(), 0, -1).to(inputs_embeds.device)
 
 
 class DyTForCausalLM(DyTPreTrainedModel, HfxForCausalLM):
@@ -138,6 +156,12 @@ class DyTForQuestionAnswering(DyTPreTrainedModel, HfxForQuestionAnswering):
     backbone_class = DyTModel
 
 
+class DyTForConditionalGeneration(HfxForConditionalGeneration, DyTPreTrainedModel):
+    """Seq2seq LM: bidirectional encoder and causal decoder stacks of DyTModel, with cross-attention."""
+
+    backbone_class = DyTModel
+
+
 AUTO_CLASSES = {
     "AutoModel": DyTModel,
     "AutoModelForCausalLM": DyTForCausalLM,
@@ -145,6 +169,7 @@ AUTO_CLASSES = {
     "AutoModelForSequenceClassification": DyTForSequenceClassification,
     "AutoModelForTokenClassification": DyTForTokenClassification,
     "AutoModelForQuestionAnswering": DyTForQuestionAnswering,
+    "AutoModelForSeq2SeqLM": DyTForConditionalGeneration,
 }
 register_family(DyTConfig, AUTO_CLASSES)
 
@@ -156,4 +181,5 @@ __all__ = [
     "DyTForSequenceClassification",
     "DyTForTokenClassification",
     "DyTForQuestionAnswering",
+    "DyTForConditionalGeneration",
 ]

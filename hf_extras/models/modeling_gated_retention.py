@@ -15,6 +15,7 @@ from .heads import (
     HfxForSequenceClassification,
     HfxForTokenClassification,
 )
+from .seq2seq import HfxForConditionalGeneration
 from .retention_mixer import RetentionMixer
 
 
@@ -77,6 +78,12 @@ class GatedRetentionForQuestionAnswering(GatedRetentionPreTrainedModel, HfxForQu
     backbone_class = GatedRetentionModel
 
 
+class GatedRetentionForConditionalGeneration(HfxForConditionalGeneration, GatedRetentionPreTrainedModel):
+    """Seq2seq LM: bidirectional encoder and causal decoder stacks of GatedRetentionModel, with cross-attention."""
+
+    backbone_class = GatedRetentionModel
+
+
 AUTO_CLASSES = {
     "AutoModel": GatedRetentionModel,
     "AutoModelForCausalLM": GatedRetentionForCausalLM,
@@ -84,6 +91,7 @@ AUTO_CLASSES = {
     "AutoModelForSequenceClassification": GatedRetentionForSequenceClassification,
     "AutoModelForTokenClassification": GatedRetentionForTokenClassification,
     "AutoModelForQuestionAnswering": GatedRetentionForQuestionAnswering,
+    "AutoModelForSeq2SeqLM": GatedRetentionForConditionalGeneration,
 }
 register_family(GatedRetentionConfig, AUTO_CLASSES)
 

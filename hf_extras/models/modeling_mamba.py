@@ -24,6 +24,7 @@ from .heads import (
     HfxForSequenceClassification,
     HfxForTokenClassification,
 )
+from .seq2seq import HfxForConditionalGeneration
 from .scan_ops import pick_scan_mode, selective_scan
 
 
@@ -173,6 +174,12 @@ class HfxMambaForQuestionAnswering(HfxMambaPreTrainedModel, HfxForQuestionAnswer
     backbone_class = HfxMambaModel
 
 
+class HfxMambaForConditionalGeneration(HfxForConditionalGeneration, HfxMambaPreTrainedModel):
+    """Seq2seq LM: bidirectional encoder and causal decoder stacks of HfxMambaModel, with cross-attention."""
+
+    backbone_class = HfxMambaModel
+
+
 AUTO_CLASSES = {
     "AutoModel": HfxMambaModel,
     "AutoModelForCausalLM": HfxMambaForCausalLM,
@@ -180,6 +187,7 @@ AUTO_CLASSES = {
     "AutoModelForSequenceClassification": HfxMambaForSequenceClassification,
     "AutoModelForTokenClassification": HfxMambaForTokenClassification,
     "AutoModelForQuestionAnswering": HfxMambaForQuestionAnswering,
+    "AutoModelForSeq2SeqLM": HfxMambaForConditionalGeneration,
 }
 register_family(HfxMambaConfig, AUTO_CLASSES)
 

@@ -14,6 +14,7 @@ from .heads import (
     HfxForSequenceClassification,
     HfxForTokenClassification,
 )
+from .seq2seq import HfxForConditionalGeneration
 from .retention_mixer import RetentionMixer
 
 
@@ -64,6 +65,12 @@ class RetNetForQuestionAnswering(RetNetPreTrainedModel, HfxForQuestionAnswering)
     backbone_class = RetNetModel
 
 
+class RetNetForConditionalGeneration(HfxForConditionalGeneration, RetNetPreTrainedModel):
+    """Seq2seq LM: bidirectional encoder and causal decoder stacks of RetNetModel, with cross-attention."""
+
+    backbone_class = RetNetModel
+
+
 AUTO_CLASSES = {
     "AutoModel": RetNetModel,
     "AutoModelForCausalLM": RetNetForCausalLM,
@@ -71,6 +78,7 @@ AUTO_CLASSES = {
     "AutoModelForSequenceClassification": RetNetForSequenceClassification,
     "AutoModelForTokenClassification": RetNetForTokenClassification,
     "AutoModelForQuestionAnswering": RetNetForQuestionAnswering,
+    "AutoModelForSeq2SeqLM": RetNetForConditionalGeneration,
 }
 register_family(RetNetConfig, AUTO_CLASSES)
 
@@ -82,4 +90,5 @@ __all__ = [
     "RetNetForSequenceClassification",
     "RetNetForTokenClassification",
     "RetNetForQuestionAnswering",
+    "RetNetForConditionalGeneration",
 ]
