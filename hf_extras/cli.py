@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from transformers import HfArgumentParser, PreTrainedConfig, TrainingArguments
+from transformers import HfArgumentParser, PreTrainedConfig
 
 from .finetune import FinetuneArguments
 from .training import (
@@ -133,13 +133,13 @@ def model_arguments_class(model_type: str, reserved: set[str] = frozenset()) -> 
 def build_parser(model_type: str, task_name: str) -> HfArgumentParser:
     """The parser for one (model_type, task) pair: data, task, generated model and training arguments."""
     task = get_task(task_name)
-    others = (DataArguments, task.arguments, FinetuneArguments, TrainingArguments)
+    others = (DataArguments, task.arguments, FinetuneArguments, task.training_arguments_class)
     reserved = {f.name for dtype in others for f in dataclasses.fields(dtype)}
     model_arguments = model_arguments_class(model_type, reserved)
     if config_class_for(model_type) not in task.auto_model._model_mapping:
         raise ConfigError(f"model_type {model_type!r} has no {task.auto_model.__name__} head for task {task_name!r}")
     parser = _Parser(
-        [DataArguments, task.arguments, model_arguments, FinetuneArguments, TrainingArguments],
+        [DataArguments, task.arguments, model_arguments, FinetuneArguments, task.training_arguments_class],
         prog="hf-extras train",
         description=f"Train a {model_type} model on the {task_name} task (YAML keys and --key value pairs).",
     )

@@ -143,6 +143,8 @@ class Task:
     auto_model: ClassVar[type]  # e.g. AutoModelForCausalLM
     pipeline_tag: ClassVar[str]  # Hub pipeline tag for the model card
     training_defaults: ClassVar[dict[str, Any]] = {}  # TrainingArguments defaults; YAML and CLI override them
+    trainer_class: ClassVar[type] = Trainer  # e.g. Seq2SeqTrainer (generation during evaluation)
+    training_arguments_class: ClassVar[type] = TrainingArguments  # parsed from YAML/CLI; e.g. Seq2SeqTrainingArguments
     result_metrics: ClassVar[tuple[tuple[str, str], ...]] = (("eval loss", "eval_loss"),)  # (label, key) for card
 
     def load_data(self, data_args: DataArguments, seed: int) -> DatasetDict:
@@ -252,6 +254,7 @@ TASKS: dict[str, str] = {
     "sequence_classification": "hf_extras.tasks.sequence_classification:SequenceClassificationTask",
     "token_classification": "hf_extras.tasks.token_classification:TokenClassificationTask",
     "question_answering": "hf_extras.tasks.question_answering:QuestionAnsweringTask",
+    "seq2seq": "hf_extras.tasks.seq2seq:Seq2SeqTask",
 }
 
 
@@ -440,7 +443,7 @@ def run(args: RunArguments) -> dict[str, Any]:
             "use more data or a smaller block_size"
         )
 
-    trainer = Trainer(
+    trainer = task.trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

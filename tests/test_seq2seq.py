@@ -10,7 +10,7 @@ from transformers import AutoModelForSeq2SeqLM, EncoderDecoderCache
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
 import hf_extras
-from conftest import run_without_hf_extras
+from conftest import REPO, run_without_hf_extras
 from families import FAMILIES, HEADS
 
 DYT = next(f for f in FAMILIES if f.name == "dyt")
@@ -266,3 +266,45 @@ def test_prefix_lm_rules():
         hf_extras.RetNetForCausalLM(FAMILIES[0].config())(ids, prefix_mask=torch.ones_like(ids))
     with pytest.raises(ValueError, match="prefix_mask"):
         prefix_lm()(ids, prefix_mask=torch.ones(1, 9, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------- the recipe
+
+
+def test_text_metrics_and_the_offline_default_data():
+    from hf_extras.tasks.seq2seq import code_docstring_dataset, text_metrics
+
+    refs = ["Return the sum of two numbers.", "Open the file for reading."]
+    perfect = text_metrics(refs, refs)
+    assert perfect["bleu"] == pytest.approx(100.0) and perfect["rougeL"] == pytest.approx(100.0)
+    wrong = text_metrics(["zebra quantum", "lorem ipsum"], refs)
+    assert wrong["bleu"] < 1.0 and wrong["rougeL"] == 0.0
+
+    data = code_docstring_dataset(0.2)
+    assert set(data["train"]["module"]).isdisjoint(data["validation"]["module"])
+    assert len(data["train"]) > 500 and len(data["validation"]) > 100
+    row = data["train"][0]
+    assert row["source"].startswith("def ") and row["text"] not in row["source"]
+
+
+def test_seq2seq_recipe_end_to_end(tmp_path):
+    from transformers import AutoTokenizer
+
+    from hf_extras.cli import main
+
+    out = tmp_path / "run"
+    status = main([
+        "train", f"{REPO}/configs/seq2seq.yaml", "--max_steps", "3", "--hidden_size", "32", "--num_heads", "2",
+        "--max_train_samples", "32", "--max_eval_samples", "6", "--generation_max_length", "8",
+        "--max_target_length", "16", "--output_dir", str(out), "--model_type", "hfx_mamba",
+    ])  # fmt: skip
+    assert status == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "seq2seq" and metrics["steps"] == 3
+    for key in ("final_eval_loss", "final_eval_bleu", "final_eval_rouge1", "final_eval_rougeL"):
+        assert 0.0 <= metrics[key] < 1e3, key
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "HfxMambaForConditionalGeneration"
+    ids = tokenizer("def f(x):\n    return x", add_special_tokens=False, return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=4, min_new_tokens=4).shape == (1, 5)
