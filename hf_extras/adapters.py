@@ -353,14 +353,14 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     state = model.state_dict()
     unknown = [k for k in renamed if k not in state]
     wrong_shape = [k for k in renamed if k in state and state[k].shape != renamed[k].shape]
-    expected = set(_state_for(model, _adapter_prefixes(model, name)))
+    expected = set(_state_for(model, _adapter_prefixes(model, name) + info["head_modules"]))
     absent = sorted(expected - set(renamed))
     if unknown or wrong_shape or absent:
         delete_adapter(model, name)
         raise ValueError(
             f"adapter weights in {weights_path} do not fit {type(model).__name__} (saved from "
             f"{info.get('model_class')}): unknown keys {unknown[:5]}, shape mismatches {wrong_shape[:5]}, "
-            f"missing adapter keys {absent[:5]}."
+            f"missing keys {absent[:5]}."
         )
     model.load_state_dict(renamed, strict=False)
     if set_active:

@@ -86,6 +86,32 @@ def test_method_trains_a_step_and_round_trips(family, head, method, tmp_path):
     torch.testing.assert_close(outputs_of(reloaded, batch), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
+def test_mlp_mixer_image_classification_methods(method, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    import hf_extras
+
+    config = hf_extras.MlpMixerConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, tokens_mlp_dim=24, channels_mlp_dim=64,
+        num_labels=5,
+    )  # fmt: skip
+    model, counts = apply_finetune_method(
+        hf_extras.MlpMixerForImageClassification(config), FinetuneArguments(finetune_method=method, adapter_size=4),
+        output_dir=tmp_path,
+    )  # fmt: skip
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("head" in n.split(".") for n in trainable)  # PEFT has no image task type: `head` saved explicitly
+    batch = {"pixel_values": torch.randn(4, 3, 16, 16), "labels": torch.tensor([0, 1, 2, 3])}
+    assert all(torch.isfinite(torch.tensor(train_steps(model, batch))))
+    with torch.no_grad():
+        expected = model(pixel_values=batch["pixel_values"]).logits
+    save_finetuned(model, tmp_path / "run", FinetuneArguments(finetune_method=method))
+    reloaded = load_finetuned(tmp_path / "run", AutoModelForImageClassification).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=batch["pixel_values"]).logits, expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FAMILIES[:1] + FAMILIES[-2:], ids=lambda f: f.name)
 def test_frozen_backbone_trains_only_layer_weights_scale_and_head(family):
     torch.manual_seed(0)
