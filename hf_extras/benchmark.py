@@ -13,7 +13,7 @@ Three measurements, each a plain function usable on its own:
 `run_suite(...)` runs them for a list of models (`MODELS`, name -> `ModelSpec` whose `build(dims)` makes a causal LM
 of a given width and depth; add a family with `register_model`) and returns result rows (dicts); `format_tables`
 turns rows into markdown tables with ratios against the baseline (Llama), `save_plots` writes PNGs, `write_report`
-writes everything into a folder. `benchmarks/run_cpu.py` is the command-line wrapper (and later `hf-extras bench`).
+writes everything into a folder. `main(argv)` is `hf-extras bench` (and `benchmarks/run_cpu.py`).
 
 Memory method: PyTorch's CPU allocator is invisible to `tracemalloc`, and a process's peak RSS never goes down, so an
 earlier, larger run would mask a later one. Each training configuration therefore runs in a fresh child process
@@ -61,6 +61,7 @@ __all__ = [
     "save_results",
     "save_plots",
     "write_report",
+    "main",
 ]
 
 
@@ -103,12 +104,18 @@ class Dims:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One benchmarked model: `build(dims)` returns a causal LM (a transformers `PreTrainedModel`)."""
+    """One benchmarked model: `build(dims)` returns a causal LM (a transformers `PreTrainedModel`).
+
+    `max_train_len` / `max_decode_context`: longer runs are skipped and reported as such (for baselines whose CPU
+    path would take hours, e.g. transformers' Mamba without its CUDA kernels).
+    """
 
     name: str
     label: str
     build: Callable[[Dims], torch.nn.Module]
     description: str = ""
+    max_train_len: int | None = None
+    max_decode_context: int | None = None
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -120,13 +127,13 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-def _build_llama(dims: Dims):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def _llama_config(dims: Dims, intermediate_size: int | None = None):
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=dims.vocab_size,
         hidden_size=dims.hidden_size,
-        intermediate_size=dims.ffn_size,
+        intermediate_size=intermediate_size or dims.ffn_size,
         num_hidden_layers=dims.num_hidden_layers,
         num_attention_heads=dims.num_heads,
         num_key_value_heads=dims.num_heads,
@@ -136,39 +143,116 @@ def _build_llama(dims: Dims):
         eos_token_id=1,
         bos_token_id=2,
     )
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
-def _build_hfx(config_name: str, model_name: str, **overrides) -> Callable[[Dims], torch.nn.Module]:
+def _build_llama(dims: Dims):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(_llama_config(dims), attn_implementation="sdpa")
+
+
+def llama_non_embedding_params(dims: Dims) -> int:
+    """Non-embedding parameters of the baseline Llama of these dims (counted on the meta device: no memory)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(_llama_config(dims))
+    return count_parameters(model)["params_non_embedding"]
+
+
+def _matched_ffn_size(build_with: Callable[[int], torch.nn.Module], target: int, start: int) -> int:
+    """The FFN width (a multiple of 8) whose model has the non-embedding parameter count nearest `target`.
+
+    Parameters grow linearly in the FFN width, so two builds give the slope (on the meta device: no memory).
+    """
+    with torch.device("meta"):
+        at_start = count_parameters(build_with(start))["params_non_embedding"]
+        slope = (at_start - count_parameters(build_with(start - 8))["params_non_embedding"]) / 8
+    if slope <= 0:
+        return start
+    return max(8, int(round((start + (target - at_start) / slope) / 8)) * 8)
+
+
+def _build_hfx(config_name: str, model_name: str, match_llama: bool = True, **overrides) -> Callable[[Dims], torch.nn.Module]:
+    """Builder of an hf_extras causal LM of the suite's width, depth and heads.
+
+    `match_llama`: set the FFN width so the model has as many non-embedding parameters as the baseline Llama (RetNet's
+    value/gate projections are twice as wide as attention's, so at Llama's FFN width it would have ~1.3x the
+    parameters and the compute; the RetNet paper compares at equal parameters the same way).
+    """
+
     def build(dims: Dims):
         import hf_extras
 
-        config = getattr(hf_extras, config_name)(**dims.hfx_kwargs(), **overrides)
-        return getattr(hf_extras, model_name)(config)
+        config_class, model_class = getattr(hf_extras, config_name), getattr(hf_extras, model_name)
+
+        def build_with(ffn: int):
+            return model_class(config_class(**{**dims.hfx_kwargs(), "intermediate_size": ffn}, **overrides))
+
+        ffn = dims.ffn_size
+        if match_llama:
+            ffn = _matched_ffn_size(build_with, llama_non_embedding_params(dims), ffn)
+        return build_with(ffn)
 
     return build
 
 
+def _build_transformers_mamba(dims: Dims):
+    """transformers' MambaForCausalLM of the suite's width and depth (expand 2, state 16): its CPU path, no kernels."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(
+        vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, num_hidden_layers=dims.num_hidden_layers,
+        state_size=16, expand=2, conv_kernel=4, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    return MambaForCausalLM(config)
+
+
+def _build_hfx_mamba(dims: Dims):
+    """hf_extras' Mamba with transformers' Mamba config (same parameters, same layout)."""
+    import hf_extras
+
+    config = hf_extras.HfxMambaConfig(
+        vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, num_hidden_layers=dims.num_hidden_layers,
+        state_size=16, expand=2, conv_kernel=4, forward_mode="auto",
+    )
+    return hf_extras.HfxMambaForCausalLM(config)
+
+
 register_model(ModelSpec(
     "llama", "Llama", _build_llama,
-    "transformers LlamaForCausalLM, SDPA attention, tied embeddings (the baseline)",
+    "transformers LlamaForCausalLM, SDPA attention, SwiGLU FFN 8/3 x width, tied embeddings (the baseline)",
 ))
 register_model(ModelSpec(
     "retnet", "RetNet", _build_hfx("RetNetConfig", "RetNetForCausalLM", forward_mode="auto"),
-    "hf_extras RetNet, forward_mode='auto' (parallel up to 256 tokens, chunkwise above)",
+    "hf_extras RetNet, forward_mode='auto' (parallel up to 128 tokens, chunkwise above), FFN width matched to "
+    "Llama's parameter count",
 ))
 register_model(ModelSpec(
     "gla", "GLA", _build_hfx("GatedRetentionConfig", "GatedRetentionForCausalLM", gate="key", forward_mode="auto"),
-    "hf_extras gated retention, gate='key' (GLA: one decay per key channel)",
+    "hf_extras gated retention, gate='key' (GLA: one decay per key channel), FFN matched to Llama's parameters",
 ))
 register_model(ModelSpec(
     "gated_retnet", "Gated RetNet",
     _build_hfx("GatedRetentionConfig", "GatedRetentionForCausalLM", gate="head", forward_mode="auto"),
-    "hf_extras gated retention, gate='head' (one decay per head and token)",
+    "hf_extras gated retention, gate='head' (one decay per head and token), FFN matched to Llama's parameters",
+))
+register_model(ModelSpec(
+    "dyt", "DyT", _build_hfx("DyTConfig", "DyTForCausalLM", attn_implementation="sdpa"),
+    "hf_extras DyT transformer (Llama layout with DynamicTanh instead of RMSNorm, SDPA)",
+))
+register_model(ModelSpec(
+    "hfx_mamba", "Mamba (hf_extras)", _build_hfx_mamba,
+    "hf_extras Mamba (no FFN, expand 2, state 16: about half of Llama's parameters at equal width and depth)",
+))
+register_model(ModelSpec(
+    "hf_mamba", "Mamba (transformers)", _build_transformers_mamba,
+    "transformers MambaForCausalLM, same config as hf_extras' Mamba; on CPU its per-token Python loop (no kernels)",
+    max_train_len=512, max_decode_context=8192,
 ))
 
 BASELINE = "llama"
-DEFAULT_FAMILIES: tuple[str, ...] = ("llama", "retnet", "gla", "gated_retnet")
+DEFAULT_FAMILIES: tuple[str, ...] = ("llama", "retnet", "gla", "gated_retnet", "dyt", "hfx_mamba", "hf_mamba")
 
 TRAIN_KEYS = (
     "kind", "model", "label", "params", "params_non_embedding", "seq_len", "batch_size", "tokens_per_step",
@@ -280,31 +364,34 @@ def _cache_of(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def _decode_times(model, context_len: int, new_tokens: int, warmup: int, seed: int = 0) -> tuple[float, list[float]]:
-    """Prefill `context_len` random tokens, then `warmup + new_tokens` greedy one-token steps through the cache.
+class _Decoder:
+    """One model's greedy decoding, one token per `step()`: prefill `context_len` random tokens first (untimed).
 
-    Returns the prefill time and the timed (post-warmup) step times, in seconds.
+    `times` collects the wall time of the timed steps (seconds); the context grows by one token per step.
     """
-    model.eval()
-    vocab_size = model.get_input_embeddings().num_embeddings
-    ids = _random_ids(1, context_len, vocab_size, seed).to(_model_device(model))
-    with torch.no_grad():
-        start = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        prefill_s = time.perf_counter() - start
-        cache = _cache_of(out)
-        if cache is None:
-            raise RuntimeError(f"{type(model).__name__} returned no cache from a `use_cache=True` forward pass.")
-        times = []
-        for i in range(warmup + new_tokens):
+
+    def __init__(self, model, context_len: int, seed: int = 0):
+        self.model = model.eval()
+        vocab_size = model.get_input_embeddings().num_embeddings
+        ids = _random_ids(1, context_len, vocab_size, seed).to(_model_device(model))
+        with torch.no_grad():
             start = time.perf_counter()
-            next_ids = out.logits[:, -1:].argmax(-1)  # greedy: (1, 1)
-            out = model(input_ids=next_ids, cache=cache, use_cache=True, logits_to_keep=1)
-            cache = _cache_of(out)
+            self.out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            self.prefill_s = time.perf_counter() - start
+        self.cache = _cache_of(self.out)
+        if self.cache is None:
+            raise RuntimeError(f"{type(model).__name__} returned no cache from a `use_cache=True` forward pass.")
+        self.times: list[float] = []
+
+    def step(self, timed: bool = True) -> None:
+        with torch.no_grad():
+            start = time.perf_counter()
+            next_ids = self.out.logits[:, -1:].argmax(-1)  # greedy: (1, 1)
+            self.out = self.model(input_ids=next_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+            self.cache = _cache_of(self.out)
             elapsed = time.perf_counter() - start
-            if i >= warmup:
-                times.append(elapsed)
-    return prefill_s, times
+        if timed:
+            self.times.append(elapsed)
 
 
 def decode_latency(model, context_len: int, new_tokens: int = 32, warmup: int = 4, *, seed: int = 0) -> float:
@@ -316,8 +403,10 @@ def decode_latency(model, context_len: int, new_tokens: int = 32, warmup: int = 
     """
     if new_tokens < 1:
         raise ValueError(f"`new_tokens` must be >= 1, got {new_tokens}.")
-    _, times = _decode_times(model, context_len, new_tokens, warmup, seed)
-    return 1000.0 * _median(times)
+    decoder = _Decoder(model, context_len, seed)
+    for index in range(warmup + new_tokens):
+        decoder.step(timed=index >= warmup)
+    return 1000.0 * _median(decoder.times)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -413,6 +502,10 @@ def _row(kind: str, spec: ModelSpec, params: dict[str, int], **values) -> dict[s
     return row
 
 
+def _skipped(limit: int | None, length: int) -> str | None:
+    return f"skipped: longer than this model's benchmark limit ({limit})" if limit is not None and length > limit else None
+
+
 def run_suite(
     seq_lens: Iterable[int] = (512, 2048, 8192),
     contexts: Iterable[int] = (256, 8192),
@@ -434,21 +527,24 @@ def run_suite(
 ) -> list[dict[str, Any]]:
     """Benchmark every model in `families` and return one row per (model, measurement, length).
 
+    Timing is round-robin: for each length, every model is built, warmed up, and then the models take turns, one
+    step each per round, so background load and CPU frequency changes hit all of them alike and the *ratios* stay
+    meaningful on a shared machine (absolute numbers still drift with the load).
+
     Training rows (`kind="train"`, keys `TRAIN_KEYS`): for each `seq_len`, batch size `max(1, tokens_per_step //
     seq_len)` so every step sees about the same number of tokens; `tokens_per_s` from the median of `train_steps`
-    timed steps after `train_warmup`; `peak_mem_mb` the peak-RSS increase of the first step. With `isolate=True`
-    (default) each training configuration runs in its own fresh child process (see the module docstring); with
-    `isolate=False` it runs here and `peak_mem_mb` is `None`.
+    timed steps after `train_warmup`; with `isolate=True` (default), `peak_mem_mb` is the peak-RSS increase of one
+    step in a fresh child process (see the module docstring), else `None`.
 
     Decode rows (`kind="decode"`, keys `DECODE_KEYS`): for each context length, median ms per greedy token over
-    `new_tokens` steps after `decode_warmup`, batch 1, in this process.
+    `new_tokens` steps after `decode_warmup`, batch 1, models taking turns token by token.
 
-    A configuration that fails (e.g. out of memory) gives a row with `error` set and `None` values; the suite goes on.
+    A configuration that fails (e.g. out of memory) or that a model's `max_train_len` / `max_decode_context` skips
+    gives a row with `error` set and `None` values; the suite goes on.
 
     `isolate=True` starts children through a `multiprocessing` fork server (spawn where there is none), which, like any
     spawn-style multiprocessing, re-imports the calling script in each child: call it from a script guarded by
     `if __name__ == "__main__":`, from pytest or from a notebook (not from code piped into `python -`).
-    Timings are only comparable within one run on an otherwise idle machine; check `environment_info()["load_average"]`.
     """
     families = list(families)
     unknown = [name for name in families if name not in MODELS]
@@ -460,58 +556,101 @@ def run_suite(
     say = progress or (lambda message: None)
     longest = max([*seq_lens, *(c + decode_warmup + new_tokens for c in contexts), 1])
     dims = Dims(hidden, layers, heads, intermediate, vocab, max_positions=longest)
+    specs = [MODELS[name] for name in families]
+    suite_start = time.perf_counter()
+
+    params = {}
+    for spec in specs:
+        with torch.device("meta"):
+            params[spec.name] = count_parameters(spec.build(dims))
+        say(f"{spec.label}: {params[spec.name]['params']:,} parameters "
+            f"({params[spec.name]['params_non_embedding']:,} non-embedding)")
 
     rows: list[dict[str, Any]] = []
-    suite_start = time.perf_counter()
-    for name in families:
-        spec = MODELS[name]
+    for seq_len in seq_lens:
+        batch_size = max(1, tokens_per_step // seq_len)
+        shape = dict(seq_len=seq_len, batch_size=batch_size, tokens_per_step=batch_size * seq_len)
+        start = time.perf_counter()
+        results: dict[str, dict[str, Any]] = {}
+        trainers: dict[str, _Trainer] = {}
+        for spec in specs:
+            skipped = _skipped(spec.max_train_len, seq_len)
+            if skipped:
+                results[spec.name] = {"error": skipped}
+                continue
+            try:
+                peak = None
+                if isolate:  # memory first, in a fresh process, so nothing measured here masks it
+                    with torch.device("meta"):
+                        recipe = _model_recipe(spec.build(dims))
+                    peak = _run_isolated(_train_worker, *recipe, seq_len, batch_size, 0, 0, seed, threads)["peak_mem_mb"]
+                torch.manual_seed(seed)
+                trainers[spec.name] = _Trainer(spec.build(dims), seq_len, batch_size, seed)
+                results[spec.name] = {"peak_mem_mb": peak, "step_s_all": []}
+            except (RuntimeError, MemoryError) as exc:
+                results[spec.name] = {"error": str(exc)}
+        for round_index in range(train_warmup + train_steps):
+            for name, trainer in list(trainers.items()):
+                try:
+                    elapsed = trainer.step()
+                except (RuntimeError, MemoryError) as exc:
+                    results[name] = {"error": str(exc)}
+                    del trainers[name]
+                    continue
+                if round_index >= train_warmup:
+                    results[name]["step_s_all"].append(elapsed)
+        trainers.clear()
+        for spec in specs:
+            result = results[spec.name]
+            if result.get("error"):
+                rows.append(_row("train", spec, params[spec.name], **shape, error=result["error"]))
+                say(f"  {spec.label:<22} train seq {seq_len:>6}: {result['error']}")
+                continue
+            step_s = _median(result["step_s_all"])
+            rows.append(_row("train", spec, params[spec.name], **shape, tokens_per_s=batch_size * seq_len / step_s,
+                             step_s=step_s, **result))
+            mem = f", peak +{result['peak_mem_mb']:.0f} MB" if result["peak_mem_mb"] is not None else ""
+            say(f"  {spec.label:<22} train seq {seq_len:>6} x batch {batch_size:<3}: "
+                f"{batch_size * seq_len / step_s:>9,.0f} tokens/s ({step_s:.3f} s/step{mem})")
+        say(f"  [train {seq_len}: {time.perf_counter() - start:.0f} s]")
+
+    models = {}
+    for spec in specs:
         torch.manual_seed(seed)
-        model = spec.build(dims)
-        params = count_parameters(model)
-        say(f"{spec.label}: {params['params']:,} parameters ({params['params_non_embedding']:,} non-embedding)")
-
-        for seq_len in seq_lens:
-            batch_size = max(1, tokens_per_step // seq_len)
-            start = time.perf_counter()
+        models[spec.name] = spec.build(dims)
+    for context_len in contexts:
+        start = time.perf_counter()
+        runs: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        for spec in specs:
+            skipped = _skipped(spec.max_decode_context, context_len)
+            if skipped:
+                errors[spec.name] = skipped
+                continue
             try:
-                if isolate:
-                    result = _run_isolated(
-                        _train_worker, *_model_recipe(model), seq_len, batch_size, train_steps, train_warmup, seed, threads
-                    )
-                    times, peak = result["step_s_all"], result["peak_mem_mb"]
-                else:
-                    train_model = spec.build(dims)
-                    times, peak = _train_times(train_model, seq_len, batch_size, train_steps, train_warmup, seed), None
-                    del train_model
-                step_s = _median(times)
-                rows.append(_row(
-                    "train", spec, params, seq_len=seq_len, batch_size=batch_size,
-                    tokens_per_step=batch_size * seq_len, tokens_per_s=batch_size * seq_len / step_s,
-                    step_s=step_s, step_s_all=times, peak_mem_mb=peak,
-                ))
-                mem = f", peak +{peak:.0f} MB" if peak is not None else ""
-                say(f"  train seq {seq_len:>6} x batch {batch_size:<3}: {batch_size * seq_len / step_s:>10,.0f} tokens/s "
-                    f"({step_s:.3f} s/step{mem}) [{time.perf_counter() - start:.0f} s]")
+                runs[spec.name] = _Decoder(models[spec.name], context_len, seed)
             except (RuntimeError, MemoryError) as exc:
-                rows.append(_row("train", spec, params, seq_len=seq_len, batch_size=batch_size,
-                                 tokens_per_step=batch_size * seq_len, error=str(exc)))
-                say(f"  train seq {seq_len:>6}: FAILED: {exc}")
-
-        for context_len in contexts:
-            start = time.perf_counter()
-            try:
-                prefill_s, times = _decode_times(model, context_len, new_tokens, decode_warmup, seed)
-                ms = 1000.0 * _median(times)
-                rows.append(_row(
-                    "decode", spec, params, context_len=context_len, new_tokens=new_tokens, ms_per_token=ms,
-                    ms_per_token_all=[1000.0 * t for t in times], prefill_s=prefill_s,
-                ))
-                say(f"  decode ctx {context_len:>6}: {ms:8.2f} ms/token (prefill {prefill_s:.2f} s) "
-                    f"[{time.perf_counter() - start:.0f} s]")
-            except (RuntimeError, MemoryError) as exc:
-                rows.append(_row("decode", spec, params, context_len=context_len, new_tokens=new_tokens, error=str(exc)))
-                say(f"  decode ctx {context_len:>6}: FAILED: {exc}")
-        del model
+                errors[spec.name] = str(exc)
+        for index in range(decode_warmup + new_tokens):
+            for name, decoder in list(runs.items()):
+                try:
+                    decoder.step(timed=index >= decode_warmup)
+                except (RuntimeError, MemoryError) as exc:
+                    errors[name] = str(exc)
+                    del runs[name]
+        for spec in specs:
+            if spec.name in errors:
+                rows.append(_row("decode", spec, params[spec.name], context_len=context_len, new_tokens=new_tokens,
+                                 error=errors[spec.name]))
+                say(f"  {spec.label:<22} decode ctx {context_len:>6}: {errors[spec.name]}")
+                continue
+            decoder = runs[spec.name]
+            ms = 1000.0 * _median(decoder.times)
+            rows.append(_row("decode", spec, params[spec.name], context_len=context_len, new_tokens=new_tokens,
+                             ms_per_token=ms, ms_per_token_all=[1000.0 * t for t in decoder.times],
+                             prefill_s=decoder.prefill_s))
+            say(f"  {spec.label:<22} decode ctx {context_len:>6}: {ms:8.2f} ms/token (prefill {decoder.prefill_s:.2f} s)")
+        say(f"  [decode {context_len}: {time.perf_counter() - start:.0f} s]")
     say(f"suite done in {time.perf_counter() - suite_start:.0f} s")
     return rows
 
@@ -659,7 +798,7 @@ def format_tables(rows: list[dict[str, Any]], baseline: str = BASELINE) -> str:
 
     failures = [row for row in rows if not _ok(row)]
     if failures:
-        sections.append("### Failed configurations\n\n" + "\n".join(
+        sections.append("### Not measured (skipped or failed)\n\n" + "\n".join(
             f"- {row.get('label') or row['model']} {row['kind']} "
             f"{row.get('seq_len') or row.get('context_len')}: {row['error']}" for row in failures
         ))
@@ -747,3 +886,67 @@ def write_report(rows: list[dict[str, Any]], out_dir: str, meta: dict[str, Any] 
     paths["table"] = path
     paths.update(save_plots(rows, out_dir))
     return paths
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line: `hf-extras bench`
+# --------------------------------------------------------------------------------------------------------------------
+
+QUICK = dict(
+    seq_lens=(64, 128), contexts=(32, 128), hidden=64, layers=2, heads=2, tokens_per_step=256,
+    train_steps=2, train_warmup=1, new_tokens=8, decode_warmup=2,
+)
+
+
+def parse_bench_args(argv: Sequence[str] | None = None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="hf-extras bench",
+        description="Training tokens/s, peak memory and decode latency of hf_extras families against transformers' "
+        "Llama (SDPA) and Mamba, one run, one machine; markdown tables on stdout, results.json, table.md and PNG "
+        "plots in --out.",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (hidden 64, 2 layers, short sequences)")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu"), help="output folder")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_FAMILIES), choices=sorted(MODELS),
+                        help="models to run (ratios are against llama)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", help="training sequence lengths (default 512 2048 8192)")
+    parser.add_argument("--contexts", type=int, nargs="+", help="decode context lengths (default 256 8192)")
+    parser.add_argument("--hidden", type=int, help="hidden size (default 256)")
+    parser.add_argument("--layers", type=int, help="number of layers (default 4)")
+    parser.add_argument("--heads", type=int, help="number of heads (default 4)")
+    parser.add_argument("--tokens-per-step", type=int, help="training tokens per step (default 8192)")
+    parser.add_argument("--steps", type=int, help="timed training steps per configuration (default 3)")
+    parser.add_argument("--new-tokens", type=int, help="timed decode steps per context (default 32)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all available cores)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the suite from command-line arguments; returns 1 if a configuration failed (skips are not failures)."""
+    args = parse_bench_args(argv)
+    suite: dict[str, Any] = dict(QUICK) if args.quick else {}
+    for key, value in (("seq_lens", args.seq_lens), ("contexts", args.contexts), ("hidden", args.hidden),
+                       ("layers", args.layers), ("heads", args.heads), ("tokens_per_step", args.tokens_per_step),
+                       ("train_steps", args.steps), ("new_tokens", args.new_tokens)):
+        if value is not None:
+            suite[key] = tuple(value) if isinstance(value, list) else value
+    threads = args.threads or available_cores()
+    meta = environment_info(threads)
+    meta["suite"] = {"models": args.models, "quick": args.quick, **suite}
+    print(f"hf_extras benchmark: {threads} threads, torch {meta['torch']}, transformers {meta['transformers']}"
+          + (f", load average {meta['load_average'][0]:.2f}" if "load_average" in meta else ""), flush=True)
+    if meta.get("load_average") and meta["load_average"][0] > 0.5 * meta["available_cores"]:
+        print(f"WARNING: the machine is busy (load average {meta['load_average'][0]:.2f} on {meta['available_cores']} "
+              "cores): absolute timings will be noisy (the round-robin keeps ratios fairer).", flush=True)
+    start = time.perf_counter()
+    rows = run_suite(families=args.models, threads=threads, isolate=not args.no_memory,
+                     progress=lambda message: print(message, flush=True), **suite)
+    meta["wall_s"] = round(time.perf_counter() - start, 1)
+    paths = write_report(rows, args.out, meta)
+    print()
+    print(format_tables(rows))
+    print("wrote " + ", ".join(paths.values()))
+    return 1 if any(row.get("error") and not row["error"].startswith("skipped") for row in rows) else 0

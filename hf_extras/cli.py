@@ -1,4 +1,4 @@
-"""The `hf-extras` command: `hf-extras train CONFIG.yaml [--key value | --key=value ...]`.
+"""The `hf-extras` command: `hf-extras train CONFIG.yaml [--key value | --key=value ...]` and `hf-extras bench`.
 
 Arguments come from four `HfArgumentParser` dataclasses: `DataArguments` (task and data), the task's own
 arguments (e.g. `block_size`), a model dataclass generated from the chosen `model_type`'s config fields, and
@@ -267,14 +267,24 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train}
+def _bench(argv: list[str]) -> int:
+    """`hf-extras bench`: the speed tables and plots of `hf_extras.benchmark` (see `--help`)."""
+    from . import benchmark
+
+    return benchmark.main(argv)
+
+
+COMMANDS = {"train": _train, "bench": _bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-extras` console script; returns the exit status (2 for a configuration error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "usage: hf-extras {" + ",".join(COMMANDS) + "} CONFIG.yaml [--key value | --key=value ...]"
+        usage = (
+            "usage: hf-extras train CONFIG.yaml [--key value | --key=value ...]\n"
+            "       hf-extras bench [--quick] [--models NAME ...] [--out DIR] (see hf-extras bench --help)"
+        )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"hf-extras: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
             return 2

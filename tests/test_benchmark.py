@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 from hf_extras import benchmark
 
 TINY = dict(
@@ -75,3 +77,45 @@ def test_standalone_measurements():
     model = spec.build(benchmark.Dims(hidden_size=32, num_hidden_layers=1, num_heads=2, max_positions=64))
     assert benchmark.train_throughput(model, seq_len=32, batch_size=1, steps=1, warmup=0) > 0
     assert benchmark.decode_latency(model, context_len=8, new_tokens=2, warmup=0) > 0
+
+
+def test_ffn_width_is_matched_to_llama_parameters():
+    dims = benchmark.Dims()
+    target = benchmark.llama_non_embedding_params(dims)
+    for name in ("retnet", "gla", "gated_retnet", "dyt"):
+        with torch.device("meta"):
+            model = benchmark.MODELS[name].build(dims)
+        got = benchmark.count_parameters(model)["params_non_embedding"]
+        # one FFN step of 8 columns is 3 * 8 * 256 * 4 layers = 24,576 parameters: within half a step
+        assert abs(got - target) <= 12_288 + 64 * 4, (name, got, target)
+
+
+def test_models_over_their_limit_are_skipped_and_reported(tmp_path, capsys):
+    benchmark.register_model(benchmark.ModelSpec(
+        "tiny_limited", "Limited", benchmark.MODELS["retnet"].build, max_train_len=32, max_decode_context=8,
+    ))
+    try:
+        status = benchmark.main([
+            "--quick", "--models", "llama", "tiny_limited", "--seq-lens", "64", "--contexts", "16", "--steps", "1",
+            "--new-tokens", "2", "--threads", "1", "--no-memory", "--out", str(tmp_path),
+        ])
+    finally:
+        del benchmark.MODELS["tiny_limited"]
+    out = capsys.readouterr().out
+    assert status == 0  # skips are not failures
+    assert "### Not measured (skipped or failed)" in out and "Limited train 64: skipped" in out
+    assert "Limited decode 16: skipped" in out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    llama = [row for row in saved["rows"] if row["model"] == "llama"]
+    assert all(row["error"] is None for row in llama) and len(llama) == 2
+
+
+def test_bench_is_an_hf_extras_command(capsys):
+    import pytest
+
+    from hf_extras import cli
+
+    with pytest.raises(SystemExit) as exit_:  # argparse's --help exits 0
+        cli.main(["bench", "--help"])
+    assert exit_.value.code == 0
+    assert "usage: hf-extras bench" in capsys.readouterr().out
