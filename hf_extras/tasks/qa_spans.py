@@ -43,36 +43,55 @@ def tokenize_qa_windows(
     Returns the tokenizer's encoding with `overflow_to_sample_mapping` (window -> example index) and
     `offset_mapping` where every token outside the context is `None` (see `window_offsets`). The question comes
     first unless the tokenizer pads on the left. `doc_stride` tokens of context are repeated between consecutive
-    windows; it must leave room for new context in each window.
+    windows; a question too long to leave more than that in a window is shortened (`_fit_questions`).
     """
     _check_fast(tokenizer)
     if doc_stride < 0 or doc_stride >= max_length:
         raise ValueError(f"doc_stride must be in [0, max_length), got doc_stride={doc_stride}, max_length={max_length}")
     question_first = tokenizer.padding_side == "right"
-    questions = [q.lstrip() for q in questions]  # leading spaces only waste window room (SQuAD has such questions)
-    first, second = (questions, contexts) if question_first else (contexts, questions)
-    try:
-        encoding = tokenizer(
-            list(first),
-            list(second),
-            truncation="only_second" if question_first else "only_first",
-            max_length=max_length,
-            stride=doc_stride,
-            return_overflowing_tokens=True,
-            return_offsets_mapping=True,
-            padding=padding,
-        )
-    except Exception as error:  # tokenizers raises when the question alone leaves no room for the stride
-        raise ValueError(
-            f"cannot window the contexts with max_length={max_length} and doc_stride={doc_stride}: {error}. "
-            "Raise max_length or lower doc_stride (the question, specials and the stride must fit in a window)."
-        ) from error
+    first, second = (
+        (_fit_questions(tokenizer, questions, max_length, doc_stride), contexts)
+        if question_first
+        else (contexts, _fit_questions(tokenizer, questions, max_length, doc_stride))
+    )
+    encoding = tokenizer(
+        list(first),
+        list(second),
+        truncation="only_second" if question_first else "only_first",
+        max_length=max_length,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding=padding,
+    )
     context_index = 1 if question_first else 0
     encoding["offset_mapping"] = [
         window_offsets(encoding["offset_mapping"][i], encoding.sequence_ids(i), context_index)
         for i in range(len(encoding["input_ids"]))
     ]
     return encoding
+
+
+def _fit_questions(
+    tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], max_length: int, doc_stride: int
+) -> list[str]:
+    """Questions without leading spaces, each cut to leave more than `doc_stride` context tokens in a window.
+
+    The fast tokenizer cannot stride a window whose question leaves no more room than the stride (it panics), so an
+    over-long question is shortened to its first `max_length - specials - doc_stride - 1` tokens.
+    """
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - doc_stride - 1
+    if room < 1:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for a question next to doc_stride={doc_stride} context tokens; "
+            "raise max_length or lower doc_stride"
+        )
+    questions = [q.lstrip() for q in questions]  # leading spaces only waste window room (SQuAD has such questions)
+    encoded = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        q if len(ids) <= room else q[: offsets[room - 1][1]]
+        for q, ids, offsets in zip(questions, encoded["input_ids"], encoded["offset_mapping"])
+    ]
 
 
 def window_offsets(offsets, sequence_ids, context_index: int) -> list[tuple[int, int] | None]:
