@@ -338,6 +338,25 @@ def pretrained_config_values(path: str, model_type: str) -> dict[str, Any]:
     return values
 
 
+def _load_checkpoint(auto_model: Any, path: str, config: PreTrainedConfig, base: dict, overrides: dict) -> Any:
+    """`auto_model.from_pretrained(path, config=config)`; weights whose shape the config changed are an error naming
+    the overriding keys (fine-tuning must not start from re-initialised weights)."""
+    changed = {k: f"{base[k]} -> {v}" for k, v in overrides.items() if k in base and base[k] != v}
+    try:
+        model, loading = auto_model.from_pretrained(path, config=config, output_loading_info=True)
+    except RuntimeError as error:  # transformers refuses mismatched shapes unless ignore_mismatched_sizes
+        if "mismatched" not in str(error):
+            raise
+        loading = {"mismatched_keys": ["(see the load report above)"]}
+    mismatched = loading.get("mismatched_keys") or []
+    if mismatched:
+        raise ConfigError(
+            f"weights of {path} do not fit the model ({len(mismatched)} mismatched, e.g. {list(mismatched)[:3]}): "
+            f"the model keys {changed} change its shapes; drop them to fine-tune the checkpoint as it is"
+        )
+    return model
+
+
 def tokenizer_config_defaults(config_class: type, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Vocabulary size (rounded up to a multiple of 8) and special-token ids that match the tokenizer."""
     values = {
@@ -423,7 +442,7 @@ def run(args: RunArguments) -> dict[str, Any]:
         )
     try:
         if pretrained:
-            model = task.auto_model.from_pretrained(pretrained, config=config)
+            model = _load_checkpoint(task.auto_model, pretrained, config, base, args.model_overrides)
         else:
             model = task.auto_model.from_config(config)
     except ValueError as error:  # head-dependent rules live in the model's __init__ (e.g. no bidirectional LM)
