@@ -17,6 +17,7 @@ from hf_extras.tasks.qa_spans import answer_token_positions, best_spans, tokeniz
 from hf_extras.tasks.question_answering import (
     fix_answer_starts,
     load_squad_json,
+    predict_answers,
     prepare_qa_features,
     qa_metrics,
     split_by_article,
@@ -114,7 +115,9 @@ def test_features_and_metrics_end_to_end_with_gold_logits(tokenizer):
     for row, (s, e) in enumerate(zip(features["start_positions"], features["end_positions"])):
         if s != 0:
             start_logits[row, s], end_logits[row, e] = 8.0, 8.0
-    scores = qa_metrics(examples, features, start_logits, end_logits, max_answer_length=40)
+    predictions = predict_answers(examples, features, start_logits, end_logits, max_answer_length=40)
+    assert predictions == {"a": ANSWER, "b": "Alice and Bob"}
+    scores = qa_metrics(examples, predictions)
     assert scores == {"exact_match": 100.0, "f1": 100.0, "scored_questions": 2.0}
 
 

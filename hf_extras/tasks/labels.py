@@ -1,4 +1,5 @@
-"""Label vocabularies read from the data, shared by the sequence- and token-classification recipes.
+"""Label vocabularies read from the data, and the `Task` wiring shared by the sequence- and token-classification
+recipes.
 
 Why from the data: a local JSON/CSV file carries label *names* ("positive", "B-PER"), a Hub dataset often a
 `ClassLabel` feature with names; the model config needs `num_labels`, `id2label` and `label2id` in both cases, and
@@ -7,11 +8,15 @@ saved models then report names through `pipeline()`.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from datasets import ClassLabel, Dataset, DatasetDict, Sequence
 
-__all__ = ["label_names", "label_config", "label_encoder", "check_columns"]
+from ..training import ConfigError, Task
+from .metrics import classification_metrics
+
+__all__ = ["label_names", "label_config", "label_encoder", "check_columns", "map_labelled_splits", "LabelledTextTask"]
 
 
 def check_columns(raw: DatasetDict, columns: dict[str, str]) -> None:
@@ -71,3 +76,54 @@ def label_encoder(train: Dataset, column: str, names: list[str]):
             ) from None
 
     return encode
+
+
+def map_labelled_splits(
+    raw: DatasetDict,
+    label_column: str,
+    tokenize_with: Callable[[Callable[[list[Any]], list[int]]], Callable[[dict[str, list]], dict[str, Any]]],
+    num_proc: int | None = None,
+    desc: str = "tokenise",
+) -> tuple[DatasetDict, list[str]]:
+    """Label names from the training split, then every split through the batched function
+    `tokenize_with(encode_labels)` (its original columns dropped). Returns the splits and the label names."""
+    check_columns(raw, {label_column: "label_column"})
+    names = label_names(raw["train"], label_column)
+    tokenize = tokenize_with(label_encoder(raw["train"], label_column, names))
+    data = DatasetDict(
+        {
+            name: split.map(tokenize, batched=True, num_proc=num_proc, remove_columns=split.column_names, desc=desc)
+            for name, split in raw.items()
+        }
+    )
+    return data, names
+
+
+class LabelledTextTask(Task):
+    """Classification wiring: the offline default data (`default_data(validation_fraction)`) when no dataset is
+    named, the label vocabulary into the config, accuracy + macro F1, and data errors reported as ConfigError."""
+
+    default_data: ClassVar[Callable[[float], DatasetDict]]
+    compute_metrics = staticmethod(classification_metrics)
+
+    def load_data(self, data_args, seed):
+        if data_args.dataset_name is None:
+            return type(self).default_data(data_args.validation_fraction)
+        return super().load_data(data_args, seed)
+
+    def config_defaults(self, task_args, tokenizer, raw):
+        try:
+            check_columns(raw, {task_args.label_column: "label_column"})
+            return label_config(label_names(raw["train"], task_args.label_column))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+
+    def prepare(self, task_args, tokenizer, raw, num_proc):
+        try:
+            return self.tokenize(task_args, tokenizer, raw, num_proc)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+
+    def tokenize(self, task_args: Any, tokenizer: Any, raw: DatasetDict, num_proc: int | None) -> DatasetDict:
+        """Model-ready splits (the recipe's preprocessing function)."""
+        raise NotImplementedError

@@ -230,18 +230,10 @@ def predict_answers(
     return predictions
 
 
-def qa_metrics(
-    examples: Dataset,
-    features: Dataset,
-    start_logits: np.ndarray,
-    end_logits: np.ndarray,
-    n_best_size: int = 20,
-    max_answer_length: int = 30,
-) -> dict[str, float]:
-    """SQuAD v1.1 exact match and F1 (percent) over the examples that have windows in `features`."""
-    predictions = predict_answers(examples, features, start_logits, end_logits, n_best_size, max_answer_length)
-    scored = set(features["example_id"])
-    references = {i: a["text"] for i, a in zip(examples["id"], examples["answers"]) if i in scored}
+def qa_metrics(examples: Dataset, predictions: dict[str, str]) -> dict[str, float]:
+    """SQuAD v1.1 exact match and F1 (percent) of `predictions` (id -> answer text, e.g. from `predict_answers`)
+    against the ground truths of the same questions, and how many questions were scored."""
+    references = {i: a["text"] for i, a in zip(examples["id"], examples["answers"]) if i in predictions}
     return {**squad_scores(predictions, references), "scored_questions": float(len(references))}
 
 
@@ -290,9 +282,10 @@ class QuestionAnsweringTask(Task):
 
         def compute(eval_pred) -> dict[str, float]:
             start_logits, end_logits = eval_pred.predictions[:2]
-            return qa_metrics(
+            predictions = predict_answers(
                 examples, eval_dataset, start_logits, end_logits, task_args.n_best_size, task_args.max_answer_length
             )
+            return qa_metrics(examples, predictions)
 
         return compute
 

@@ -17,9 +17,8 @@ from typing import Any, ClassVar
 from datasets import DatasetDict
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..training import ConfigError, Task
-from .labels import check_columns, label_config, label_encoder, label_names
-from .metrics import classification_metrics
+from .labels import LabelledTextTask, check_columns, map_labelled_splits
+from .stdlib_sets import comment_docstring_dataset
 
 __all__ = ["SequenceClassificationArguments", "SequenceClassificationTask", "prepare_sequence_classification_dataset"]
 
@@ -49,25 +48,21 @@ def prepare_sequence_classification_dataset(
 
     Texts are in the `text` column (`load_text_dataset` renames the configured one); pairs are tokenised as pairs.
     """
-    check_columns(raw, {label_column: "label_column", **({text_pair_column: "text_pair_column"} if text_pair_column else {})})
-    names = label_names(raw["train"], label_column)
-    encode_labels = label_encoder(raw["train"], label_column, names)
+    if text_pair_column:
+        check_columns(raw, {text_pair_column: "text_pair_column"})
 
-    def tokenize(batch: dict[str, list]) -> dict[str, Any]:
-        pair = batch[text_pair_column] if text_pair_column else None
-        encoded = tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
-        return {**encoded, "labels": encode_labels(batch[label_column])}
+    def tokenize_with(encode_labels):
+        def tokenize(batch: dict[str, list]) -> dict[str, Any]:
+            pair = batch[text_pair_column] if text_pair_column else None
+            encoded = tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+            return {**encoded, "labels": encode_labels(batch[label_column])}
 
-    data = DatasetDict(
-        {
-            name: split.map(tokenize, batched=True, num_proc=num_proc, remove_columns=split.column_names, desc="tokenise")
-            for name, split in raw.items()
-        }
-    )
-    return data, names
+        return tokenize
+
+    return map_labelled_splits(raw, label_column, tokenize_with, num_proc)
 
 
-class SequenceClassificationTask(Task):
+class SequenceClassificationTask(LabelledTextTask):
     """Text (pair) classification with `AutoModelForSequenceClassification`: accuracy and macro F1."""
 
     name = "sequence_classification"
@@ -79,30 +74,12 @@ class SequenceClassificationTask(Task):
         ("accuracy", "eval_accuracy"),
         ("macro F1", "eval_macro_f1"),
     )
-    compute_metrics = staticmethod(classification_metrics)
+    default_data = staticmethod(comment_docstring_dataset)
 
-    def load_data(self, data_args, seed):
-        if data_args.dataset_name is None:
-            from .stdlib_sets import comment_docstring_dataset
-
-            return comment_docstring_dataset(data_args.validation_fraction)
-        return super().load_data(data_args, seed)
-
-    def config_defaults(self, task_args, tokenizer, raw):
-        try:
-            check_columns(raw, {task_args.label_column: "label_column"})
-            return label_config(label_names(raw["train"], task_args.label_column))
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-
-    def prepare(self, task_args, tokenizer, raw, num_proc):
-        try:
-            data, _ = prepare_sequence_classification_dataset(
-                raw, tokenizer, task_args.label_column, task_args.text_pair_column, task_args.max_seq_length, num_proc
-            )
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-        return data
+    def tokenize(self, task_args, tokenizer, raw, num_proc):
+        return prepare_sequence_classification_dataset(
+            raw, tokenizer, task_args.label_column, task_args.text_pair_column, task_args.max_seq_length, num_proc
+        )[0]
 
     def collator(self, task_args, tokenizer):
         return DataCollatorWithPadding(tokenizer)

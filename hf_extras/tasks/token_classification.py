@@ -18,9 +18,9 @@ import numpy as np
 from datasets import DatasetDict
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, PreTrainedTokenizerBase
 
-from ..training import ConfigError, Task
-from .labels import check_columns, label_config, label_encoder, label_names
-from .metrics import IGNORE_INDEX, argmax_logits, classification_metrics
+from .labels import LabelledTextTask, map_labelled_splits
+from .metrics import IGNORE_INDEX, argmax_logits
+from .stdlib_sets import token_type_dataset
 
 __all__ = ["TokenClassificationArguments", "TokenClassificationTask", "align_word_labels", "prepare_token_classification_dataset"]
 
@@ -61,31 +61,25 @@ def prepare_token_classification_dataset(
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"token classification needs a fast tokenizer (word_ids()); {type(tokenizer).__name__} is slow")
-    check_columns(raw, {label_column: "label_column"})
-    names = label_names(raw["train"], label_column)
-    encode_labels = label_encoder(raw["train"], label_column, names)
 
-    def tokenize(batch: dict[str, list]) -> dict[str, Any]:
-        words = [[(" " + w if prefix_space and i else w) for i, w in enumerate(ws)] for ws in batch["text"]]
-        for ws, ls in zip(words, batch[label_column]):
-            if len(ws) != len(ls):
-                raise ValueError(f"a row has {len(ws)} words but {len(ls)} labels in {label_column!r}: {ws[:8]}...")
-        encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-        encoded["labels"] = [
-            align_word_labels(encoded.word_ids(i), encode_labels(ls)) for i, ls in enumerate(batch[label_column])
-        ]
-        return encoded
+    def tokenize_with(encode_labels):
+        def tokenize(batch: dict[str, list]) -> dict[str, Any]:
+            words = [[(" " + w if prefix_space and i else w) for i, w in enumerate(ws)] for ws in batch["text"]]
+            for ws, ls in zip(words, batch[label_column]):
+                if len(ws) != len(ls):
+                    raise ValueError(f"a row has {len(ws)} words but {len(ls)} labels in {label_column!r}: {ws[:8]}")
+            encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+            encoded["labels"] = [
+                align_word_labels(encoded.word_ids(i), encode_labels(ls)) for i, ls in enumerate(batch[label_column])
+            ]
+            return encoded
 
-    data = DatasetDict(
-        {
-            name: split.map(tokenize, batched=True, num_proc=num_proc, remove_columns=split.column_names, desc="align")
-            for name, split in raw.items()
-        }
-    )
-    return data, names
+        return tokenize
+
+    return map_labelled_splits(raw, label_column, tokenize_with, num_proc, desc="align word labels")
 
 
-class TokenClassificationTask(Task):
+class TokenClassificationTask(LabelledTextTask):
     """Word-level tagging with `AutoModelForTokenClassification`: accuracy and macro F1 over first sub-tokens."""
 
     name = "token_classification"
@@ -97,32 +91,14 @@ class TokenClassificationTask(Task):
         ("token accuracy", "eval_accuracy"),
         ("macro F1", "eval_macro_f1"),
     )
-    compute_metrics = staticmethod(classification_metrics)
     preprocess_logits_for_metrics = staticmethod(argmax_logits)
+    default_data = staticmethod(lambda fraction: token_type_dataset(fraction).rename_column("tokens", "text"))
+    # (the recipe reads the words from `text`, where `load_text_dataset` puts the configured `text_column`)
 
-    def load_data(self, data_args, seed):
-        if data_args.dataset_name is None:
-            from .stdlib_sets import token_type_dataset
-
-            return token_type_dataset(data_args.validation_fraction).rename_column("tokens", "text")
-        return super().load_data(data_args, seed)
-
-    def config_defaults(self, task_args, tokenizer, raw):
-        try:
-            check_columns(raw, {task_args.label_column: "label_column"})
-            return label_config(label_names(raw["train"], task_args.label_column))
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-
-    def prepare(self, task_args, tokenizer, raw, num_proc):
-        try:
-            data, _ = prepare_token_classification_dataset(
-                raw, tokenizer, task_args.label_column, task_args.max_seq_length,
-                task_args.prefix_space, num_proc,
-            )  # fmt: skip
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-        return data
+    def tokenize(self, task_args, tokenizer, raw, num_proc):
+        return prepare_token_classification_dataset(
+            raw, tokenizer, task_args.label_column, task_args.max_seq_length, task_args.prefix_space, num_proc
+        )[0]
 
     def collator(self, task_args, tokenizer):
         return DataCollatorForTokenClassification(tokenizer)
