@@ -99,7 +99,7 @@ def test_forms_agree(kind, dtype, with_state, bidirectional):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("T,chunk", [(1, 64), (7, 64), (64, 16), (65, 16), (33, 5)])
+@pytest.mark.parametrize("T,chunk", [(1, 64), (7, 64), (64, 16), (65, 16), (33, 5), (100, 64)])
 def test_lengths_and_chunk_sizes(kind, T, chunk):
     q, k, v, ld, s0 = make_inputs(kind, torch.float64, T=T)
     o_r, s_r = run("recurrent", q, k, v, ld, s0)

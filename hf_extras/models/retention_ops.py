@@ -44,11 +44,18 @@ __all__ = [
 
 MODES = ("parallel", "chunkwise", "recurrent")
 
-# Sub-chunk size for the per-key-channel (GLA) intra-chunk computation. The diagonal
-# sub-blocks materialise a (c, c, Dk) tensor per sub-chunk (T * c * Dk elements in all), the
-# off-diagonal ones are matmuls. On the dev CPU (B=1, H=4, Dk=Dv=64, chunk 64, T=512/2048)
-# c=8 ran 1.7-2x faster than c=16 (fwd and fwd+bwd): the elementwise part is memory bound.
-_SUB_CHUNK = 8
+# Per-key-channel (GLA) decays: the chunk is capped at ``_PER_KEY_MAX_CHUNK`` tokens and split
+# into sub-chunks of ``_SUB_CHUNK``. The diagonal sub-blocks materialise a (c, c, Dk) tensor per
+# sub-chunk (T * c * Dk elements in all, memory bound), the off-diagonal ones gather one (c, Dk)
+# query block per sub-chunk pair ((C / c)^2 / 2 pairs per chunk) and are matmuls; longer chunks
+# mean more pairs, so past a point the state recurrence across chunks is cheaper. Measured on the
+# dev CPU (torch 2.13, 1 thread, float32, H=4, Dk=Dv=64, forward + backward of the kernel alone,
+# machine heavily loaded, so compare within a row only), (chunk, sub-chunk):
+#   T=2048 x B=4:  (16,4) 2.4 s  (32,4) 2.7-3.0  (64,4) 4.6  (16,8) 4.3  (32,8) 4.0  (64,8) 4.8  (64,16) 9.5
+#   T=8192 x B=1:  (16,4) 4.1 s  (32,4) 3.9      (64,8) 5.3
+# (fixed per-head decay, chunk 64, for scale: 0.46 s / 0.72 s.)
+_SUB_CHUNK = 4
+_PER_KEY_MAX_CHUNK = 32
 
 # ``pick_mode`` thresholds, measured on the dev CPU (2 shared, heavily loaded cores, so +-50%
 # noise; torch 2.13; 1 thread; float32; B=1, H=4, Dk=Dv=64; chunk 64; median ms,
@@ -321,7 +328,7 @@ def _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, ch
     if T == 0:
         return _empty_result(q, v, initial_state, output_final_state, fdt)
     # effective chunk: no point padding a short input up to a long chunk
-    C = min(chunk_size, -(-T // _SUB_CHUNK) * _SUB_CHUNK if per_key else T)
+    C = min(chunk_size, _PER_KEY_MAX_CHUNK, -(-T // _SUB_CHUNK) * _SUB_CHUNK) if per_key else min(chunk_size, T)
     N = -(-T // C)
     pad = N * C - T
     if pad:
@@ -408,7 +415,8 @@ def chunkwise_retention(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Chunkwise form: batched matmuls inside all chunks at once, a short loop over chunks
     for the state. O(T); the training default. T need not be a multiple of ``chunk_size``
-    (padded internally). Per-key decays use sub-chunks of ``_SUB_CHUNK`` inside a chunk (GLA).
+    (padded internally). Per-key decays (GLA) use chunks of at most ``_PER_KEY_MAX_CHUNK``
+    tokens, split into sub-chunks of ``_SUB_CHUNK`` (see the measurements there).
     """
     _check(q, k, v, log_decay, initial_state, chunk_size)
     return _chunkwise(q, k, v, log_decay, initial_state, output_final_state, False, chunk_size)
