@@ -163,6 +163,10 @@ def test_masked_lm_offline_default(tmp_path):
     assert metrics["final_eval_perplexity"] == pytest.approx(np.exp(metrics["final_eval_loss"]), rel=1e-4)
     assert 0.0 <= metrics["final_eval_masked_accuracy"] <= 1.0
     assert hf_extras.RetNetForMaskedLM.from_pretrained(out).config.bidirectional
+    data = tmp_path / "notes.csv"  # any text file replaces the corpus
+    data.write_text("note\n" + "".join(f"sentence number {i} is plain English text\n" for i in range(60)))
+    assert main([*argv, f"--dataset_name={data}", "--text_column=note", "--validation_fraction=0.2"]) == 0
+    assert metrics_of(out)["train_samples"] > 0
 
 
 # --- fine-tuning from a checkpoint -------------------------------------------------------------------------------
