@@ -118,9 +118,8 @@ class HfxBlock(GradientCheckpointingLayer):
         if self.cross_attn is not None:
             if encoder_hidden_states is None:
                 raise ValueError("A decoder block with cross-attention needs `encoder_hidden_states`.")
-            attended = self.cross_attn(
-                self.cross_norm(hidden_states.to(dtype)), encoder_hidden_states.to(dtype), encoder_attention_mask, cross_cache
-            )
+            normed = self.cross_norm(hidden_states.to(dtype))
+            attended = self.cross_attn(normed, encoder_hidden_states.to(dtype), encoder_attention_mask, cross_cache)
             hidden_states = hidden_states + self.dropout(attended)
         if self.ffn is None:
             return hidden_states, None
@@ -259,7 +258,9 @@ class HfxModel(HfxPreTrainedModel):
                 config=self.config, inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
             )
-            cross = dict(encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=cross_mask, cross_cache=cross_cache)
+            cross = dict(
+                encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=cross_mask, cross_cache=cross_cache
+            )
 
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         all_hidden = (inputs_embeds,) if output_hidden_states else None

@@ -104,7 +104,8 @@ class HfxSequenceConfig(PreTrainedConfig):
 
     def stack_config(self, role: Literal["encoder", "decoder"]) -> "HfxSequenceConfig":
         """The config of one stack of the seq2seq head: a bidirectional encoder of `num_hidden_layers` blocks, or a
-        causal decoder of `num_decoder_layers` blocks with cross-attention. A copy: the head's config is the one saved."""
+        causal decoder of `num_decoder_layers` blocks with cross-attention. A copy: the head's config is the saved one.
+        """
         stack = copy.deepcopy(self)
         stack.is_encoder_decoder = False
         stack.bidirectional = role == "encoder"
