@@ -8,6 +8,8 @@ some other Python that happens to own the kernelspec. Notebooks are stored witho
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -18,11 +20,25 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-CELL_TIMEOUT_S = 120  # per cell; the tiny settings take seconds, the headroom is for a loaded CI machine
+CELL_TIMEOUT_S = 180  # per cell; the tiny settings take seconds, the headroom is for a loaded CI machine
+CONCURRENT_KERNELS = 2  # kernels start and import torch single-threaded: two at a time use both CI cores
+# every task and every family has a notebook (a family tour may be folded into a task notebook)
+TOPICS = (
+    "causal_lm", "masked_lm", "sequence_classification", "token_classification", "question_answering",
+    "image_classification", "seq2seq", "retnet", "gated_retention", "mamba", "dyt", "mlp_mixer",
+)  # fmt: skip
+TINY_ENV = {
+    "HF_EXTRAS_NOTEBOOK_TINY": "1",
+    "HF_HUB_OFFLINE": "1",  # nothing may download
+    "MPLBACKEND": "agg",
+    "OMP_NUM_THREADS": "1",  # tiny models gain nothing from threads; two kernels share the cores
+    "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # quiets the debugger's frozen-modules warning
+}
 
 
-def test_there_are_notebooks():
-    assert len(NOTEBOOKS) >= 7, f"expected a notebook per task in {NOTEBOOK_DIR}, found {[p.name for p in NOTEBOOKS]}"
+def test_every_task_and_family_has_a_notebook():
+    names = " ".join(p.stem for p in NOTEBOOKS)
+    assert [t for t in TOPICS if t not in names] == [], f"notebooks in {NOTEBOOK_DIR}: {names}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -34,22 +50,45 @@ def test_notebook_is_stored_clean_and_reads_the_tiny_switch(path):
     assert any("HF_EXTRAS_NOTEBOOK_TINY" in cell.source for cell in code), "the notebook must read the TINY switch"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_EXTRAS_NOTEBOOK_TINY", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may download
-    monkeypatch.setenv("MPLBACKEND", "agg")
-    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # quiets the debugger's frozen-modules warning
+async def _execute(path: Path, workdir: Path, slots: asyncio.Semaphore) -> str | None:
+    """Run the notebook in `workdir`; the error text of the failing cell, or None."""
     notebook = nbformat.read(path, as_version=4)
     check = f"import sys\nassert sys.prefix == {sys.prefix!r}, f'kernel runs {{sys.executable}}, not the test venv'"
     notebook.cells.insert(0, nbformat.v4.new_code_cell(check))
     client = nbclient.NotebookClient(
-        notebook,
-        timeout=CELL_TIMEOUT_S,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path)}},
+        notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
     )
-    try:
-        client.execute()
-    except nbclient.exceptions.CellExecutionError as error:
+    async with slots:
+        try:
+            await client.async_execute()
+        except nbclient.exceptions.CellExecutionError as error:
+            return str(error)
+    return None
+
+
+@pytest.fixture(scope="module")
+def executed(request, tmp_path_factory) -> dict[Path, str | None]:
+    """Execute every notebook whose test was selected, `CONCURRENT_KERNELS` at a time; path -> error or None."""
+    selected = [
+        item.callspec.params["path"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_notebook_executes"
+    ]
+
+    async def run_all():
+        slots = asyncio.Semaphore(CONCURRENT_KERNELS)
+        jobs = [_execute(p, tmp_path_factory.mktemp(p.stem), slots) for p in selected]
+        return dict(zip(selected, await asyncio.gather(*jobs)))
+
+    with pytest.MonkeyPatch.context() as patch:  # kernels inherit this process's environment
+        for key, value in TINY_ENV.items():
+            patch.setenv(key, value)
+        return asyncio.run(run_all())
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_executes(path, executed):
+    """The notebook runs top to bottom on tiny settings in a fresh working directory, on this venv's kernel."""
+    error = executed[path]
+    if error is not None:
         pytest.fail(f"{path.name} failed:\n{error}", pytrace=False)
