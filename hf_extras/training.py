@@ -402,6 +402,32 @@ def _eval_summary(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}_{k}": v for k, v in metrics.items() if k.startswith("eval_") and not k.endswith(noise)}
 
 
+def default_find_unused_parameters(training_args: TrainingArguments, config: PreTrainedConfig) -> None:
+    """Let DDP search for parameters without gradient only where a step can leave some unused.
+
+    Only MoE feed-forwards do (experts no token was routed to); the search costs a graph walk every step, and the
+    Trainer's own default (on unless gradient checkpointing) is off exactly when an MoE model needs it. An explicit
+    `ddp_find_unused_parameters` is kept.
+    """
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = getattr(config, "ffn_type", None) == "moe"
+
+
+def evaluate_before_training(trainer: Trainer) -> dict[str, float]:
+    """`trainer.evaluate()` on the untrained model, leaving the model unprepared so that `train()` still wraps it.
+
+    `evaluate()` before `train()` prepares the model for evaluation and accelerate (>= 1.14) marks it prepared; its
+    `prepare()` in `train()` then returns it without the DDP wrapper, and every process trains its own copy on its
+    shard of the batch (the logged loss, averaged over processes, hides it). Dropping the mark and the accelerator's
+    references restores the wrap; `tests/test_distributed.py` checks the loss against one process.
+    """
+    metrics = trainer.evaluate()
+    if trainer.args.world_size > 1:
+        trainer.accelerator.free_memory()
+        trainer.model.__dict__.pop("_is_accelerate_prepared", None)
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,6 +476,7 @@ def run(args: RunArguments) -> dict[str, Any]:
 
     from .finetune import FinetuneArguments, apply_finetune_method, save_finetuned
 
+    default_find_unused_parameters(training_args, config)
     finetune = args.finetune or FinetuneArguments()
     model, finetune_counts = apply_finetune_method(model, finetune, training_args.output_dir, training_args.should_save)
 
@@ -472,7 +499,7 @@ def run(args: RunArguments) -> dict[str, Any]:
         compute_metrics=task.metrics_function(args.task, eval_dataset),
         preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
     )
-    initial = task.derived_metrics(trainer.evaluate())
+    initial = task.derived_metrics(evaluate_before_training(trainer))
     train_result = trainer.train()
     # train() starts a fresh TrainerState: put the untrained evaluation back at step 0 of the history
     trainer.state.log_history.insert(0, {**initial, "step": 0})
