@@ -30,6 +30,7 @@ TOPICS = (
 TINY_ENV = {
     "HF_EXTRAS_NOTEBOOK_TINY": "1",
     "HF_HUB_OFFLINE": "1",  # nothing may download
+    "JUPYTER_PREFER_ENV_PATH": "1",  # the venv's python3 kernelspec wins over a user-level one of another Python
     "MPLBACKEND": "agg",
     "OMP_NUM_THREADS": "1",  # tiny models gain nothing from threads; two kernels share the cores
     "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # quiets the debugger's frozen-modules warning
