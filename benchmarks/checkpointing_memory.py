@@ -1,0 +1,79 @@
+"""Peak memory of one training step with and without activation checkpointing, every sequence family.
+
+Each measurement runs in a fresh process (`hf_extras.benchmark`'s isolated runner): build the causal LM, optionally
+`activation_checkpointing_enable()`, then one forward + backward + AdamW step on a random batch; the figure is the
+rise of peak RSS over that step (activations, gradients, optimizer state; not the weights or the interpreter).
+
+    python benchmarks/checkpointing_memory.py [--seq-len 4096] [--batch-size 1] [--families retnet mamba ...]
+
+Measured (dev CPU, torch 2.13, 2 threads, hidden 256, 4 layers, 4 heads, seq 4096 x batch 1, float32; MB of
+peak-RSS rise over the step; machine shared, load average ~9, which moves times but not memory):
+
+    see the table printed by the last run, recorded in README.md ("Scale-out and GPU").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from hf_extras.benchmark import _max_rss_mb, _run_isolated, _Trainer  # noqa: E402
+
+DIMS = dict(vocab_size=264, hidden_size=256, num_hidden_layers=4, num_heads=4, chunk_size=64)
+
+
+def _family_config(name: str):
+    from families import FAMILIES
+
+    family = next(f for f in FAMILIES if f.name == name)
+    tiny = {k: v for k, v in family.tiny.items() if k != "num_heads"}
+    return family.cls("ForCausalLM"), family.config_class(**{**DIMS, **tiny})
+
+
+def _step_memory(name: str, checkpointing: bool, seq_len: int, batch_size: int, threads: int) -> dict[str, float]:
+    """Child: peak-RSS rise (MB) and wall time (s) of one training step."""
+    import time
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model_class, config = _family_config(name)
+    model = model_class(config)
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    trainer = _Trainer(model, seq_len, batch_size)
+    before = _max_rss_mb()
+    start = time.perf_counter()
+    trainer.step()
+    return {"peak_mb": _max_rss_mb() - before, "step_s": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from families import FAMILIES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--families", nargs="+", default=[f.name for f in FAMILIES])
+    args = parser.parse_args(argv)
+    print(f"seq {args.seq_len} x batch {args.batch_size}, load average {os.getloadavg()[0]:.1f}")
+    print("| family | plain MB | checkpointed MB | ratio | plain s | checkpointed s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in args.families:
+        plain = _run_isolated(_step_memory, name, False, args.seq_len, args.batch_size, args.threads)
+        ckpt = _run_isolated(_step_memory, name, True, args.seq_len, args.batch_size, args.threads)
+        print(
+            f"| {name} | {plain['peak_mb']:.0f} | {ckpt['peak_mb']:.0f} | {ckpt['peak_mb'] / plain['peak_mb']:.2f} | "
+            f"{plain['step_s']:.1f} | {ckpt['step_s']:.1f} |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
