@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv_ops import causal_depthwise_conv
+from .fla_dispatch import fla_decayed_linear_attention
 from .norms import RMSNorm
 from .positions import apply_rotary, rotary_cos_sin
 from .retention_ops import decayed_linear_attention, pick_mode
@@ -83,11 +84,12 @@ class RetentionMixer(nn.Module):
         mode = self.forward_mode
         if mode == "auto":
             mode = pick_mode(seq_len, self.chunk_size, state is not None)
-        out, new_state = decayed_linear_attention(
-            q, k, v, self.log_decay(hidden_states),
-            mode=mode, chunk_size=self.chunk_size, initial_state=state,
-            output_final_state=cache is not None, bidirectional=self.bidirectional,
-        )
+        log_decay = self.log_decay(hidden_states)
+        kwargs = dict(initial_state=state, output_final_state=cache is not None, bidirectional=self.bidirectional)
+        result = fla_decayed_linear_attention(q, k, v, log_decay, mode=mode, **kwargs)  # None unless CUDA + fla
+        if result is None:
+            result = decayed_linear_attention(q, k, v, log_decay, mode=mode, chunk_size=self.chunk_size, **kwargs)
+        out, new_state = result
         if cache is not None:
             cache.write_recurrent(self.layer_idx, new_state)
         out = self.g_norm(out.transpose(1, 2)).reshape(batch, seq_len, self.num_heads * self.value_dim)
