@@ -7,9 +7,17 @@ rise of peak RSS over that step (activations, gradients, optimizer state; not th
     python benchmarks/checkpointing_memory.py [--seq-len 4096] [--batch-size 1] [--families retnet mamba ...]
 
 Measured (dev CPU, torch 2.13, 2 threads, hidden 256, 4 layers, 4 heads, seq 4096 x batch 1, float32; MB of
-peak-RSS rise over the step; machine shared, load average ~9, which moves times but not memory):
+peak-RSS rise over the step; machine shared, load average 6.5 at the start):
 
-    see the table printed by the last run, recorded in README.md ("Scale-out and GPU").
+    | family           | plain MB | checkpointed MB | ratio | plain s | checkpointed s |
+    | retnet           |      751 |             519 |  0.69 |    25.9 |           41.5 |
+    | gla              |     1489 |             699 |  0.47 |    62.8 |           82.5 |
+    | gated_retnet     |      856 |             641 |  0.75 |    15.5 |           12.6 |
+    | linear_attention |      737 |             456 |  0.62 |    14.6 |           20.5 |
+    | dyt              |      625 |             470 |  0.75 |    25.1 |           27.8 |
+    | mamba            |      549 |             364 |  0.66 |    18.7 |           18.5 |
+
+Peak memory drops to 0.47-0.75x; step times are not comparable here (load average 6.5-9 on 2 cores).
 """
 
 from __future__ import annotations
