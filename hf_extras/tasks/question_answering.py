@@ -22,7 +22,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..data.corpus import _load_any, stable_fraction
+from ..data.corpus import _VALIDATION_ALIASES, _load_any, stable_fraction
 from ..training import ConfigError, DataArguments, Task
 from .metrics import squad_scores
 from .qa_spans import answer_token_positions, best_spans, tokenize_qa_windows
@@ -95,7 +95,7 @@ def split_by_article(dataset: Dataset, validation_fraction: float) -> DatasetDic
     return DatasetDict(train=dataset.select(train), validation=dataset.select(validation))
 
 
-def load_qa_dataset(data_args: DataArguments, seed: int = 0) -> DatasetDict:
+def load_qa_dataset(data_args: DataArguments) -> DatasetDict:
     """Raw QA splits: the stdlib default, an official SQuAD JSON file, or any `datasets` dataset with SQuAD columns."""
     name = data_args.dataset_name
     if name is None:
@@ -106,14 +106,14 @@ def load_qa_dataset(data_args: DataArguments, seed: int = 0) -> DatasetDict:
     if path.suffix.lower() == ".json" and path.is_file() and _looks_nested(path):
         return split_by_article(load_squad_json(path), data_args.validation_fraction)
     ds = _load_any(name, data_args.data_files, data_args.dataset_config_name)
+    if "train" not in ds:
+        raise ConfigError(f"dataset {name!r} has no 'train' split (splits: {sorted(ds)})")
     if "validation" not in ds:
-        alias = next((a for a in ("valid", "val", "dev") if a in ds), None)
+        alias = next((a for a in _VALIDATION_ALIASES if a in ds), None)
         if alias is not None:
             ds["validation"] = ds.pop(alias)
         else:
-            ds = DatasetDict({**split_by_article(ds["train"], data_args.validation_fraction)})
-    if "train" not in ds:
-        raise ConfigError(f"dataset {name!r} has no 'train' split (splits: {sorted(ds)})")
+            ds = split_by_article(ds["train"], data_args.validation_fraction)
     return DatasetDict(train=ds["train"], validation=ds["validation"])
 
 
@@ -251,7 +251,7 @@ class QuestionAnsweringTask(Task):
     )
 
     def load_data(self, data_args, seed):
-        return load_qa_dataset(data_args, seed)
+        return load_qa_dataset(data_args)
 
     def prepare(self, task_args, tokenizer, raw, num_proc):
         if task_args.n_best_size < 1 or task_args.max_answer_length < 1:
