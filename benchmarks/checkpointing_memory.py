@@ -28,19 +28,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from family_models import FAMILY_NAMES, causal_lm  # noqa: E402
 
 from hf_extras.benchmark import _max_rss_mb, _run_isolated, _Trainer  # noqa: E402
-
-DIMS = dict(vocab_size=264, hidden_size=256, num_hidden_layers=4, num_heads=4, chunk_size=64)
-
-
-def _family_config(name: str):
-    from families import FAMILIES
-
-    family = next(f for f in FAMILIES if f.name == name)
-    tiny = {k: v for k, v in family.tiny.items() if k != "num_heads"}
-    return family.cls("ForCausalLM"), family.config_class(**{**DIMS, **tiny})
 
 
 def _step_memory(name: str, checkpointing: bool, seq_len: int, batch_size: int, threads: int) -> dict[str, float]:
@@ -48,9 +40,7 @@ def _step_memory(name: str, checkpointing: bool, seq_len: int, batch_size: int, 
     import time
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model_class, config = _family_config(name)
-    model = model_class(config)
+    model = causal_lm(name)
     if checkpointing:
         model.activation_checkpointing_enable()
     trainer = _Trainer(model, seq_len, batch_size)
@@ -61,13 +51,11 @@ def _step_memory(name: str, checkpointing: bool, seq_len: int, batch_size: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from families import FAMILIES
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--families", nargs="+", default=[f.name for f in FAMILIES])
+    parser.add_argument("--families", nargs="+", default=FAMILY_NAMES)
     args = parser.parse_args(argv)
     print(f"seq {args.seq_len} x batch {args.batch_size}, load average {os.getloadavg()[0]:.1f}")
     print("| family | plain MB | checkpointed MB | ratio | plain s | checkpointed s |")
