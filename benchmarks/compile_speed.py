@@ -8,11 +8,12 @@ ratio. A step is forward + backward + AdamW on a fixed random batch (the same `_
 
 Measured (dev CPU shared with other jobs and the test suite, torch 2.13, Inductor, 2 threads, hidden 256, 4 layers,
 4 heads, `--seq-len 512` x batch 2, float32; median of 5 interleaved rounds; Mamba compiles with one graph break,
-see tests/test_compile.py). The run was stopped after RetNet (each model's compile took 5+ minutes under this load):
+see tests/test_compile.py). The run was stopped after GLA (each model's compile took 5-7 minutes under this load):
 
     | model                                        | eager s/step | compiled s/step | speed-up | compile s | load avg |
     | kernel: chunkwise retention (per-head gate)  |        0.719 |           0.170 |    4.23x |        76 |      7.6 |
     | retnet (causal LM, forward+backward+AdamW)   |       18.221 |          11.070 |    1.65x |       312 |      6.1 |
+    | gla (causal LM, per-key gate, short conv)    |        5.407 |           4.769 |    1.13x |       428 |      6.6 |
 """
 
 from __future__ import annotations
