@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from hf_extras.benchmark import process_memory_mb
+
 VOCAB, HIDDEN, LAYERS, STATE = 1024, 256, 4, 16
 
 
@@ -78,24 +80,14 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def status_kib(field: str) -> int:
-    """`VmRSS` (resident now) or `VmHWM` (peak resident) of this process, in KiB (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def measure_memory(kind: str, length: int, batch: int) -> dict:
     """Run in a fresh process: peak RSS growth of one training step (after the model and inputs exist)."""
     model = build(kind)
     ids = torch.randint(0, VOCAB, (batch, length))
-    before = status_kib("VmRSS")
+    before = process_memory_mb("current")
     seconds = timed(train_step, model, ids)
-    # VmHWM, not getrusage's ru_maxrss: the latter survives execve, so a child would report its parent's peak
-    peak = status_kib("VmHWM")
-    return {"kind": kind, "length": length, "peak_step_mib": (peak - before) / 1024, "seconds": seconds}
+    peak = process_memory_mb("peak")  # VmHWM: see process_memory_mb
+    return {"kind": kind, "length": length, "peak_step_mib": peak - before, "seconds": seconds}
 
 
 def fmt_s(value) -> str:

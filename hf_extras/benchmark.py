@@ -19,7 +19,7 @@ Memory method: PyTorch's CPU allocator is invisible to `tracemalloc`, and a proc
 earlier, larger run would mask a later one. Each training configuration therefore runs in a fresh child process
 forked from a `multiprocessing` fork server that has only imported the libraries (it never ran a model, so it holds
 no freed-but-cached tensor memory). The child builds the model and the optimizer, reads its peak RSS
-(`resource.getrusage(...).ru_maxrss`), runs one training step, and reports the increase. That increase covers
+(`VmHWM`, see `process_memory_mb`), runs one training step, and reports the increase. That increase covers
 activations kept for backward, gradients, AdamW's two state tensors per parameter (allocated lazily in the first
 step), and temporary buffers; it excludes the weights themselves and the interpreter. It is an RSS figure, so it also
 counts allocator slack and any memory the allocator keeps after freeing. The timed steps of that configuration run in
@@ -55,6 +55,7 @@ __all__ = [
     "train_throughput",
     "decode_latency",
     "peak_memory_train_step",
+    "process_memory_mb",
     "run_suite",
     "environment_info",
     "format_tables",
@@ -301,8 +302,20 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _max_rss_mb() -> float:
-    """This process's peak resident set size so far, in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+def process_memory_mb(kind: str = "peak") -> float:
+    """This process's resident set size in MB: `"peak"` so far (Linux `VmHWM`) or `"current"` (`VmRSS`).
+
+    `/proc/self/status` rather than `getrusage().ru_maxrss`: the latter survives `execve`, so a child started that way
+    would report its parent's peak. Elsewhere (macOS) falls back to `ru_maxrss` (bytes there) for both kinds.
+    """
+    field = {"peak": "VmHWM:", "current": "VmRSS:"}[kind]
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
@@ -463,9 +476,9 @@ def _train_worker(model_class, config, dtype, seq_len, batch_size, steps, warmup
     torch.manual_seed(seed)
     model = model_class(config).to(dtype)
     trainer = _Trainer(model, seq_len, batch_size, seed)
-    before = _max_rss_mb()
+    before = process_memory_mb("peak")
     first_step_s = trainer.step()
-    peak_mem_mb = _max_rss_mb() - before
+    peak_mem_mb = process_memory_mb("peak") - before
     for _ in range(max(warmup - 1, 0)):  # the memory step counts as the first warmup step
         trainer.step()
     times = [trainer.step() for _ in range(steps)]

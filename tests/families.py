@@ -53,3 +53,22 @@ CAUSAL_ONLY = {"ForCausalLM"}
 def head_config(family: Family, head: str, **overrides):
     bidirectional = head in BIDIRECTIONAL_ONLY or (head not in CAUSAL_ONLY and overrides.pop("bidirectional", False))
     return family.config(bidirectional=bidirectional, num_labels=3, **overrides)
+
+
+def assert_finite_in_float32_and_bf16(model, ids):
+    """One forward + backward with `labels=ids` in float32 and under CPU bf16 autocast: outputs, loss and every
+    gradient finite. Returns the two logits tensors (float32 run, bf16 run) for closeness checks."""
+    import torch
+
+    def run():
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        return out.logits
+
+    logits32 = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits16 = run()
+    return logits32, logits16

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families import FAMILIES
+from families import FAMILIES, assert_finite_in_float32_and_bf16
 
 RETENTION = [f for f in FAMILIES if f.name in ("retnet", "gla", "gated_retnet", "linear_attention")]
 
@@ -61,15 +61,6 @@ def test_long_sequence_with_extreme_gates_stays_finite(family, push):
         gate_bias = gate_bias[-1].bias if isinstance(gate_bias, torch.nn.Sequential) else gate_bias.bias
         gate_bias.fill_(-300.0 if push == "to_zero" else 30.0)
     ids = torch.randint(7, 96, (1, 16384))
-    out32 = model(ids, labels=ids)
-    out32.loss.backward()
-    assert torch.isfinite(out32.logits).all() and torch.isfinite(out32.loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out16 = model(ids, labels=ids)
-    out16.loss.backward()
-    assert torch.isfinite(out16.logits).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    rel = (out16.logits.float() - out32.logits).norm() / out32.logits.norm()
+    logits32, logits16 = assert_finite_in_float32_and_bf16(model, ids)
+    rel = (logits16.float() - logits32).norm() / logits32.norm()
     assert rel < 5e-2, rel  # whole-model bf16 (projections, norms, head) vs float32; the kernel alone is held to 5e-3

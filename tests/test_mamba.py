@@ -27,6 +27,8 @@ from hf_extras.convert import (
 )
 from hf_extras.models.modeling_mamba import HfxMambaMixer
 
+from families import assert_finite_in_float32_and_bf16
+
 TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, state_size=8, chunk_size=8)
 
 
@@ -248,17 +250,7 @@ def test_long_sequence_with_extreme_dt_stays_finite(dt_bias):
     model = HfxMambaForCausalLM(HfxMambaConfig(**{**TINY, "chunk_size": 64, "num_hidden_layers": 1}))
     with torch.no_grad():
         model.model.layers[0].mixer.dt_proj.bias.fill_(dt_bias)
-    ids = torch.randint(7, 96, (1, 4096))
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out16 = model(ids, labels=ids)
-    out16.loss.backward()
-    assert torch.isfinite(out16.logits).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert_finite_in_float32_and_bf16(model, torch.randint(7, 96, (1, 4096)))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
