@@ -25,7 +25,7 @@ from .heads import (
     HfxForTokenClassification,
 )
 from .seq2seq import HfxForConditionalGeneration
-from .scan_ops import pick_scan_mode, selective_scan
+from .scan_ops import selective_scan
 
 
 def causal_depthwise_conv_channels_last(x, weight, bias, tail=None):
@@ -129,12 +129,9 @@ class HfxMambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
 
         state = cache.read_recurrent(self.layer_idx) if cache is not None else None
-        mode = self.forward_mode
-        if mode == "auto":
-            mode = pick_scan_mode(x.shape[1], state is not None)
         y, new_state = selective_scan(
             x, dt, A, B, C, self.D,
-            mode=mode, chunk_size=self.chunk_size, initial_state=state,
+            mode=self.forward_mode, chunk_size=self.chunk_size, initial_state=state,
             output_final_state=cache is not None, bidirectional=self.bidirectional,
         )
         if cache is not None:

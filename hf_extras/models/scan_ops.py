@@ -66,6 +66,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .scan_cpu_kernel import fused_scan, kernel_applies
+
 __all__ = [
     "selective_scan",
     "recurrent_selective_scan",
@@ -76,7 +78,7 @@ __all__ = [
     "SCAN_MODES",
 ]
 
-SCAN_MODES = ("parallel", "chunkwise", "recurrent")
+SCAN_MODES = ("parallel", "chunkwise", "recurrent", "fused")
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -368,9 +370,12 @@ def _check(x, dt, A, B, C, D, initial_state):
         raise ValueError(f"initial_state must have shape ({batch}, {d}, {n}), got {tuple(initial_state.shape)}")
 
 
-def pick_scan_mode(seq_len: int, has_state: bool = False) -> str:
-    """``recurrent`` for a single decoding step, ``chunkwise`` for everything longer (see the module docstring)."""
-    return "recurrent" if seq_len == 1 else "chunkwise"
+def pick_scan_mode(seq_len: int, has_state: bool = False, x: Optional[Tensor] = None, state_size: int = 16) -> str:
+    """``recurrent`` for a single decoding step; longer inputs ``fused`` where the compiled CPU kernel applies to
+    ``x`` (float32 on a CPU, kernel built), else ``chunkwise`` (see the module docstring)."""
+    if seq_len == 1:
+        return "recurrent"
+    return "fused" if x is not None and kernel_applies(x, state_size) else "chunkwise"
 
 
 def recurrent_selective_scan(x, dt, A, B, C, D=None, initial_state=None, output_final_state=False):
@@ -396,6 +401,11 @@ def _causal(mode, x, dt, A, B, C, h0, chunk_size, reverse=False):
         return _recurrent(x, dt, A, B, C, h0)
     if mode == "parallel":
         return _parallel(x, dt, A, B, C, h0, reverse=reverse)
+    if mode == "fused":
+        if reverse:
+            y, h = fused_scan(x.flip(1), dt.flip(1), A, B.flip(1), C.flip(1), h0)
+            return y.flip(1), h
+        return fused_scan(x, dt, A, B, C, h0)
     if reverse:
         y, h = _ChunkwiseScan.apply(x.flip(1), dt.flip(1), A, B.flip(1), C.flip(1), h0, chunk_size)
         return y.flip(1), h
@@ -421,9 +431,7 @@ def selective_scan(
     recurrence, the forms and the bidirectional combination.
     """
     _check(x, dt, A, B, C, D, initial_state)
-    if mode == "auto":
-        mode = pick_scan_mode(x.shape[1], initial_state is not None)
-    if mode not in SCAN_MODES:
+    if mode != "auto" and mode not in SCAN_MODES:
         raise ValueError(f"mode must be 'auto' or one of {SCAN_MODES}, got {mode!r}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -432,6 +440,10 @@ def selective_scan(
     fdt = _float_dtype(x.dtype)
     x, dt, A, B, C = (t.to(fdt) for t in (x, dt, A, B, C))
     h0 = initial_state.to(fdt) if initial_state is not None else None
+    if mode == "auto":
+        mode = pick_scan_mode(x.shape[1], initial_state is not None, x, A.shape[1])
+    elif mode == "fused" and not kernel_applies(x, A.shape[1]):
+        mode = "chunkwise"  # float64, a GPU, N > 64, no compiler, or HF_EXTRAS_CPU_KERNEL=0: the same numbers
     batch, T, d = x.shape
     if T == 0:
         state = h0 if h0 is not None else x.new_zeros(batch, d, A.shape[1])
