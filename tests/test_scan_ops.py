@@ -301,3 +301,18 @@ def test_fused_kernel_results_do_not_depend_on_the_thread_count():
     (y1, h1, g1), (y2, h2, g2) = results
     assert torch.equal(y1, y2) and torch.equal(h1, h2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_a_failed_kernel_build_falls_back_to_the_pytorch_forms(monkeypatch, tmp_path, caplog):
+    """No working compiler (here `false`): a warning, `load_kernel()` is None, and auto/fused run chunkwise."""
+    monkeypatch.setattr(scan_cpu_kernel, "_LIB", {})
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("HF_EXTRAS_CACHE", str(tmp_path))
+    with caplog.at_level("WARNING"):
+        assert scan_cpu_kernel.load_kernel() is None
+    assert "did not build" in caplog.text
+    assert pick_scan_mode(8, False, torch.zeros(1, 8, 4), 16) == "chunkwise"
+    inputs = make_inputs(T=30)
+    ref_y, _, ref_g = run(inputs, "recurrent")
+    y, _, grads = run(inputs, "fused", 8)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)

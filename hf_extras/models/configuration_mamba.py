@@ -34,7 +34,9 @@ class HfxMambaConfig(HfxSequenceConfig):
         norm_eps (`float`) [`layer_norm_epsilon`], residual_in_fp32 (`bool`): as in transformers (defaults 1e-5, True).
         forward_mode (`str`): `"chunkwise"` (loop over chunks, log-depth parallel scan inside, memory-bounded
             backward), `"parallel"` (log-depth scan over the whole sequence under autograd), `"recurrent"` (token by
-            token), or `"auto"` (recurrent for one-token decoding steps, chunkwise otherwise).
+            token), or `"auto"` (recurrent for one-token decoding steps; otherwise the fused C kernel of
+            `scan_cpu_kernel` for float32 on a CPU, compiled on first use, and chunkwise where it does not apply or
+            `HF_EXTRAS_CPU_KERNEL=0`).
         chunk_size (`int`): chunk length of the chunkwise scan (64 by default; see the measurements in `scan_ops`).
         num_heads (`int`): not used by the Mamba mixer (it has no heads); kept valid for the shared fields, 1 by default.
         bidirectional (`bool`): for encoders (masked LM, classification, QA): a causal and an anti-causal scan with

@@ -17,7 +17,11 @@ Forms (they agree to float tolerance, take and return the recurrent state):
   Memory is O(batch * T * (D + N)) saved plus O(batch * chunk * D * N) transient, whatever T is.
 * ``parallel``   -- the same odd/even scan over the whole sequence, differentiated by plain autograd (it keeps every
   level's states: O(batch * T * D * N) memory). Kept as a second fast form and for compile experiments.
-* ``auto``       -- ``recurrent`` for single-token steps, ``chunkwise`` otherwise (see the measurements below).
+* ``fused``      -- the compiled CPU kernel of ``scan_cpu_kernel`` (C, one pass over time per block of channels,
+  the state in L1, a checkpoint every 64 steps for its backward); float32 on a CPU only, elsewhere it falls back to
+  ``chunkwise`` with the same numbers.
+* ``auto``       -- ``recurrent`` for single-token steps; otherwise ``fused`` where it applies (float32 on a CPU, the
+  kernel built, ``HF_EXTRAS_CPU_KERNEL`` not 0), else ``chunkwise``.
 
 Numerics: decays are only ever ``exp`` of non-positive numbers (``dt >= 0``, ``A < 0``), and the parallel scan
 combines them by multiplication (products of numbers in ``[0, 1]``), so nothing overflows for any ``dt * A``
@@ -34,9 +38,9 @@ Both scans include token t itself, so its own contribution is subtracted once (a
 form ``y = M x + D x`` with ``M[t, s] = C_t . (prod of the decays strictly between s and t, and t's own) dt_s B_s``
 for every s (the causal kernel for s <= t and its mirror for s > t).
 
-Measured on the dev machine (shared, loaded 2-core AMD EPYC VM; torch 2.13 CPU, 1 thread, float32, batch 1,
-D=512, N=16; the scan alone, best of 5; "train" is forward + backward; memory is the resident-set growth of one
-forward + backward in a fresh process; see ``benchmarks/mamba_vs_transformers.py`` for whole models)::
+Measured on the dev machine (2-core AMD EPYC VM; torch 2.13 CPU, 1 thread, float32, batch 1, D=512, N=16; the scan
+alone, best of 5; "train" is forward + backward; memory is the resident-set growth of one forward + backward in a
+fresh process; see ``benchmarks/mamba_vs_transformers.py`` for whole models)::
 
     T      form                  forward    train      train memory
     512    recurrent (reference)   71 ms     551 ms
@@ -44,6 +48,7 @@ forward + backward in a fresh process; see ``benchmarks/mamba_vs_transformers.py
     512    chunkwise (L=64)        12 ms      53 ms
     2048   parallel               371 ms    1171 ms
     2048   chunkwise (L=64)        46 ms     153 ms
+    2048   fused (C kernel)        16 ms      53 ms     (same minute: chunkwise 57 / 233 ms; 2 threads: 9 ms fwd)
     8192   parallel                                     2004 MiB
     8192   chunkwise (L=64)       233 ms     911 ms      106 MiB
 
@@ -51,14 +56,17 @@ Chunk length (2048 tokens, 1 thread): L=32 79/189 ms, 64 46/153 ms, 128 72/198 m
 threads 64 was best too. The scan is memory-bound: small chunks keep a chunk's (L, D, N) arrays in cache, larger
 ones pay fewer Python-level ops; the chunk buffers are allocated once per call (``_Workspace``). ``parallel`` keeps
 every level of the whole-sequence scan for autograd and streams full-size arrays, hence its memory and its
-slowness at length; so ``auto`` uses ``chunkwise`` for every input longer than one token, and ``parallel`` stays
-available (it compiles as one graph without a chunk loop).
+slowness at length; so ``chunkwise`` is the PyTorch form ``auto`` falls back to, and ``parallel`` stays available
+(it compiles as one graph without a chunk loop). ``fused`` reads and writes each ``(T, D)`` input once and keeps the
+``(D, N)`` state in registers, where the tensor forms stream ``(T, D, N)`` arrays through memory ~15 times forward
+and ~40 times backward: hence its 3x over ``chunkwise``.
 
 Threads: a chunk is ~100 small ops, so the chunk loop runs on one intra-op thread when chunks are small
 (``SERIAL_MAX_ELEMENTS``): on an oversubscribed machine every multi-threaded op otherwise waits for a descheduled
 worker thread at its join. The thread count is restored after the loop.
 
-This file is copied into saved checkpoints: it must import only torch / math / typing.
+This file is copied into saved checkpoints (with ``scan_cpu_kernel``): it must import only torch and the
+standard library.
 """
 
 from typing import Optional, Tuple
