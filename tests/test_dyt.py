@@ -233,21 +233,29 @@ def test_kv_cache_grows_and_matches_full_forward():
     ids = torch.randint(7, 96, (2, 20))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
-    with torch.no_grad():
-        full = model(ids, attention_mask=mask).logits
+
+    def decode(step_mask):
         cache = DynamicCache(config=model.config)
         out = model(ids[:, :12], attention_mask=mask[:, :12], cache=cache, use_cache=True)
         assert out.cache is cache and cache.get_seq_length() == 12
         steps = [out.logits]
         for t in range(12, 20):
-            # generate() passes the whole mask; a mask of the new tokens only must work too (cached ones were real)
-            step_mask = mask[:, : t + 1] if t % 2 else mask[:, t : t + 1]
-            out = model(ids[:, t : t + 1], attention_mask=step_mask, cache=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], attention_mask=step_mask(t), cache=cache, use_cache=True)
             steps.append(out.logits)
         assert cache.get_seq_length() == 20
         assert cache.layers[0].keys.shape == (2, 2, 20, 16)
+        return torch.cat(steps, 1)
+
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        whole = decode(lambda t: mask[:, : t + 1])  # as generate() passes it
+        new_only = decode(lambda t: mask[:, t : t + 1])  # cached tokens taken as real
     real = mask.bool()
-    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-4)  # float32 rounding of O(1) logits
+    atol = 1e-5 * full.abs().max().item()  # float32 rounding, relative to the logits' scale
+    torch.testing.assert_close(whole[real], full[real], rtol=1e-4, atol=atol)
+    # a mask of the new tokens only: right for the unpadded row; the left-padded row needs the whole mask
+    torch.testing.assert_close(new_only[0], full[0], rtol=1e-4, atol=atol)
+    assert not torch.allclose(new_only[1, 12:], full[1, 12:], rtol=1e-4, atol=atol)
     with pytest.raises(TypeError, match="Cache"):
         model(ids, cache=object(), use_cache=True)
 
@@ -422,3 +430,58 @@ def test_default_dyt_language_model_learns_a_copy_task():
         optimizer.step()
         optimizer.zero_grad()
     assert loss.item() < 1.5, loss.item()  # uniform is log(64) = 4.16; about half the tokens are copyable
+
+
+def test_final_dyt_weight_follows_the_width_rule():
+    """The final DyT starts at max(1, 1 / (initializer_range * sqrt(width))); the others at 1; explicit values win."""
+    model = hf_extras.DyTModel(tiny())  # width 32, range 0.02
+    rule = 1 / (0.02 * math.sqrt(32))
+    assert model.norm.weight.detach() == pytest.approx(torch.full((32,), rule))
+    assert all(torch.equal(m.weight, torch.ones(32)) for m in model.modules() if isinstance(m, DyT) and m is not model.norm)
+    assert hf_extras.DyTModel(tiny(dyt_final_weight_init=2.0)).norm.weight.detach() == pytest.approx(torch.full((32,), 2.0))
+    assert DyTConfig(hidden_size=4096, num_heads=32).resolved_dyt_final_weight_init == 1.0  # the paper's widths
+    assert DyTConfig(hidden_size=128, initializer_range=0.05).resolved_dyt_final_weight_init == pytest.approx(
+        1 / (0.05 * math.sqrt(128)))
+    retnet = hf_extras.RetNetModel(hf_extras.RetNetConfig(hidden_size=32, num_heads=2, norm_type="dyt"))
+    assert retnet.norm.weight.detach() == pytest.approx(torch.full((32,), rule))  # shared backbone: every family
+    from huggingface_hub.errors import StrictDataclassError
+
+    with pytest.raises(StrictDataclassError, match="dyt_final_weight_init"):
+        tiny(dyt_final_weight_init=0.0)
+
+
+def test_narrow_dyt_lm_leaves_the_unigram_plateau():
+    """Regression for the DyT plateau (README, "Seq2seq"): at width 64, a final DyT starting at weight 1 bounds the
+    tied head's logits near 0.02 * 8 * 1; the LM inflates its residual until every tanh saturates and stays at the
+    unigram entropy. The width rule's initial weight lets the same model learn byte n-grams."""
+    import inspect
+    import json
+
+    text = inspect.getsource(json.decoder) + inspect.getsource(json.encoder)
+    data = torch.tensor(list(text.encode()))
+    counts = torch.bincount(data).float()
+    probs = counts[counts > 0] / counts.sum()
+    unigram = float(-(probs * probs.log()).sum())  # ~3.06 nats
+
+    def final_loss(final_weight):
+        torch.manual_seed(0)
+        config = DyTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_heads=4,
+                           dyt_final_weight_init=final_weight)
+        model = hf_extras.DyTForCausalLM(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        gen, losses = torch.Generator().manual_seed(0), []
+        for step in range(100):
+            starts = torch.randint(0, len(data) - 128, (8,), generator=gen)
+            ids = torch.stack([data[i : i + 128] for i in starts])
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = 2e-3 * min(1.0, (step + 1) / 20)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return sum(losses[-10:]) / 10
+
+    assert final_loss(None) < unigram - 0.4  # measured 2.47
+    assert final_loss(1.0) > unigram - 0.15  # the old initialisation: measured 3.06, the plateau

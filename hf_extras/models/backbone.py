@@ -146,7 +146,7 @@ class HfxPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, DyT):
             init.constant_(module.alpha, module.alpha_init)
-            init.ones_(module.weight)
+            init.constant_(module.weight, module.weight_init)
             init.zeros_(module.bias)
         init_hook = getattr(module, "init_hfx_weights", None)
         if init_hook is not None:
@@ -170,7 +170,10 @@ class HfxModel(HfxPreTrainedModel):
         self.layers = nn.ModuleList(
             HfxBlock(config, i, self.mixer_class) for i in range(config.num_hidden_layers)
         )
-        self.norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
+        self.norm = build_norm(
+            config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init,
+            config.resolved_dyt_final_weight_init,
+        )
         self.gradient_checkpointing = False
         self.post_init()
 

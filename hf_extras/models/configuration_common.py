@@ -6,6 +6,7 @@ Each family's config subclasses `HfxSequenceConfig` and adds its own fields. The
 
 # No `from __future__ import annotations` in config files: @strict validates against the real (unstringified) types.
 import copy
+import math
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -32,6 +33,13 @@ class HfxSequenceConfig(PreTrainedConfig):
         norm_type (`str`): `"rmsnorm"`, `"layernorm"` or `"dyt"` (Dynamic Tanh).
         norm_eps (`float`): epsilon of RMSNorm/LayerNorm.
         dyt_alpha_init (`float`): initial `alpha` of every DyT.
+        dyt_final_weight_init (`float`, *optional*): initial `weight` of the final DyT (the one the heads read); the
+            others start at 1. `None` means `max(1, 1 / (initializer_range * sqrt(hidden_size)))`: 1 for the paper's
+            widths (>= 2500 at the default range), larger for narrow models. Why: a DyT's output is bounded by its
+            `weight`, so logits through a tied head of std `initializer_range` are at most about
+            `weight * initializer_range * sqrt(hidden_size)` (0.23 at width 128). A narrow DyT LM cannot express even
+            the unigram distribution with `weight` 1; it inflates the residual stream until every `tanh` saturates
+            and stalls at the unigram loss (README, "Seq2seq"). The rule makes that bound ~1 at any width.
         ffn_type (`str`): `"mlp"`, `"glu"` (SwiGLU-style), `"moe"` (top-k routed GLU experts) or `"none"` (blocks
             are `x = x + mixer(norm(x))` only, as in Mamba).
         num_experts, num_experts_per_tok (`int`): MoE size and top-k.
@@ -63,6 +71,7 @@ class HfxSequenceConfig(PreTrainedConfig):
     norm_type: NormType = "rmsnorm"
     norm_eps: float = 1e-6
     dyt_alpha_init: float = 0.5
+    dyt_final_weight_init: float | None = None
     ffn_type: FfnType = "glu"
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -101,6 +110,13 @@ class HfxSequenceConfig(PreTrainedConfig):
     @property
     def layer_types(self) -> list[str]:
         return ["linear_attention"] * self.num_hidden_layers
+
+    @property
+    def resolved_dyt_final_weight_init(self) -> float:
+        """Initial `weight` of the final DyT: `dyt_final_weight_init`, or the width rule when that is `None`."""
+        if self.dyt_final_weight_init is not None:
+            return self.dyt_final_weight_init
+        return max(1.0, 1.0 / (self.initializer_range * math.sqrt(self.hidden_size)))
 
     def stack_config(self, role: Literal["encoder", "decoder"]) -> "HfxSequenceConfig":
         """The config of one stack of the seq2seq head: a bidirectional encoder of `num_hidden_layers` blocks, or a
@@ -157,3 +173,7 @@ class HfxSequenceConfig(PreTrainedConfig):
             raise ValueError(f"`hidden_dropout` must be in [0, 1), got {self.hidden_dropout}.")
         if self.norm_eps <= 0:
             raise ValueError(f"`norm_eps` must be > 0, got {self.norm_eps}.")
+        if self.dyt_final_weight_init is not None and self.dyt_final_weight_init <= 0:
+            raise ValueError(
+                f"`dyt_final_weight_init` must be > 0 (or None for the width rule), got {self.dyt_final_weight_init}."
+            )

@@ -106,7 +106,8 @@ class DyTModel(DyTPreTrainedModel, HfxModel):
         self, padding_mask, inputs_embeds: torch.Tensor, cache, position_ids: torch.Tensor, prefix_mask=None
     ):
         if padding_mask is not None and cache is not None:
-            # a mask that covers only the new tokens: the cached ones were real
+            # a mask that covers only the new tokens: the cached ones are taken as real (the KV cache does not keep the
+            # padding mask), so a left-padded batch must pass the whole mask, as generate() does
             missing = cache.get_seq_length() + inputs_embeds.shape[1] - padding_mask.shape[1]
             if missing > 0:
                 padding_mask = torch.cat([padding_mask.new_ones(padding_mask.shape[0], missing), padding_mask], dim=1)
