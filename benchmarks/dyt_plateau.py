@@ -1,13 +1,14 @@
-"""Reproduce the DyT unigram plateau (README, "Seq2seq"): a small decoder-only LM on the E2E sentences.
+"""Reproduce the DyT unigram plateau (README, "Seq2seq") and its fix: a small decoder-only LM on the E2E sentences.
 
 Trains `DyTForCausalLM` (width 128, 4 layers, byte tokenizer) with AdamW for `--steps` steps and prints, every
 `--every` steps, the loss, the std of the final norm's input and the fraction of it where `tanh(alpha x)` is
-saturated (> 0.99). With `norm_type=dyt` (the default) the residual grows ~100x in the first ~20-40 steps, the
-final DyT saturates and the loss stays at the unigram entropy (~3.2); `--set norm_type=layernorm` learns.
+saturated (> 0.99). With the final DyT's weight starting at 1 (`dyt_final_weight_init=1.0`, the paper's value and
+this package's default before the width rule) the residual grows ~100x in the first ~20-40 steps, the final DyT
+saturates and the loss stays at the unigram entropy (~3.2). The default (the width rule: 4.42 at width 128) learns.
 
-    python benchmarks/dyt_plateau.py                                   # DyT defaults
-    python benchmarks/dyt_plateau.py --set norm_type=layernorm         # the reference
-    python benchmarks/dyt_plateau.py --lr 5e-4 --set dyt_alpha_init=1.0 embedding_scale_init=50.0
+    python benchmarks/dyt_plateau.py --set dyt_final_weight_init=1.0   # the plateau
+    python benchmarks/dyt_plateau.py                                   # DyT defaults: learns
+    python benchmarks/dyt_plateau.py --set norm_type=layernorm         # the LayerNorm reference
 """
 
 from __future__ import annotations
