@@ -448,6 +448,7 @@ def test_final_dyt_weight_follows_the_width_rule():
 
     with pytest.raises(StrictDataclassError, match="dyt_final_weight_init"):
         tiny(dyt_final_weight_init=0.0)
+    assert DyT((3, 4), 0.5, 2.0).weight.shape == (3, 4)  # a norm over several trailing dims (convert_norms_to_dyt)
 
 
 def test_narrow_dyt_lm_leaves_the_unigram_plateau():

@@ -39,12 +39,12 @@ class DyT(nn.Module):
     fuses well.
     """
 
-    def __init__(self, hidden_size: int, alpha_init: float = 0.5, weight_init: float = 1.0):
+    def __init__(self, hidden_size: int | tuple[int, ...], alpha_init: float = 0.5, weight_init: float = 1.0):
         super().__init__()
         self.alpha_init = float(alpha_init)
         self.weight_init = float(weight_init)
         self.alpha = nn.Parameter(torch.full((1,), self.alpha_init))
-        self.weight = nn.Parameter(torch.full((hidden_size,), self.weight_init))
+        self.weight = nn.Parameter(torch.ones(hidden_size) * self.weight_init)
         self.bias = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
