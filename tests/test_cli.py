@@ -11,7 +11,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_extras.cli import main, parse_train_args
-from hf_extras.training import ConfigError
+from hf_extras.training import ConfigError, build_config
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -162,3 +162,20 @@ def test_quickstart_config_parses():
     assert args.model_type == "hfx_retnet" and args.data.task == "causal_lm"
     assert args.training.max_steps > 0 and not args.training.bf16
     assert args.data.max_eval_samples is not None
+
+
+@pytest.mark.parametrize("config", sorted(QUICKSTART.parent.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_parses(config, tmp_path):
+    """A shipped config whose keys or values drifted from the argument classes fails here, not at a user's desk."""
+    cli_args = []
+    if "model_name_or_path" in yaml.safe_load(config.read_text()):  # its base is a run folder made by another config
+        base = tmp_path / "base"
+        tiny = build_config("hfx_retnet", {"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2})
+        AutoModelForCausalLM.from_config(tiny).save_pretrained(base)
+        cli_args = ["--model_name_or_path", str(base)]
+    args = parse_train_args(str(config), cli_args)
+    assert args.training.max_steps > 0 or args.training.num_train_epochs > 0
+    if config.name == "multiemo_finetune.yaml":  # the measured LoRA recipe (README table)
+        assert args.finetune.finetune_method == "lora"
+        assert args.finetune.peft_target_modules == ["q_proj", "v_proj", "o_proj", "down_proj"]
+        assert args.training.learning_rate == 2e-3
