@@ -15,7 +15,10 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-__all__ = ["load_default_corpus", "load_text_dataset", "iter_default_documents", "stable_fraction"]
+__all__ = [
+    "iter_default_documents", "load_dataset_dict", "load_default_corpus", "load_text_dataset", "rename_validation_alias",
+    "stable_fraction",
+]  # fmt: skip
 
 # Directory names never descended into: installed packages and the stdlib's own test suites
 # (``test/``, ``tests/``, ``idlelib/idle_test``, ``lib2to3/tests``, ``ctypes/test``, ...).
@@ -115,7 +118,7 @@ def load_default_corpus(validation_fraction: float = 0.02, max_documents: int | 
     )
 
 
-def _load_any(
+def load_dataset_dict(
     name_or_path: str, data_files: str | list[str] | dict | None, config_name: str | None
 ) -> DatasetDict:
     """``datasets.load_dataset`` for a local file, a local folder or a Hub/builder name."""
@@ -135,6 +138,15 @@ def _load_any(
         ds = DatasetDict(train=ds)
     if not isinstance(ds, DatasetDict):
         raise TypeError(f"expected a DatasetDict from {name_or_path!r}, got {type(ds).__name__}")
+    return ds
+
+
+def rename_validation_alias(ds: DatasetDict) -> DatasetDict:
+    """Rename a `valid`/`val`/`dev` split to `validation` in place (when there is no `validation` split yet)."""
+    if "validation" not in ds:
+        alias = next((a for a in _VALIDATION_ALIASES if a in ds), None)
+        if alias is not None:
+            ds["validation"] = ds.pop(alias)
     return ds
 
 
@@ -159,14 +171,11 @@ def load_text_dataset(
     if name_or_path is None:
         return load_default_corpus(validation_fraction=validation_fraction)
 
-    ds = _load_any(name_or_path, data_files, config_name)
+    ds = load_dataset_dict(name_or_path, data_files, config_name)
     for name in list(ds):
         ds[name] = _with_text_column(ds[name], text_column, name_or_path, name)
 
-    if "validation" not in ds:
-        alias = next((a for a in _VALIDATION_ALIASES if a in ds), None)
-        if alias is not None:
-            ds["validation"] = ds.pop(alias)
+    rename_validation_alias(ds)
     if "train" not in ds:
         raise ValueError(f"dataset {name_or_path!r} has no 'train' split (splits: {sorted(ds)})")
     if "validation" not in ds:

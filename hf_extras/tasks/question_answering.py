@@ -22,7 +22,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..data.corpus import _VALIDATION_ALIASES, _load_any, stable_fraction
+from ..data.corpus import load_dataset_dict, rename_validation_alias, stable_fraction
 from ..training import ConfigError, DataArguments, Task
 from .metrics import squad_scores
 from .qa_spans import answer_token_positions, best_spans, tokenize_qa_windows
@@ -105,15 +105,11 @@ def load_qa_dataset(data_args: DataArguments) -> DatasetDict:
     path = Path(name).expanduser()
     if path.suffix.lower() == ".json" and path.is_file() and _looks_nested(path):
         return split_by_article(load_squad_json(path), data_args.validation_fraction)
-    ds = _load_any(name, data_args.data_files, data_args.dataset_config_name)
+    ds = rename_validation_alias(load_dataset_dict(name, data_args.data_files, data_args.dataset_config_name))
     if "train" not in ds:
         raise ConfigError(f"dataset {name!r} has no 'train' split (splits: {sorted(ds)})")
     if "validation" not in ds:
-        alias = next((a for a in _VALIDATION_ALIASES if a in ds), None)
-        if alias is not None:
-            ds["validation"] = ds.pop(alias)
-        else:
-            ds = split_by_article(ds["train"], data_args.validation_fraction)
+        ds = split_by_article(ds["train"], data_args.validation_fraction)
     return DatasetDict(train=ds["train"], validation=ds["validation"])
 
 
