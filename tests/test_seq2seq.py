@@ -308,3 +308,7 @@ def test_seq2seq_recipe_end_to_end(tmp_path):
     assert type(model).__name__ == "HfxMambaForConditionalGeneration"
     ids = tokenizer("def f(x):\n    return x", add_special_tokens=False, return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=4, min_new_tokens=4).shape == (1, 5)
+    # evaluation (generation with the trainer's defaults) must not pin max_length & co. in the saved model
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert "max_length" not in saved and "top_k" not in saved, saved
+    assert model.generation_config.max_length is None

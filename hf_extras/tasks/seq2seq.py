@@ -13,6 +13,9 @@ split is deterministic and no module contributes to both.
 from __future__ import annotations
 
 import ast
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,7 +33,10 @@ from ..training import ConfigError, Task
 from .labels import check_columns
 from .stdlib_sets import _split, _summary, stdlib_sources
 
-__all__ = ["Seq2SeqArguments", "Seq2SeqTask", "code_docstring_dataset", "prepare_seq2seq_dataset", "text_metrics"]
+__all__ = [
+    "GenerationConfigKeepingSeq2SeqTrainer", "Seq2SeqArguments", "Seq2SeqTask", "code_docstring_dataset",
+    "prepare_seq2seq_dataset", "text_metrics",
+]  # fmt: skip
 
 
 @dataclass
@@ -132,6 +138,37 @@ def decode_ids(tokenizer: PreTrainedTokenizerBase, ids: np.ndarray) -> list[str]
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
+@contextmanager
+def _generation_config_kept(model) -> Iterator[None]:
+    """Put `model.generation_config` back as it was on exit (in place: a PEFT wrapper forwards to its base's)."""
+    config = getattr(model, "generation_config", None)
+    saved = copy.deepcopy(config.__dict__) if config is not None else None
+    try:
+        yield
+    finally:
+        if config is not None:
+            config.__dict__.clear()
+            config.__dict__.update(saved)
+
+
+class GenerationConfigKeepingSeq2SeqTrainer(Seq2SeqTrainer):
+    """`Seq2SeqTrainer` whose evaluation leaves the model's generation config as it found it.
+
+    transformers 5's `Seq2SeqTrainer.prediction_step` writes every generation default (`max_length=20`,
+    `top_k=50`, ...) into `model.generation_config`; a model saved after an evaluation then pins them in its
+    `generation_config.json`, and every later `generate(max_new_tokens=...)` warns that both `max_new_tokens` and
+    `max_length` are set. Generation during evaluation is unchanged.
+    """
+
+    def evaluate(self, *args, **kwargs):
+        with _generation_config_kept(self.model):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with _generation_config_kept(self.model):
+            return super().predict(*args, **kwargs)
+
+
 class Seq2SeqTask(Task):
     """Encoder-decoder training with generation-based BLEU/ROUGE (`Seq2SeqTrainer`, `predict_with_generate`)."""
 
@@ -139,7 +176,7 @@ class Seq2SeqTask(Task):
     arguments = Seq2SeqArguments
     auto_model = AutoModelForSeq2SeqLM
     pipeline_tag = "text2text-generation"
-    trainer_class = Seq2SeqTrainer
+    trainer_class = GenerationConfigKeepingSeq2SeqTrainer
     training_arguments_class = Seq2SeqTrainingArguments
     training_defaults: ClassVar[dict[str, Any]] = {"predict_with_generate": True, "generation_max_length": 128}
     result_metrics = (("eval loss", "eval_loss"), ("BLEU", "eval_bleu"), ("ROUGE-L", "eval_rougeL"))
