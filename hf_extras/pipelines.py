@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForQuestionAnswering
 from transformers.pipelines.base import ChunkPipeline
 
-from .tasks.qa_spans import best_spans, tokenize_qa_windows
+from .tasks.qa_spans import best_spans, default_max_answer_length, tokenize_qa_windows
 
 __all__ = ["QuestionAnsweringPipeline", "register_qa_pipeline"]
 
@@ -31,8 +31,9 @@ class QuestionAnsweringPipeline(ChunkPipeline):
     """Extractive QA: `{"question", "context"}` -> `{"answer", "score", "start", "end"}` (`top_k` > 1: a list).
 
     Parameters (at construction or per call): `top_k` (1), `max_seq_len` (384 tokens per window), `doc_stride`
-    (128), `max_answer_len` (30 tokens), `n_best_size` (20 candidates per window before ranking). `score` is the
-    softmax of the span scores over the n-best candidates.
+    (128), `max_answer_len` (tokens; 30, or 100 for hf_extras' byte tokenizer: `default_max_answer_length`),
+    `n_best_size` (20 candidates per window before ranking). `score` is the softmax of the span scores over the
+    n-best candidates.
     """
 
     _load_processor = False
@@ -94,9 +95,13 @@ class QuestionAnsweringPipeline(ChunkPipeline):
         outputs = self.model(**inputs)
         return {"start_logits": outputs.start_logits, "end_logits": outputs.end_logits, **extra}
 
-    def postprocess(self, outputs: list[dict[str, Any]], top_k: int = 1, max_answer_len: int = 30, n_best_size: int = 20):
+    def postprocess(
+        self, outputs: list[dict[str, Any]], top_k: int = 1, max_answer_len: int | None = None, n_best_size: int = 20
+    ):
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if max_answer_len is None:
+            max_answer_len = default_max_answer_length(self.tokenizer)
         spans = best_spans(
             outputs[0]["context"],
             [o["offsets"] for o in outputs],

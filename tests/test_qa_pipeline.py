@@ -12,6 +12,7 @@ import hf_extras
 from conftest import REPO, run_without_hf_extras
 from hf_extras.data import build_byte_tokenizer
 from hf_extras.pipelines import QuestionAnsweringPipeline
+from hf_extras.tasks.qa_spans import default_max_answer_length, tokenize_qa_windows
 from hf_extras.tasks.question_answering import predict_answers, prepare_qa_features
 
 CONTEXT = (
@@ -71,7 +72,9 @@ def test_pipeline_decodes_exactly_as_the_recipe(retnet_qa, tokenizer):
     batch = tokenizer.pad({"input_ids": features["input_ids"]}, return_tensors="pt")  # the last window is shorter
     with torch.no_grad():
         out = retnet_qa(**batch)
-    recipe = predict_answers(examples, features, out.start_logits.numpy(), out.end_logits.numpy(), 20, 30)
+    recipe = predict_answers(
+        examples, features, out.start_logits.numpy(), out.end_logits.numpy(), 20, default_max_answer_length(tokenizer)
+    )
     qa = pipeline("question-answering", model=retnet_qa, tokenizer=tokenizer)
     assert qa(question=QUESTION, context=CONTEXT, max_seq_len=64, doc_stride=16)["answer"] == recipe["x"]
 
@@ -95,3 +98,20 @@ def test_bad_arguments_are_named(retnet_qa, tokenizer):
         qa(question=QUESTION)
     with pytest.raises(ValueError, match="top_k"):
         qa(question=QUESTION, context=CONTEXT, top_k=0)
+
+
+def test_default_answer_length_fits_a_byte_tokenizer(retnet_qa, tokenizer):
+    """A 100-byte answer is found by default; 30 tokens (the subword default) would rule it out."""
+    gold = "Alice and Bob finally met there on a windy morning in early spring, long after they left school."
+    start_char = CONTEXT.index(gold)
+    encoding = tokenize_qa_windows(tokenizer, [QUESTION], [CONTEXT], max_length=384, doc_stride=128)
+    offsets = encoding["offset_mapping"][0]
+    first = next(i for i, o in enumerate(offsets) if o is not None and o[0] == start_char)
+    last = next(i for i, o in enumerate(offsets) if o is not None and o[1] == start_char + len(gold))
+    assert last - first + 1 == len(gold) > 30
+    start_logits, end_logits = torch.zeros(1, len(offsets)), torch.zeros(1, len(offsets))
+    start_logits[0, first], end_logits[0, last] = 10.0, 10.0
+    outputs = [{"context": CONTEXT, "offsets": offsets, "start_logits": start_logits, "end_logits": end_logits}]
+    qa = pipeline("question-answering", model=retnet_qa, tokenizer=tokenizer)
+    assert qa.postprocess(outputs)["answer"] == gold
+    assert qa.postprocess(outputs, max_answer_len=30)["answer"] != gold

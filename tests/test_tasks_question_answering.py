@@ -12,9 +12,11 @@ import pytest
 from datasets import Dataset
 
 from hf_extras.cli import main
+from hf_extras.training import ConfigError
 from hf_extras.data import build_byte_tokenizer
-from hf_extras.tasks.qa_spans import answer_token_positions, best_spans, tokenize_qa_windows
+from hf_extras.tasks.qa_spans import answer_token_positions, best_spans, default_max_answer_length, tokenize_qa_windows
 from hf_extras.tasks.question_answering import (
+    QuestionAnsweringArguments,
     fix_answer_starts,
     load_squad_json,
     predict_answers,
@@ -207,3 +209,23 @@ def test_overlong_question_is_shortened_not_fatal(tokenizer):
     assert all(sum(o is not None for o in offsets) > 24 for offsets in encoding["offset_mapping"][:-1])
     with pytest.raises(ValueError, match="raise max_length or lower doc_stride"):
         tokenize_qa_windows(tokenizer, [QUESTION], [CONTEXT], max_length=30, doc_stride=27)
+
+
+def test_max_answer_length_default_follows_the_tokenizer(tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert default_max_answer_length(tokenizer) == 100  # a token per byte
+    assert default_max_answer_length(PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")) == 30
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [({"n_best_size": 0}, "n_best_size"), ({"max_answer_length": 0}, "max_answer_length"),
+     ({"max_seq_length": 128, "doc_stride": 128}, "doc_stride")],
+)  # fmt: skip
+def test_bad_qa_arguments_are_named_at_construction(values, field):
+    with pytest.raises(ConfigError, match=field):
+        QuestionAnsweringArguments(**values)

@@ -19,7 +19,23 @@ from collections.abc import Sequence
 import numpy as np
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-__all__ = ["tokenize_qa_windows", "answer_token_positions", "best_spans", "window_offsets"]
+from ..data.tokenizer import is_byte_tokenizer
+
+__all__ = [
+    "answer_token_positions", "best_spans", "default_max_answer_length", "tokenize_qa_windows", "window_offsets",
+]  # fmt: skip
+
+SUBWORD_MAX_ANSWER_LENGTH = 30  # transformers' QA examples: ~20 words of a subword vocabulary
+BYTE_MAX_ANSWER_LENGTH = 100  # the same answers in bytes: keeps 99.8% of the offline default's, 100% of SQuAD dev's
+
+
+def default_max_answer_length(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest answer, in tokens, that decoding considers when none is given.
+
+    30 tokens is the ecosystem's default for subword tokenizers; hf_extras' byte tokenizer spends a token per byte,
+    so 30 would rule out 46% of the offline default's answers and 6% of SQuAD v1.1 dev's (measured): it gets 100.
+    """
+    return BYTE_MAX_ANSWER_LENGTH if is_byte_tokenizer(tokenizer) else SUBWORD_MAX_ANSWER_LENGTH
 
 
 def _check_fast(tokenizer: PreTrainedTokenizerBase) -> None:

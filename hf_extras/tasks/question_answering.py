@@ -25,7 +25,7 @@ from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding,
 from ..data.corpus import load_dataset_dict, rename_validation_alias, stable_fraction
 from ..training import ConfigError, DataArguments, Task
 from .metrics import squad_scores
-from .qa_spans import answer_token_positions, best_spans, tokenize_qa_windows
+from .qa_spans import answer_token_positions, best_spans, default_max_answer_length, tokenize_qa_windows
 
 __all__ = [
     "QuestionAnsweringArguments",
@@ -47,12 +47,25 @@ class QuestionAnsweringArguments:
     max_seq_length: int = field(default=384, metadata={"help": "Tokens per window (question + context + specials)."})
     doc_stride: int = field(default=128, metadata={"help": "Context tokens shared by consecutive windows."})
     n_best_size: int = field(default=20, metadata={"help": "Candidate spans kept per example when decoding."})
-    max_answer_length: int = field(default=30, metadata={"help": "Longest answer, in tokens."})
+    max_answer_length: int | None = field(
+        default=None, metadata={"help": "Longest answer, in tokens (unset: 30, or 100 for hf_extras' byte tokenizer)."}
+    )
     question_column: str = field(default="question", metadata={"help": "Column holding the question."})
     context_column: str = field(default="context", metadata={"help": "Column holding the context."})
     answers_column: str = field(
         default="answers", metadata={"help": "Column holding {text: [...], answer_start: [...]} (SQuAD)."}
     )
+
+    def __post_init__(self):
+        for key in ("max_seq_length", "n_best_size", "max_answer_length"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if not 0 <= self.doc_stride < self.max_seq_length:
+            raise ConfigError(
+                f"doc_stride must be in [0, max_seq_length), got doc_stride={self.doc_stride}, "
+                f"max_seq_length={self.max_seq_length}"
+            )
 
 
 def load_squad_json(path: str | Path) -> Dataset:
@@ -203,6 +216,8 @@ def predict_answers(
 ) -> dict[str, str]:
     """Best answer text per example id, from the logits of its windows (`features` rows, in prediction order).
 
+    `max_answer_length` is in tokens: for hf_extras' byte tokenizer pass `default_max_answer_length(tokenizer)` (100).
+
     Only examples that have at least one window in `features` get a prediction.
     """
     windows: dict[str, list[int]] = defaultdict(list)
@@ -250,8 +265,7 @@ class QuestionAnsweringTask(Task):
         return load_qa_dataset(data_args)
 
     def prepare(self, task_args, tokenizer, raw, num_proc):
-        if task_args.n_best_size < 1 or task_args.max_answer_length < 1:
-            raise ConfigError("n_best_size and max_answer_length must be >= 1")
+        self.max_answer_length = task_args.max_answer_length or default_max_answer_length(tokenizer)
         raw = DatasetDict({name: _standardise(split, task_args, name) for name, split in raw.items()})
         self._examples = raw["validation"]
         windows = dict(max_length=task_args.max_seq_length, doc_stride=task_args.doc_stride, num_proc=num_proc)
@@ -279,7 +293,7 @@ class QuestionAnsweringTask(Task):
         def compute(eval_pred) -> dict[str, float]:
             start_logits, end_logits = eval_pred.predictions[:2]
             predictions = predict_answers(
-                examples, eval_dataset, start_logits, end_logits, task_args.n_best_size, task_args.max_answer_length
+                examples, eval_dataset, start_logits, end_logits, task_args.n_best_size, self.max_answer_length
             )
             return qa_metrics(examples, predictions)
 
@@ -294,7 +308,7 @@ class QuestionAnsweringTask(Task):
             context=row["context"],
             max_seq_len=task_args.max_seq_length,
             doc_stride=task_args.doc_stride,
-            max_answer_len=task_args.max_answer_length,
+            max_answer_len=self.max_answer_length,
         )
         return {
             "prompt": f"Q: {row['question']} (gold: {row['answers']['text'][0]!r}) A: ",
