@@ -531,7 +531,7 @@ def run_suite(
     tokens_per_step: int = 8192,
     train_steps: int = 3,
     train_warmup: int = 1,
-    new_tokens: int = 32,
+    new_tokens: int = 128,  # 32 gave medians that moved by ~25% between runs (a ~7 ms step, ms-scale jitter)
     decode_warmup: int = 4,
     isolate: bool = True,
     seed: int = 0,
@@ -931,7 +931,7 @@ def parse_bench_args(argv: Sequence[str] | None = None):
     parser.add_argument("--heads", type=int, help="number of heads (default 4)")
     parser.add_argument("--tokens-per-step", type=int, help="training tokens per step (default 8192)")
     parser.add_argument("--steps", type=int, help="timed training steps per configuration (default 3)")
-    parser.add_argument("--new-tokens", type=int, help="timed decode steps per context (default 32)")
+    parser.add_argument("--new-tokens", type=int, help="timed decode steps per context (default 128)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all available cores)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     return parser.parse_args(argv)
