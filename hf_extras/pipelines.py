@@ -14,6 +14,7 @@ and the best span over all windows is returned with character offsets into the c
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -95,13 +96,17 @@ class QuestionAnsweringPipeline(ChunkPipeline):
         outputs = self.model(**inputs)
         return {"start_logits": outputs.start_logits, "end_logits": outputs.end_logits, **extra}
 
+    @cached_property
+    def _default_max_answer_len(self) -> int:  # once per pipeline: it compares the tokenizer's vocabulary
+        return default_max_answer_length(self.tokenizer)
+
     def postprocess(
         self, outputs: list[dict[str, Any]], top_k: int = 1, max_answer_len: int | None = None, n_best_size: int = 20
     ):
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if max_answer_len is None:
-            max_answer_len = default_max_answer_length(self.tokenizer)
+            max_answer_len = self._default_max_answer_len
         spans = best_spans(
             outputs[0]["context"],
             [o["offsets"] for o in outputs],

@@ -182,6 +182,19 @@ def test_is_byte_tokenizer_rejects_changed_vocab():
     assert not is_byte_tokenizer(changed)
 
 
+def test_is_byte_tokenizer_refuses_a_large_byte_level_bpe_by_its_length(monkeypatch):
+    """A GPT-2-style vocabulary is refused without building its vocabulary dict (63 ms at 50k entries; the QA
+    pipeline asks for every tokenizer it serves)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(vocab={f"t{i}": i for i in range(5000)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel()
+    large = PreTrainedTokenizerFast(tokenizer_object=backend)
+    monkeypatch.setattr(type(large), "get_vocab", lambda self: pytest.fail("get_vocab was built"))
+    assert not is_byte_tokenizer(large)
+
+
 # ---------------------------------------------------------------- default corpus
 
 

@@ -12,7 +12,6 @@ import pytest
 from datasets import Dataset
 
 from hf_extras.cli import main
-from hf_extras.training import ConfigError
 from hf_extras.data import build_byte_tokenizer
 from hf_extras.tasks.qa_spans import answer_token_positions, best_spans, default_max_answer_length, tokenize_qa_windows
 from hf_extras.tasks.question_answering import (
@@ -24,6 +23,7 @@ from hf_extras.tasks.question_answering import (
     qa_metrics,
     split_by_article,
 )
+from hf_extras.training import ConfigError
 
 from conftest import SHARED_DATA
 

@@ -10,6 +10,8 @@ losslessly (never ``<unk>``) and offsets point into the original text.
 
 from __future__ import annotations
 
+from functools import cache
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -121,9 +123,11 @@ def is_byte_tokenizer(tokenizer: object) -> bool:
         return False
     if not isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel) or not isinstance(backend.model, models.BPE):
         return False
-    return tokenizer.get_vocab() == _reference_vocab()
+    # the length first: a GPT-2-style ByteLevel BPE (50k entries) is refused without building its vocabulary dict
+    return len(tokenizer) == VOCAB_SIZE and tokenizer.get_vocab() == _reference_vocab()
 
 
+@cache
 def _reference_vocab() -> dict[str, int]:
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
     vocab.update({ch: NUM_SPECIAL_TOKENS + b for b, ch in byte_to_unicode().items()})
