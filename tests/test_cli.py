@@ -167,14 +167,16 @@ def test_quickstart_config_parses():
 @pytest.mark.parametrize("config", sorted(QUICKSTART.parent.glob("*.yaml")), ids=lambda path: path.name)
 def test_every_shipped_config_parses(config, tmp_path):
     """A shipped config whose keys or values drifted from the argument classes fails here, not at a user's desk."""
-    cli_args = []
-    if "model_name_or_path" in yaml.safe_load(config.read_text()):  # its base is a run folder made by another config
+    cli_args, mapping = [], yaml.safe_load(config.read_text())
+    if "model_name_or_path" in mapping:  # its base is a run folder made by another config
         base = tmp_path / "base"
         tiny = build_config("hfx_retnet", {"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2})
         AutoModelForCausalLM.from_config(tiny).save_pretrained(base)
         cli_args = ["--model_name_or_path", str(base)]
     args = parse_train_args(str(config), cli_args)
-    assert args.training.max_steps > 0 or args.training.num_train_epochs > 0
+    assert args.data.task == mapping["task"]
+    assert Path(args.training.output_dir) == Path(mapping["output_dir"])
+    assert args.training.learning_rate == mapping["learning_rate"]
     if config.name == "multiemo_finetune.yaml":  # the measured LoRA recipe (README table)
         assert args.finetune.finetune_method == "lora"
         assert args.finetune.peft_target_modules == ["q_proj", "v_proj", "o_proj", "down_proj"]
