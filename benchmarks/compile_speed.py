@@ -88,12 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | eager s/step | compiled s/step | speed-up | compile s | load average |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     rows = [("kernel: chunkwise retention (per-head gate)", lambda: bench_kernel(args.seq_len, args.rounds))]
-    rows += [(name, lambda name=name: bench_model(name, args.seq_len, args.batch_size, args.rounds)) for name in args.families]
+    rows += [
+        (name, lambda name=name: bench_model(name, args.seq_len, args.batch_size, args.rounds))
+        for name in args.families
+    ]
     for label, run in rows:
         torch._dynamo.reset()
         r = run()
-        cells = [label, f"{r['eager']:.3f}", f"{r['compiled']:.3f}", f"{r['eager'] / r['compiled']:.2f}x",
-                 f"{r['compile_s']:.0f}", f"{os.getloadavg()[0]:.1f}"]
+        cells = [
+            label,
+            f"{r['eager']:.3f}",
+            f"{r['compiled']:.3f}",
+            f"{r['eager'] / r['compiled']:.2f}x",
+            f"{r['compile_s']:.0f}",
+            f"{os.getloadavg()[0]:.1f}",
+        ]
         print("| " + " | ".join(cells) + " |", flush=True)
     return 0
 

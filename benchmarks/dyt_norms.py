@@ -45,8 +45,14 @@ def sync(device: str) -> None:
 def build(norm_type: str, args) -> DyTForCausalLM:
     torch.manual_seed(0)
     config = DyTConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.heads,
-        norm_type=norm_type, ffn_type="glu", position_embedding_type="rotary", use_cache=False,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_heads=args.heads,
+        norm_type=norm_type,
+        ffn_type="glu",
+        position_embedding_type="rotary",
+        use_cache=False,
     )
     model = DyTForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype))
     model.set_attn_implementation(args.attn)
@@ -108,12 +114,20 @@ def measure(what: str, compiled: bool, args, ids: torch.Tensor) -> list[dict]:
     rows = []
     for norm in NORMS:
         row = {
-            "what": what, "norm": norm, "compiled": compiled, "first_s": first[norm],
-            "median_ms": 1e3 * statistics.median(times[norm]), "min_ms": 1e3 * min(times[norm]),
+            "what": what,
+            "norm": norm,
+            "compiled": compiled,
+            "first_s": first[norm],
+            "median_ms": 1e3 * statistics.median(times[norm]),
+            "min_ms": 1e3 * min(times[norm]),
         }
         rows.append(row)
-        print(f"# {what:5s} {norm:9s} {'compiled' if compiled else 'eager':8s} median {row['median_ms']:9.3f} ms, "
-              f"min {row['min_ms']:9.3f} ms (first call {first[norm]:.2f} s)", file=sys.stderr, flush=True)
+        print(
+            f"# {what:5s} {norm:9s} {'compiled' if compiled else 'eager':8s} median {row['median_ms']:9.3f} ms, "
+            f"min {row['min_ms']:9.3f} ms (first call {first[norm]:.2f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -121,7 +135,9 @@ def table(rows: list[dict], what: str, stat: str = "median_ms") -> str:
     by = {(r["norm"], r["compiled"]): r[stat] for r in rows if r["what"] == what}
     modes = sorted({c for _, c in by})
     lines = [
-        "| norm | " + " | ".join(f"{'compiled' if c else 'eager'} ms | vs layernorm | vs rmsnorm" for c in modes) + " |",
+        "| norm | "
+        + " | ".join(f"{'compiled' if c else 'eager'} ms | vs layernorm | vs rmsnorm" for c in modes)
+        + " |",
         "|---|" + "---:|---:|---:|" * len(modes),
     ]
     for norm in NORMS:
@@ -132,10 +148,7 @@ def table(rows: list[dict], what: str, stat: str = "median_ms") -> str:
         lines.append(f"| {norm} | " + " | ".join(cells) + " |")
     if len(modes) == 2:
         lines.append("")
-        lines.append(
-            "compiled / eager: "
-            + ", ".join(f"{n} {by[(n, True)] / by[(n, False)]:.3f}" for n in NORMS)
-        )
+        lines.append("compiled / eager: " + ", ".join(f"{n} {by[(n, True)] / by[(n, False)]:.3f}" for n in NORMS))
     return "\n".join(lines)
 
 
@@ -160,11 +173,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    ids = torch.randint(7, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(args.device)
+    ids = torch.randint(7, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(
+        args.device
+    )
     modes = (False,) if args.no_compile else (False, True)
     rows = [row for compiled in modes for what in ("norm", "model") for row in measure(what, compiled, args, ids)]
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    )
     print(
         f"DyT-family model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, GLU FFN, rotary, "
         f"batch {args.batch} x seq {args.seq}, {args.dtype}, attention {args.attn}; device {args.device} ({device}), "

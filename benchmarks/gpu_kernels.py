@@ -61,16 +61,20 @@ def bench(lengths, batch: int, heads: int, head_dim: int) -> list[dict]:
     have_fla = _kernels() is not None
     rows = []
     for T in lengths:
-        q, k, v = (torch.randn(batch, heads, T, head_dim, device=device, dtype=torch.bfloat16) * head_dim**-0.25
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(batch, heads, T, head_dim, device=device, dtype=torch.bfloat16) * head_dim**-0.25
+            for _ in range(3)
+        )
         for x in (q, k, v):
             x.requires_grad_()
-        cases = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        cases = {"sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
         for kind in DECAYS:
             g = _decay(kind, batch, heads, T, head_dim, device)
-            cases[f"ours/{kind}"] = lambda g=g: chunkwise_retention(q, k, v, g, chunk_size=64)[0]
+            cases[f"ours/{kind}"] = lambda g=g, q=q, k=k, v=v: chunkwise_retention(q, k, v, g, chunk_size=64)[0]
             if have_fla:
-                cases[f"fla/{kind}"] = lambda g=g: fla_decayed_linear_attention(q, k, v, g, mode="chunkwise")[0]
+                cases[f"fla/{kind}"] = lambda g=g, q=q, k=k, v=v: fla_decayed_linear_attention(
+                    q, k, v, g, mode="chunkwise"
+                )[0]
         for name, fn in cases.items():
             row = {"kernel": name, "seq_len": T, "batch": batch, "heads": heads, "head_dim": head_dim}
             try:
@@ -90,9 +94,12 @@ def to_markdown(rows: list[dict], device_name: str) -> str:
     lengths = sorted({r["seq_len"] for r in rows})
     kernels = list(dict.fromkeys(r["kernel"] for r in rows))
     index = {(r["kernel"], r["seq_len"]): r for r in rows}
-    lines = [f"GPU: {device_name}; bf16; forward / forward+backward ms (median)", "",
-             "| kernel | " + " | ".join(f"{t // 1024}k" for t in lengths) + " |",
-             "| --- |" + " ---: |" * len(lengths)]
+    lines = [
+        f"GPU: {device_name}; bf16; forward / forward+backward ms (median)",
+        "",
+        "| kernel | " + " | ".join(f"{t // 1024}k" for t in lengths) + " |",
+        "| --- |" + " ---: |" * len(lengths),
+    ]
     for name in kernels:
         cells = []
         for t in lengths:

@@ -39,23 +39,40 @@ VOCAB, HIDDEN, LAYERS, STATE = 1024, 256, 4, 16
 
 
 def build(kind: str):
-    import hf_extras  # noqa: F401
-    from hf_extras import HfxMambaConfig, HfxMambaForCausalLM
     from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
     from transformers.utils import logging
+
+    import hf_extras  # noqa: F401
+    from hf_extras import HfxMambaConfig, HfxMambaForCausalLM
 
     logging.set_verbosity_error()  # the "falling back to its reference PyTorch implementation" notices
     torch.manual_seed(0)
     if kind == "hf_mamba":
-        model = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                             state_size=STATE, use_cache=False))
+        model = MambaForCausalLM(
+            MambaConfig(
+                vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, state_size=STATE, use_cache=False
+            )
+        )
     elif kind == "hfx_mamba":
-        model = HfxMambaForCausalLM(HfxMambaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                                   state_size=STATE, use_cache=False))
+        model = HfxMambaForCausalLM(
+            HfxMambaConfig(
+                vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, state_size=STATE, use_cache=False
+            )
+        )
     elif kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                             num_attention_heads=4, num_key_value_heads=4, intermediate_size=232,
-                                             tie_word_embeddings=True, use_cache=False, attn_implementation="sdpa"))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=HIDDEN,
+                num_hidden_layers=LAYERS,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                intermediate_size=232,
+                tie_word_embeddings=True,
+                use_cache=False,
+                attn_implementation="sdpa",
+            )
+        )
     else:
         raise ValueError(kind)
     return model
@@ -116,8 +133,10 @@ def main() -> None:
         print(json.dumps(measure_memory(args._memory[0], int(args._memory[1]), args.batch)))
         return
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} at start")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} at start"
+    )
     models = {kind: build(kind) for kind in ("hf_mamba", "hfx_mamba", "llama")} if args.lengths else {}
     for kind, model in models.items():
         print(f"# {kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
@@ -141,35 +160,52 @@ def main() -> None:
             row["hf_mamba"] = hf_time
             results["times"][f"{phase}@{length}"] = row
             hfx, llama = row["hfx_mamba"]["min"], row["llama"]["min"]
-            print(f"{phase:5s} T={length:5d}: HF Mamba {fmt_s(hf_time):>8s} | HfxMamba {fmt_s(hfx):>8s} "
-                  f"(median {fmt_s(row['hfx_mamba']['median'])}) | Llama {fmt_s(llama):>8s} "
-                  f"(median {fmt_s(row['llama']['median'])})", flush=True)
+            print(
+                f"{phase:5s} T={length:5d}: HF Mamba {fmt_s(hf_time):>8s} | HfxMamba {fmt_s(hfx):>8s} "
+                f"(median {fmt_s(row['hfx_mamba']['median'])}) | Llama {fmt_s(llama):>8s} "
+                f"(median {fmt_s(row['llama']['median'])})",
+                flush=True,
+            )
 
     if args.memory_length:
         for kind in ("hfx_mamba", "llama"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--_memory", kind, str(args.memory_length),
-                   "--batch", str(args.batch)] + (["--threads", str(args.threads)] if args.threads else [])
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--_memory",
+                kind,
+                str(args.memory_length),
+                "--batch",
+                str(args.batch),
+            ] + (["--threads", str(args.threads)] if args.threads else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results["memory"][kind] = json.loads(out)
-            print(f"memory T={args.memory_length}: {kind} peak step growth {results['memory'][kind]['peak_step_mib']:.0f} MiB "
-                  f"(step {fmt_s(results['memory'][kind]['seconds'])})", flush=True)
+            print(
+                f"memory T={args.memory_length}: {kind} peak step growth {results['memory'][kind]['peak_step_mib']:.0f} MiB "
+                f"(step {fmt_s(results['memory'][kind]['seconds'])})",
+                flush=True,
+            )
         results["memory"]["hf_mamba"] = None
 
     # the table
     print()
-    print(f"| phase | T | HF Mamba | HfxMamba | HF / Hfx | Llama (SDPA) | Llama / Hfx |")
+    print("| phase | T | HF Mamba | HfxMamba | HF / Hfx | Llama (SDPA) | Llama / Hfx |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for key, row in results["times"].items():
         phase, length = key.split("@")
         hfx, llama, hf = row["hfx_mamba"]["min"], row["llama"]["min"], row["hf_mamba"]
         speedup = f"{hf / hfx:.1f}x" if hf else "not run"
         tok = args.batch * int(length)
-        print(f"| {phase} | {length} | {fmt_s(hf)} | {fmt_s(hfx)} ({tok / hfx:,.0f} tok/s) | {speedup} | "
-              f"{fmt_s(llama)} ({tok / llama:,.0f} tok/s) | {llama / hfx:.2f}x |")
+        print(
+            f"| {phase} | {length} | {fmt_s(hf)} | {fmt_s(hfx)} ({tok / hfx:,.0f} tok/s) | {speedup} | "
+            f"{fmt_s(llama)} ({tok / llama:,.0f} tok/s) | {llama / hfx:.2f}x |"
+        )
     if results["memory"]:
         mem = results["memory"]
-        print(f"| train peak memory | {args.memory_length} | not run (token loop: hours) | "
-              f"{mem['hfx_mamba']['peak_step_mib']:.0f} MiB | | {mem['llama']['peak_step_mib']:.0f} MiB | |")
+        print(
+            f"| train peak memory | {args.memory_length} | not run (token loop: hours) | "
+            f"{mem['hfx_mamba']['peak_step_mib']:.0f} MiB | | {mem['llama']['peak_step_mib']:.0f} MiB | |"
+        )
 
     if args.json:
         with open(args.json, "w") as f:
@@ -192,7 +228,7 @@ def main() -> None:
         ax.set_xticks(range(len(keys)), keys)
         ax.set_yscale("log")
         ax.set_ylabel("seconds (log)")
-        ax.set_title("CPU step time, batch %d" % args.batch)
+        ax.set_title(f"CPU step time, batch {args.batch}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """CPU speed benchmark, the same as `hf-extras bench` (see `hf_extras.benchmark`):
 
-    python benchmarks/run_cpu.py            # the full suite (tens of minutes on 2 cores)
-    python benchmarks/run_cpu.py --quick    # a tiny smoke run (seconds)
+python benchmarks/run_cpu.py            # the full suite (tens of minutes on 2 cores)
+python benchmarks/run_cpu.py --quick    # a tiny smoke run (seconds)
 """
 
 import sys

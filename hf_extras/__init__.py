@@ -3,38 +3,41 @@
 `import hf_extras` registers every family with the Auto classes.
 """
 
-from .models.configuration_retnet import RetNetConfig
-from .models.modeling_retnet import (
-    RetNetForConditionalGeneration,
-    RetNetForCausalLM,
-    RetNetForMaskedLM,
-    RetNetForQuestionAnswering,
-    RetNetForSequenceClassification,
-    RetNetForTokenClassification,
-    RetNetModel,
-)
-from .models.configuration_gated_retention import GatedRetentionConfig
-from .models.modeling_gated_retention import (
-    GatedRetentionForConditionalGeneration,
-    GatedRetentionForCausalLM,
-    GatedRetentionForMaskedLM,
-    GatedRetentionForQuestionAnswering,
-    GatedRetentionForSequenceClassification,
-    GatedRetentionForTokenClassification,
-    GatedRetentionModel,
-)
+from .dyt import convert_norms_to_dyt, load_dyt_model
+from .models.cache import RecurrentCache
 from .models.configuration_dyt import DyTConfig
+from .models.configuration_gated_retention import GatedRetentionConfig
+from .models.configuration_mamba import HfxMambaConfig
+from .models.configuration_mlp_mixer import MlpMixerConfig
+from .models.configuration_retnet import RetNetConfig
+from .models.image_processing_mlp_mixer import MlpMixerImageProcessor
 from .models.modeling_dyt import (
-    DyTForConditionalGeneration,
     DyTForCausalLM,
+    DyTForConditionalGeneration,
     DyTForMaskedLM,
     DyTForQuestionAnswering,
     DyTForSequenceClassification,
     DyTForTokenClassification,
     DyTModel,
 )
-from .models.configuration_mlp_mixer import MlpMixerConfig
-from .models.image_processing_mlp_mixer import MlpMixerImageProcessor
+from .models.modeling_gated_retention import (
+    GatedRetentionForCausalLM,
+    GatedRetentionForConditionalGeneration,
+    GatedRetentionForMaskedLM,
+    GatedRetentionForQuestionAnswering,
+    GatedRetentionForSequenceClassification,
+    GatedRetentionForTokenClassification,
+    GatedRetentionModel,
+)
+from .models.modeling_mamba import (
+    HfxMambaForCausalLM,
+    HfxMambaForConditionalGeneration,
+    HfxMambaForMaskedLM,
+    HfxMambaForQuestionAnswering,
+    HfxMambaForSequenceClassification,
+    HfxMambaForTokenClassification,
+    HfxMambaModel,
+)
 from .models.modeling_mlp_mixer import (
     MlpMixerForCausalLM,
     MlpMixerForImageClassification,
@@ -42,20 +45,17 @@ from .models.modeling_mlp_mixer import (
     MlpMixerForTokenClassification,
     MlpMixerModel,
 )
-from .models.configuration_mamba import HfxMambaConfig
-from .models.modeling_mamba import (
-    HfxMambaForConditionalGeneration,
-    HfxMambaForCausalLM,
-    HfxMambaForMaskedLM,
-    HfxMambaForQuestionAnswering,
-    HfxMambaForSequenceClassification,
-    HfxMambaForTokenClassification,
-    HfxMambaModel,
+from .models.modeling_retnet import (
+    RetNetForCausalLM,
+    RetNetForConditionalGeneration,
+    RetNetForMaskedLM,
+    RetNetForQuestionAnswering,
+    RetNetForSequenceClassification,
+    RetNetForTokenClassification,
+    RetNetModel,
 )
-from .models.cache import RecurrentCache
 from .models.norms import DyT
 from .registration import register_all
-from .dyt import convert_norms_to_dyt, load_dyt_model
 
 register_all()
 

@@ -73,12 +73,14 @@ class BottleneckConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.bottleneck_size, bool) or not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1:
+        if (
+            isinstance(self.bottleneck_size, bool)
+            or not isinstance(self.bottleneck_size, int)
+            or self.bottleneck_size < 1
+        ):
             raise ValueError(f"BottleneckConfig.bottleneck_size must be a positive int, got {self.bottleneck_size!r}.")
         if self.placement not in PLACEMENTS:
-            raise ValueError(
-                f"BottleneckConfig.placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}."
-            )
+            raise ValueError(f"BottleneckConfig.placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}.")
         if self.activation not in ACT2FN:
             raise ValueError(
                 f"BottleneckConfig.activation {self.activation!r} is not a transformers activation; "
@@ -253,7 +255,11 @@ def adapter_config(model: nn.Module, name: str) -> BottleneckConfig:
 
 
 def _adapter_prefixes(model: nn.Module, name: str) -> list[str]:
-    return [f"{block_name}.{CONTAINER}.{name}" for block_name, block in model.named_modules() if isinstance(block, (HfxBlock, MixerBlock))]
+    return [
+        f"{block_name}.{CONTAINER}.{name}"
+        for block_name, block in model.named_modules()
+        if isinstance(block, (HfxBlock, MixerBlock))
+    ]
 
 
 def _norm_module_names(model: nn.Module) -> list[str]:
@@ -287,7 +293,9 @@ def train_adapter(model: nn.Module, name: str, train_head: bool = True, train_no
 
 def _state_for(model: nn.Module, prefixes: list[str]) -> dict[str, torch.Tensor]:
     state = model.state_dict()
-    return {k: v.detach().contiguous().clone() for k, v in state.items() if any(k.startswith(p + ".") for p in prefixes)}
+    return {
+        k: v.detach().contiguous().clone() for k, v in state.items() if any(k.startswith(p + ".") for p in prefixes)
+    }
 
 
 def save_adapter(

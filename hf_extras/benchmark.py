@@ -36,8 +36,9 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -174,7 +175,9 @@ def _matched_ffn_size(build_with: Callable[[int], torch.nn.Module], target: int,
     return max(8, int(round((start + (target - at_start) / slope) / 8)) * 8)
 
 
-def _build_hfx(config_name: str, model_name: str, match_llama: bool = True, **overrides) -> Callable[[Dims], torch.nn.Module]:
+def _build_hfx(
+    config_name: str, model_name: str, match_llama: bool = True, **overrides
+) -> Callable[[Dims], torch.nn.Module]:
     """Builder of an hf_extras causal LM of the suite's width, depth and heads.
 
     `match_llama`: set the FFN width so the model has as many non-embedding parameters as the baseline Llama (RetNet's
@@ -203,8 +206,16 @@ def _build_transformers_mamba(dims: Dims):
     from transformers import MambaConfig, MambaForCausalLM
 
     config = MambaConfig(
-        vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, num_hidden_layers=dims.num_hidden_layers,
-        state_size=16, expand=2, conv_kernel=4, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.hidden_size,
+        num_hidden_layers=dims.num_hidden_layers,
+        state_size=16,
+        expand=2,
+        conv_kernel=4,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
     return MambaForCausalLM(config)
 
@@ -214,54 +225,107 @@ def _build_hfx_mamba(dims: Dims):
     import hf_extras
 
     config = hf_extras.HfxMambaConfig(
-        vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, num_hidden_layers=dims.num_hidden_layers,
-        state_size=16, expand=2, conv_kernel=4, forward_mode="auto",
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.hidden_size,
+        num_hidden_layers=dims.num_hidden_layers,
+        state_size=16,
+        expand=2,
+        conv_kernel=4,
+        forward_mode="auto",
     )
     return hf_extras.HfxMambaForCausalLM(config)
 
 
-register_model(ModelSpec(
-    "llama", "Llama", _build_llama,
-    "transformers LlamaForCausalLM, SDPA attention, SwiGLU FFN 8/3 x width, tied embeddings (the baseline)",
-))
-register_model(ModelSpec(
-    "retnet", "RetNet", _build_hfx("RetNetConfig", "RetNetForCausalLM", forward_mode="auto"),
-    "hf_extras RetNet, forward_mode='auto' (parallel up to 128 tokens, chunkwise above), FFN width matched to "
-    "Llama's parameter count",
-))
-register_model(ModelSpec(
-    "gla", "GLA", _build_hfx("GatedRetentionConfig", "GatedRetentionForCausalLM", gate="key", forward_mode="auto"),
-    "hf_extras gated retention, gate='key' (GLA: one decay per key channel), FFN matched to Llama's parameters",
-))
-register_model(ModelSpec(
-    "gated_retnet", "Gated RetNet",
-    _build_hfx("GatedRetentionConfig", "GatedRetentionForCausalLM", gate="head", forward_mode="auto"),
-    "hf_extras gated retention, gate='head' (one decay per head and token), FFN matched to Llama's parameters",
-))
-register_model(ModelSpec(
-    "dyt", "DyT", _build_hfx("DyTConfig", "DyTForCausalLM", attn_implementation="sdpa"),
-    "hf_extras DyT transformer (Llama layout with DynamicTanh instead of RMSNorm, SDPA)",
-))
-register_model(ModelSpec(
-    "hfx_mamba", "Mamba (hf_extras)", _build_hfx_mamba,
-    "hf_extras Mamba (no FFN, expand 2, state 16: about half of Llama's parameters at equal width and depth)",
-))
-register_model(ModelSpec(
-    "hf_mamba", "Mamba (transformers)", _build_transformers_mamba,
-    "transformers MambaForCausalLM, same config as hf_extras' Mamba; on CPU its per-token Python loop (no kernels)",
-    max_train_len=512, max_decode_context=8192,
-))
+register_model(
+    ModelSpec(
+        "llama",
+        "Llama",
+        _build_llama,
+        "transformers LlamaForCausalLM, SDPA attention, SwiGLU FFN 8/3 x width, tied embeddings (the baseline)",
+    )
+)
+register_model(
+    ModelSpec(
+        "retnet",
+        "RetNet",
+        _build_hfx("RetNetConfig", "RetNetForCausalLM", forward_mode="auto"),
+        "hf_extras RetNet, forward_mode='auto' (parallel up to 128 tokens, chunkwise above), FFN width matched to "
+        "Llama's parameter count",
+    )
+)
+register_model(
+    ModelSpec(
+        "gla",
+        "GLA",
+        _build_hfx("GatedRetentionConfig", "GatedRetentionForCausalLM", gate="key", forward_mode="auto"),
+        "hf_extras gated retention, gate='key' (GLA: one decay per key channel), FFN matched to Llama's parameters",
+    )
+)
+register_model(
+    ModelSpec(
+        "gated_retnet",
+        "Gated RetNet",
+        _build_hfx("GatedRetentionConfig", "GatedRetentionForCausalLM", gate="head", forward_mode="auto"),
+        "hf_extras gated retention, gate='head' (one decay per head and token), FFN matched to Llama's parameters",
+    )
+)
+register_model(
+    ModelSpec(
+        "dyt",
+        "DyT",
+        _build_hfx("DyTConfig", "DyTForCausalLM", attn_implementation="sdpa"),
+        "hf_extras DyT transformer (Llama layout with DynamicTanh instead of RMSNorm, SDPA)",
+    )
+)
+register_model(
+    ModelSpec(
+        "hfx_mamba",
+        "Mamba (hf_extras)",
+        _build_hfx_mamba,
+        "hf_extras Mamba (no FFN, expand 2, state 16: about half of Llama's parameters at equal width and depth)",
+    )
+)
+register_model(
+    ModelSpec(
+        "hf_mamba",
+        "Mamba (transformers)",
+        _build_transformers_mamba,
+        "transformers MambaForCausalLM, same config as hf_extras' Mamba; on CPU its per-token Python loop (no kernels)",
+        max_train_len=512,
+        max_decode_context=8192,
+    )
+)
 
 BASELINE = "llama"
 DEFAULT_FAMILIES: tuple[str, ...] = ("llama", "retnet", "gla", "gated_retnet", "dyt", "hfx_mamba", "hf_mamba")
 
 TRAIN_KEYS = (
-    "kind", "model", "label", "params", "params_non_embedding", "seq_len", "batch_size", "tokens_per_step",
-    "tokens_per_s", "step_s", "step_s_all", "peak_mem_mb", "error",
+    "kind",
+    "model",
+    "label",
+    "params",
+    "params_non_embedding",
+    "seq_len",
+    "batch_size",
+    "tokens_per_step",
+    "tokens_per_s",
+    "step_s",
+    "step_s_all",
+    "peak_mem_mb",
+    "error",
 )
 DECODE_KEYS = (
-    "kind", "model", "label", "params", "params_non_embedding", "context_len", "new_tokens",
-    "ms_per_token", "ms_per_token_all", "prefill_s", "error",
+    "kind",
+    "model",
+    "label",
+    "params",
+    "params_non_embedding",
+    "context_len",
+    "new_tokens",
+    "ms_per_token",
+    "ms_per_token_all",
+    "prefill_s",
+    "error",
 )
 
 
@@ -516,7 +580,9 @@ def _row(kind: str, spec: ModelSpec, params: dict[str, int], **values) -> dict[s
 
 
 def _skipped(limit: int | None, length: int) -> str | None:
-    return f"skipped: longer than this model's benchmark limit ({limit})" if limit is not None and length > limit else None
+    return (
+        f"skipped: longer than this model's benchmark limit ({limit})" if limit is not None and length > limit else None
+    )
 
 
 def run_suite(
@@ -576,8 +642,10 @@ def run_suite(
     for spec in specs:
         with torch.device("meta"):
             params[spec.name] = count_parameters(spec.build(dims))
-        say(f"{spec.label}: {params[spec.name]['params']:,} parameters "
-            f"({params[spec.name]['params_non_embedding']:,} non-embedding)")
+        say(
+            f"{spec.label}: {params[spec.name]['params']:,} parameters "
+            f"({params[spec.name]['params_non_embedding']:,} non-embedding)"
+        )
 
     rows: list[dict[str, Any]] = []
     for seq_len in seq_lens:
@@ -596,7 +664,9 @@ def run_suite(
                 if isolate:  # memory first, in a fresh process, so nothing measured here masks it
                     with torch.device("meta"):
                         recipe = _model_recipe(spec.build(dims))
-                    peak = _run_isolated(_train_worker, *recipe, seq_len, batch_size, 0, 0, seed, threads)["peak_mem_mb"]
+                    peak = _run_isolated(_train_worker, *recipe, seq_len, batch_size, 0, 0, seed, threads)[
+                        "peak_mem_mb"
+                    ]
                 torch.manual_seed(seed)
                 trainers[spec.name] = _Trainer(spec.build(dims), seq_len, batch_size, seed)
                 results[spec.name] = {"peak_mem_mb": peak, "step_s_all": []}
@@ -620,11 +690,22 @@ def run_suite(
                 say(f"  {spec.label:<22} train seq {seq_len:>6}: {result['error']}")
                 continue
             step_s = _median(result["step_s_all"])
-            rows.append(_row("train", spec, params[spec.name], **shape, tokens_per_s=batch_size * seq_len / step_s,
-                             step_s=step_s, **result))
+            rows.append(
+                _row(
+                    "train",
+                    spec,
+                    params[spec.name],
+                    **shape,
+                    tokens_per_s=batch_size * seq_len / step_s,
+                    step_s=step_s,
+                    **result,
+                )
+            )
             mem = f", peak +{result['peak_mem_mb']:.0f} MB" if result["peak_mem_mb"] is not None else ""
-            say(f"  {spec.label:<22} train seq {seq_len:>6} x batch {batch_size:<3}: "
-                f"{batch_size * seq_len / step_s:>9,.0f} tokens/s ({step_s:.3f} s/step{mem})")
+            say(
+                f"  {spec.label:<22} train seq {seq_len:>6} x batch {batch_size:<3}: "
+                f"{batch_size * seq_len / step_s:>9,.0f} tokens/s ({step_s:.3f} s/step{mem})"
+            )
         say(f"  [train {seq_len}: {time.perf_counter() - start:.0f} s]")
 
     models = {}
@@ -653,16 +734,35 @@ def run_suite(
                     del runs[name]
         for spec in specs:
             if spec.name in errors:
-                rows.append(_row("decode", spec, params[spec.name], context_len=context_len, new_tokens=new_tokens,
-                                 error=errors[spec.name]))
+                rows.append(
+                    _row(
+                        "decode",
+                        spec,
+                        params[spec.name],
+                        context_len=context_len,
+                        new_tokens=new_tokens,
+                        error=errors[spec.name],
+                    )
+                )
                 say(f"  {spec.label:<22} decode ctx {context_len:>6}: {errors[spec.name]}")
                 continue
             decoder = runs[spec.name]
             ms = 1000.0 * _median(decoder.times)
-            rows.append(_row("decode", spec, params[spec.name], context_len=context_len, new_tokens=new_tokens,
-                             ms_per_token=ms, ms_per_token_all=[1000.0 * t for t in decoder.times],
-                             prefill_s=decoder.prefill_s))
-            say(f"  {spec.label:<22} decode ctx {context_len:>6}: {ms:8.2f} ms/token (prefill {decoder.prefill_s:.2f} s)")
+            rows.append(
+                _row(
+                    "decode",
+                    spec,
+                    params[spec.name],
+                    context_len=context_len,
+                    new_tokens=new_tokens,
+                    ms_per_token=ms,
+                    ms_per_token_all=[1000.0 * t for t in decoder.times],
+                    prefill_s=decoder.prefill_s,
+                )
+            )
+            say(
+                f"  {spec.label:<22} decode ctx {context_len:>6}: {ms:8.2f} ms/token (prefill {decoder.prefill_s:.2f} s)"
+            )
         say(f"  [decode {context_len}: {time.perf_counter() - start:.0f} s]")
     say(f"suite done in {time.perf_counter() - suite_start:.0f} s")
     return rows
@@ -746,13 +846,20 @@ def format_tables(rows: list[dict[str, Any]], baseline: str = BASELINE) -> str:
     sections = []
     params = {}
     for row in rows:
-        params.setdefault(row["model"], (row.get("label") or row["model"], row.get("params"), row.get("params_non_embedding")))
+        params.setdefault(
+            row["model"], (row.get("label") or row["model"], row.get("params"), row.get("params_non_embedding"))
+        )
     if params:
-        sections.append("### Parameters\n\n" + _md_table(
-            ["model", "parameters", "non-embedding", f"/ {params.get(baseline, (baseline,))[0]}"],
-            [[label, _fmt(p), _fmt(ne), _fmt(_ratio(p, params.get(baseline, (None, None))[1]), 2, "x")]
-             for label, p, ne in params.values()],
-        ))
+        sections.append(
+            "### Parameters\n\n"
+            + _md_table(
+                ["model", "parameters", "non-embedding", f"/ {params.get(baseline, (baseline,))[0]}"],
+                [
+                    [label, _fmt(p), _fmt(ne), _fmt(_ratio(p, params.get(baseline, (None, None))[1]), 2, "x")]
+                    for label, p, ne in params.values()
+                ],
+            )
+        )
 
     tps, labels, seq_lens = _index(rows, "train", "seq_len", "tokens_per_s")
     if tps:
@@ -766,11 +873,15 @@ def format_tables(rows: list[dict[str, Any]], baseline: str = BASELINE) -> str:
         if baseline in tps:
             sections.append(
                 f"### Training speed vs {base_label} (model tokens/s / {base_label} tokens/s; > 1 is faster)\n\n"
-                + _md_table(["ratio"] + [_length_name(n) for n in seq_lens], [
-                    [f"{labels[m]} / {base_label} tokens/s"]
-                    + [_fmt(_ratio(tps[m].get(n), tps[baseline].get(n)), 2, "x") for n in seq_lens]
-                    for m in tps if m != baseline
-                ])
+                + _md_table(
+                    ["ratio"] + [_length_name(n) for n in seq_lens],
+                    [
+                        [f"{labels[m]} / {base_label} tokens/s"]
+                        + [_fmt(_ratio(tps[m].get(n), tps[baseline].get(n)), 2, "x") for n in seq_lens]
+                        for m in tps
+                        if m != baseline
+                    ],
+                )
             )
         mem, _, _ = _index(rows, "train", "seq_len", "peak_mem_mb")
         if any(v is not None for per in mem.values() for v in per.values()):
@@ -805,16 +916,19 @@ def format_tables(rows: list[dict[str, Any]], baseline: str = BASELINE) -> str:
         sections.append(
             "### Decode latency (ms per generated token, batch 1, greedy, after a prefill of ctx tokens)\n\n"
             f"Context ratio: ms/token at the longest over the shortest context (1.00x = flat). "
-            f"`{base_label} / model`: > 1 means faster than {base_label}.\n\n"
-            + _md_table(header, body)
+            f"`{base_label} / model`: > 1 means faster than {base_label}.\n\n" + _md_table(header, body)
         )
 
     failures = [row for row in rows if not _ok(row)]
     if failures:
-        sections.append("### Not measured (skipped or failed)\n\n" + "\n".join(
-            f"- {row.get('label') or row['model']} {row['kind']} "
-            f"{row.get('seq_len') or row.get('context_len')}: {row['error']}" for row in failures
-        ))
+        sections.append(
+            "### Not measured (skipped or failed)\n\n"
+            + "\n".join(
+                f"- {row.get('label') or row['model']} {row['kind']} "
+                f"{row.get('seq_len') or row.get('context_len')}: {row['error']}"
+                for row in failures
+            )
+        )
     return "\n\n".join(sections) + "\n"
 
 
@@ -827,8 +941,15 @@ def save_results(rows: list[dict[str, Any]], path: str, meta: dict[str, Any] | N
     return path
 
 
-def _line_plot(path: str, series: dict[str, dict[int, float | None]], labels: dict[str, str],
-               xlabel: str, ylabel: str, title: str, logy: bool) -> str:
+def _line_plot(
+    path: str,
+    series: dict[str, dict[int, float | None]],
+    labels: dict[str, str],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logy: bool,
+) -> str:
     from matplotlib.figure import Figure  # no pyplot: does not touch the global backend; renders with Agg
     from matplotlib.ticker import FuncFormatter
 
@@ -865,20 +986,31 @@ def save_plots(rows: list[dict[str, Any]], out_dir: str) -> dict[str, str]:
     tps, labels, _ = _index(rows, "train", "seq_len", "tokens_per_s")
     if tps:
         paths["train_throughput"] = _line_plot(
-            os.path.join(out_dir, "train_throughput.png"), tps, labels, "sequence length (tokens per step fixed)",
-            "training tokens/s", "Training throughput (fwd + bwd + AdamW)", logy=False,
+            os.path.join(out_dir, "train_throughput.png"),
+            tps,
+            labels,
+            "sequence length (tokens per step fixed)",
+            "training tokens/s",
+            "Training throughput (fwd + bwd + AdamW)",
+            logy=False,
         )
     ms, labels, _ = _index(rows, "decode", "context_len", "ms_per_token")
     if ms:
         paths["decode_latency"] = _line_plot(
-            os.path.join(out_dir, "decode_latency.png"), ms, labels, "context length (tokens)",
-            "ms per generated token", "Greedy decoding latency, batch 1", logy=True,
+            os.path.join(out_dir, "decode_latency.png"),
+            ms,
+            labels,
+            "context length (tokens)",
+            "ms per generated token",
+            "Greedy decoding latency, batch 1",
+            logy=True,
         )
     return paths
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: str, meta: dict[str, Any] | None = None,
-                 baseline: str = BASELINE) -> dict[str, str]:
+def write_report(
+    rows: list[dict[str, Any]], out_dir: str, meta: dict[str, Any] | None = None, baseline: str = BASELINE
+) -> dict[str, str]:
     """Write `results.json`, `table.md` and the PNG plots into `out_dir`; returns {name: path}."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"results": save_results(rows, os.path.join(out_dir, "results.json"), meta)}
@@ -888,7 +1020,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: str, meta: dict[str, Any] 
         header = (
             f"Measured {meta.get('time', '')} on {meta.get('processor', '?')}, {meta.get('torch_threads', '?')} threads, "
             f"torch {meta.get('torch', '?')}, transformers {meta.get('transformers', '?')}"
-            + (f", load average {meta['load_average'][0]:.2f}" if meta.get("load_average") else "") + ".\n"
+            + (f", load average {meta['load_average'][0]:.2f}" if meta.get("load_average") else "")
+            + ".\n"
         )
         if meta.get("suite"):
             header += "Suite: " + ", ".join(f"{k}={v}" for k, v in meta["suite"].items()) + ".\n"
@@ -906,8 +1039,16 @@ def write_report(rows: list[dict[str, Any]], out_dir: str, meta: dict[str, Any] 
 # --------------------------------------------------------------------------------------------------------------------
 
 QUICK = dict(
-    seq_lens=(64, 128), contexts=(32, 128), hidden=64, layers=2, heads=2, tokens_per_step=256,
-    train_steps=2, train_warmup=1, new_tokens=8, decode_warmup=2,
+    seq_lens=(64, 128),
+    contexts=(32, 128),
+    hidden=64,
+    layers=2,
+    heads=2,
+    tokens_per_step=256,
+    train_steps=2,
+    train_warmup=1,
+    new_tokens=8,
+    decode_warmup=2,
 )
 
 
@@ -922,8 +1063,13 @@ def parse_bench_args(argv: Sequence[str] | None = None):
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (hidden 64, 2 layers, short sequences)")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu"), help="output folder")
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_FAMILIES), choices=sorted(MODELS),
-                        help="models to run (ratios are against llama)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_FAMILIES),
+        choices=sorted(MODELS),
+        help="models to run (ratios are against llama)",
+    )
     parser.add_argument("--seq-lens", type=int, nargs="+", help="training sequence lengths (default 512 2048 8192)")
     parser.add_argument("--contexts", type=int, nargs="+", help="decode context lengths (default 256 8192)")
     parser.add_argument("--hidden", type=int, help="hidden size (default 256)")
@@ -941,22 +1087,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite from command-line arguments; returns 1 if a configuration failed (skips are not failures)."""
     args = parse_bench_args(argv)
     suite: dict[str, Any] = dict(QUICK) if args.quick else {}
-    for key, value in (("seq_lens", args.seq_lens), ("contexts", args.contexts), ("hidden", args.hidden),
-                       ("layers", args.layers), ("heads", args.heads), ("tokens_per_step", args.tokens_per_step),
-                       ("train_steps", args.steps), ("new_tokens", args.new_tokens)):
+    for key, value in (
+        ("seq_lens", args.seq_lens),
+        ("contexts", args.contexts),
+        ("hidden", args.hidden),
+        ("layers", args.layers),
+        ("heads", args.heads),
+        ("tokens_per_step", args.tokens_per_step),
+        ("train_steps", args.steps),
+        ("new_tokens", args.new_tokens),
+    ):
         if value is not None:
             suite[key] = tuple(value) if isinstance(value, list) else value
     threads = args.threads or available_cores()
     meta = environment_info(threads)
     meta["suite"] = {"models": args.models, "quick": args.quick, **suite}
-    print(f"hf_extras benchmark: {threads} threads, torch {meta['torch']}, transformers {meta['transformers']}"
-          + (f", load average {meta['load_average'][0]:.2f}" if "load_average" in meta else ""), flush=True)
+    print(
+        f"hf_extras benchmark: {threads} threads, torch {meta['torch']}, transformers {meta['transformers']}"
+        + (f", load average {meta['load_average'][0]:.2f}" if "load_average" in meta else ""),
+        flush=True,
+    )
     if meta.get("load_average") and meta["load_average"][0] > 0.5 * meta["available_cores"]:
-        print(f"WARNING: the machine is busy (load average {meta['load_average'][0]:.2f} on {meta['available_cores']} "
-              "cores): absolute timings will be noisy (the round-robin keeps ratios fairer).", flush=True)
+        print(
+            f"WARNING: the machine is busy (load average {meta['load_average'][0]:.2f} on {meta['available_cores']} "
+            "cores): absolute timings will be noisy (the round-robin keeps ratios fairer).",
+            flush=True,
+        )
     start = time.perf_counter()
-    rows = run_suite(families=args.models, threads=threads, isolate=not args.no_memory,
-                     progress=lambda message: print(message, flush=True), **suite)
+    rows = run_suite(
+        families=args.models,
+        threads=threads,
+        isolate=not args.no_memory,
+        progress=lambda message: print(message, flush=True),
+        **suite,
+    )
     meta["wall_s"] = round(time.perf_counter() - start, 1)
     paths = write_report(rows, args.out, meta)
     print()

@@ -249,7 +249,12 @@ def parse_train_args(config_path: str | None, cli_args: Sequence[str] = ()) -> R
     overrides = {k: v for k, v in dataclasses.asdict(model).items() if v is not None and k != "model_type"}
     build_config(model_type, overrides)  # fail now, not after loading data, on a bad config value
     return RunArguments(
-        data=data, task=task_args, model_type=model_type, model_overrides=overrides, training=training, finetune=finetune
+        data=data,
+        task=task_args,
+        model_type=model_type,
+        model_overrides=overrides,
+        training=training,
+        finetune=finetune,
     )
 
 

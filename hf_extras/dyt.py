@@ -75,7 +75,9 @@ def norm_to_dyt(module: nn.Module, alpha_init: float = 0.5) -> DyT:
     return dyt
 
 
-def convert_norms_to_dyt(model: nn.Module, alpha_init: AlphaInit = 0.5, modules: Iterable[str] | None = None) -> nn.Module:
+def convert_norms_to_dyt(
+    model: nn.Module, alpha_init: AlphaInit = 0.5, modules: Iterable[str] | None = None
+) -> nn.Module:
     """Replace every LayerNorm and RMSNorm in `model` with `DyT` (in place) and return the model.
 
     Each DyT has the norm's width, copies its `weight` and `bias` (the affine part is kept, so a pretrained model
@@ -132,7 +134,9 @@ def load_dyt_model(folder: str, model_class=None, **from_pretrained_kwargs):
     import transformers
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=from_pretrained_kwargs.get("trust_remote_code", False))
+    config = AutoConfig.from_pretrained(
+        folder, trust_remote_code=from_pretrained_kwargs.get("trust_remote_code", False)
+    )
     conversion = getattr(config, "dyt_conversion", None)
     if not conversion:
         raise ValueError(

@@ -49,7 +49,11 @@ _TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
 }
 # heads PEFT's task models already put in `modules_to_save` themselves
-_PEFT_SAVES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+_PEFT_SAVES = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 # prompt tuning prepends virtual tokens; PEFT shifts the labels of these task types only (token-level labels and
 # QA positions would point at the wrong tokens)
 _PROMPT_TUNING_TASKS = ("SEQ_CLS", "CAUSAL_LM")
@@ -73,7 +77,8 @@ class FinetuneArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     peft_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules LoRA / IA3 adapt; unset = the family's defaults (hf_extras.peft_maps)."}
+        default=None,
+        metadata={"help": "Modules LoRA / IA3 adapt; unset = the family's defaults (hf_extras.peft_maps)."},
     )
     adapter_size: int = field(default=16, metadata={"help": "Bottleneck adapter width."})
     adapter_placement: Literal["houlsby", "pfeiffer"] = field(
@@ -120,7 +125,11 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
     """Trainable and total parameter counts and the trainable share (in percent)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable_parameters": trainable, "total_parameters": total, "trainable_percent": 100.0 * trainable / total}
+    return {
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_percent": 100.0 * trainable / total,
+    }
 
 
 def _peft_config(model: nn.Module, args: FinetuneArguments):
@@ -216,7 +225,9 @@ def load_finetuned(directory: str | Path, auto_class: type, **kwargs) -> nn.Modu
     else:
         return auto_class.from_pretrained(str(directory), **kwargs)
     if not base_path:
-        raise ValueError(f"the adapter in {directory} does not name its base model; load the base and the adapter yourself.")
+        raise ValueError(
+            f"the adapter in {directory} does not name its base model; load the base and the adapter yourself."
+        )
     kwargs.setdefault("config", AutoConfig.from_pretrained(str(directory)))
     base = auto_class.from_pretrained(base_path, **kwargs)
     if (directory / ADAPTER_CONFIG_NAME).is_file():

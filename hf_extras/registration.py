@@ -18,8 +18,8 @@ from transformers import (
 from .models import modeling_dyt, modeling_gated_retention, modeling_mamba, modeling_mlp_mixer, modeling_retnet
 from .models.configuration_mlp_mixer import MlpMixerConfig
 from .models.image_processing_mlp_mixer import MlpMixerImageProcessor
-from .pipelines import register_qa_pipeline
 from .peft_maps import register_peft_target_modules
+from .pipelines import register_qa_pipeline
 
 AUTO_FACTORIES = {
     "AutoModel": AutoModel,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from huggingface_hub.errors import StrictDataclassError
-
 from families import FAMILIES
+from huggingface_hub.errors import StrictDataclassError
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)

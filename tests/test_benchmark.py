@@ -13,8 +13,17 @@ import torch
 from hf_extras import benchmark
 
 TINY = dict(
-    seq_lens=(64,), contexts=(16, 64), hidden=32, layers=1, heads=2, tokens_per_step=64,
-    train_steps=1, train_warmup=1, new_tokens=2, decode_warmup=1, threads=1,
+    seq_lens=(64,),
+    contexts=(16, 64),
+    hidden=32,
+    layers=1,
+    heads=2,
+    tokens_per_step=64,
+    train_steps=1,
+    train_warmup=1,
+    new_tokens=2,
+    decode_warmup=1,
+    threads=1,
 )
 
 
@@ -42,8 +51,15 @@ def test_suite_rows_tables_and_plots(tmp_path):
         assert row["ms_per_token"] > 0 and len(row["ms_per_token_all"]) == 2
 
     tables = benchmark.format_tables(rows)
-    for label in ("RetNet / Llama tokens/s", "GLA / Llama tokens/s", "Gated RetNet / Llama tokens/s",
-                  "ctx 64 / ctx 16", "Llama / model @ 64", "### Parameters", "### Peak memory"):
+    for label in (
+        "RetNet / Llama tokens/s",
+        "GLA / Llama tokens/s",
+        "Gated RetNet / Llama tokens/s",
+        "ctx 64 / ctx 16",
+        "Llama / model @ 64",
+        "### Parameters",
+        "### Peak memory",
+    ):
         assert label in tables
 
     meta = benchmark.environment_info(threads=1)
@@ -60,12 +76,31 @@ def test_suite_rows_tables_and_plots(tmp_path):
 
 def test_failed_configuration_is_reported_not_raised():
     rows = [
-        dict.fromkeys(benchmark.TRAIN_KEYS) | dict(kind="train", model="llama", label="Llama", params=10,
-                                                   params_non_embedding=5, seq_len=64, batch_size=1,
-                                                   tokens_per_step=64, tokens_per_s=100.0, peak_mem_mb=3.0),
-        dict.fromkeys(benchmark.TRAIN_KEYS) | dict(kind="train", model="retnet", label="RetNet", params=12,
-                                                   params_non_embedding=6, seq_len=64, batch_size=1,
-                                                   tokens_per_step=64, error="RuntimeError: out of memory"),
+        dict.fromkeys(benchmark.TRAIN_KEYS)
+        | dict(
+            kind="train",
+            model="llama",
+            label="Llama",
+            params=10,
+            params_non_embedding=5,
+            seq_len=64,
+            batch_size=1,
+            tokens_per_step=64,
+            tokens_per_s=100.0,
+            peak_mem_mb=3.0,
+        ),
+        dict.fromkeys(benchmark.TRAIN_KEYS)
+        | dict(
+            kind="train",
+            model="retnet",
+            label="RetNet",
+            params=12,
+            params_non_embedding=6,
+            seq_len=64,
+            batch_size=1,
+            tokens_per_step=64,
+            error="RuntimeError: out of memory",
+        ),
     ]
     tables = benchmark.format_tables(rows)
     assert "| RetNet / Llama tokens/s | n/a |" in tables
@@ -91,14 +126,37 @@ def test_ffn_width_is_matched_to_llama_parameters():
 
 
 def test_models_over_their_limit_are_skipped_and_reported(tmp_path, capsys):
-    benchmark.register_model(benchmark.ModelSpec(
-        "tiny_limited", "Limited", benchmark.MODELS["retnet"].build, max_train_len=32, max_decode_context=8,
-    ))
+    benchmark.register_model(
+        benchmark.ModelSpec(
+            "tiny_limited",
+            "Limited",
+            benchmark.MODELS["retnet"].build,
+            max_train_len=32,
+            max_decode_context=8,
+        )
+    )
     try:
-        status = benchmark.main([
-            "--quick", "--models", "llama", "tiny_limited", "--seq-lens", "64", "--contexts", "16", "--steps", "1",
-            "--new-tokens", "2", "--threads", "1", "--no-memory", "--out", str(tmp_path),
-        ])
+        status = benchmark.main(
+            [
+                "--quick",
+                "--models",
+                "llama",
+                "tiny_limited",
+                "--seq-lens",
+                "64",
+                "--contexts",
+                "16",
+                "--steps",
+                "1",
+                "--new-tokens",
+                "2",
+                "--threads",
+                "1",
+                "--no-memory",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     finally:
         del benchmark.MODELS["tiny_limited"]
     out = capsys.readouterr().out

@@ -8,11 +8,11 @@ import copy
 
 import pytest
 import torch
+from families import FAMILIES, HEADS, head_config
+from test_mlp_mixer import VOCAB, image_config, text_config
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import hf_extras
-from families import FAMILIES, HEADS, head_config
-from test_mlp_mixer import VOCAB, image_config, text_config
 
 TRAIN_HEADS = [h for h in HEADS if h != "Model"]
 
@@ -86,11 +86,18 @@ def test_checkpointed_seq2seq_matches(family):
     src = torch.randint(7, 96, (2, 11))
     mask = torch.ones_like(src)
     mask[0, -3:] = 0
-    assert_checkpointing_matches(model, {"input_ids": src, "attention_mask": mask, "labels": torch.randint(7, 96, (2, 7))})
+    assert_checkpointing_matches(
+        model, {"input_ids": src, "attention_mask": mask, "labels": torch.randint(7, 96, (2, 7))}
+    )
 
 
 @pytest.mark.parametrize(
-    "head", [hf_extras.MlpMixerForCausalLM, hf_extras.MlpMixerForSequenceClassification, hf_extras.MlpMixerForTokenClassification]
+    "head",
+    [
+        hf_extras.MlpMixerForCausalLM,
+        hf_extras.MlpMixerForSequenceClassification,
+        hf_extras.MlpMixerForTokenClassification,
+    ],
 )
 def test_checkpointed_mlp_mixer_text_matches(head):
     name = head.__name__.removeprefix("MlpMixer")

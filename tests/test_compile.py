@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from families import FAMILIES
+
 from hf_extras.models.retention_ops import chunkwise_retention
 from hf_extras.models.scan_ops import selective_scan
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from families import FAMILIES
+
 from hf_extras.models import fla_dispatch
 from hf_extras.models.retention_ops import chunkwise_retention
 
@@ -36,12 +36,16 @@ def fla():
 
 def _inputs(decay: str, dtype, B=2, H=4, T=1000, D=64, with_state=True):
     gen = torch.Generator(device=CUDA).manual_seed(0)
-    q, k, v = ((torch.randn(B, H, T, D, device=CUDA, generator=gen) * D**-0.5).to(dtype).requires_grad_() for _ in range(3))
+    q, k, v = (
+        (torch.randn(B, H, T, D, device=CUDA, generator=gen) * D**-0.5).to(dtype).requires_grad_() for _ in range(3)
+    )
     log_decay = {
         "none": None,
         "fixed": torch.log(1 - 2.0 ** (-5.0 - torch.arange(H, device=CUDA, dtype=torch.float32))),
         "head": torch.nn.functional.logsigmoid(torch.randn(B, H, T, device=CUDA, generator=gen) + 3).requires_grad_(),
-        "key": (torch.nn.functional.logsigmoid(torch.randn(B, H, T, D, device=CUDA, generator=gen) + 3) / 16).requires_grad_(),
+        "key": (
+            torch.nn.functional.logsigmoid(torch.randn(B, H, T, D, device=CUDA, generator=gen) + 3) / 16
+        ).requires_grad_(),
     }[decay]
     state = torch.randn(B, H, D, D, device=CUDA, generator=gen) * 0.1 if with_state else None
     return q, k, v, log_decay, state
@@ -71,8 +75,9 @@ def test_fla_kernels_match_our_chunkwise_form(fla, decay, dtype):
         return chunkwise_retention(q, k, v, g, chunk_size=64, initial_state=s, output_final_state=True)
 
     def theirs(q, k, v, g, s):
-        result = fla_dispatch.fla_decayed_linear_attention(q, k, v, g, mode="chunkwise", initial_state=s,
-                                                           output_final_state=True)
+        result = fla_dispatch.fla_decayed_linear_attention(
+            q, k, v, g, mode="chunkwise", initial_state=s, output_final_state=True
+        )
         assert result is not None, "not dispatched"
         return result
 
@@ -100,7 +105,9 @@ def test_every_family_float32_on_cuda_matches_cpu(family, fla_switch, monkeypatc
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     cpu = _model(family, torch.float32).cpu().train()
     cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
-    torch.testing.assert_close(loss.cpu(), cpu(input_ids=ids.cpu(), labels=ids.cpu()).loss.detach(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        loss.cpu(), cpu(input_ids=ids.cpu(), labels=ids.cpu()).loss.detach(), rtol=1e-3, atol=1e-3
+    )
     model.eval()
     with torch.no_grad():
         cached = model.generate(ids[:, :20], max_new_tokens=12, do_sample=False)
@@ -125,7 +132,9 @@ def test_every_family_bf16_on_cuda(family):
     assert out.shape == (2, 28)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f.name in ("retnet", "gla", "gated_retnet")], ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "family", [f for f in FAMILIES if f.name in ("retnet", "gla", "gated_retnet")], ids=lambda f: f.name
+)
 def test_fla_dispatch_inside_models_matches_pytorch_forms(fla, family, monkeypatch):
     model = _model(family, torch.float32).eval()
     ids = torch.randint(3, 96, (2, 500), device=CUDA)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import unicodedata
 
 import numpy as np
 import pytest
@@ -53,8 +52,15 @@ def test_vocabulary_layout(tok):
     expected = ["<pad>", "</s>", "<s>", "<unk>", "<mask>", "<cls>", "<sep>"]
     assert tok.convert_ids_to_tokens(list(range(7))) == expected
     ids = {k: getattr(tok, f"{k[:-6]}_token_id") for k in SPECIAL_TOKENS}
-    assert ids == {"pad_token": 0, "eos_token": 1, "bos_token": 2, "unk_token": 3, "mask_token": 4,
-                   "cls_token": 5, "sep_token": 6}
+    assert ids == {
+        "pad_token": 0,
+        "eos_token": 1,
+        "bos_token": 2,
+        "unk_token": 3,
+        "mask_token": 4,
+        "cls_token": 5,
+        "sep_token": 6,
+    }
     assert tok("A", add_special_tokens=False).input_ids == [ord("A") + 7]
     assert sorted(tok.get_vocab().values()) == list(range(263))
     assert tok.model_input_names == ["input_ids", "attention_mask"]
@@ -119,12 +125,21 @@ def test_pair_template_and_padding(tok):
 
 def test_extractive_qa_windows(tok):
     question = "Où est Zürich?"
-    context = ("Zürich liegt am Zürichsee in der Schweiz — the largest city. 日本語 text and emoji 🇨🇭 "
-               "appear here, then the answer: the Limmat river flows through Zürich. ") * 2
+    context = (
+        "Zürich liegt am Zürichsee in der Schweiz — the largest city. 日本語 text and emoji 🇨🇭 "
+        "appear here, then the answer: the Limmat river flows through Zürich. "
+    ) * 2
     answer = "Limmat river"
     answer_start = context.index(answer)
-    enc = tok(question, context, truncation="only_second", max_length=64, stride=16,
-              return_overflowing_tokens=True, return_offsets_mapping=True)
+    enc = tok(
+        question,
+        context,
+        truncation="only_second",
+        max_length=64,
+        stride=16,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+    )
     n = len(enc.input_ids)
     assert n >= 4 and enc["overflow_to_sample_mapping"] == [0] * n
     q_len = len(question.encode("utf-8"))
@@ -208,8 +223,9 @@ def test_default_corpus_is_deterministic_and_split_by_path_hash():
     assert all(stable_fraction(s) < 0.02 for s in val)
     assert all(stable_fraction(s) >= 0.02 for s in train)
     sources = first["train"]["source"][:] + first["validation"]["source"][:]
-    assert not any(s.startswith(("site-packages", "test/")) or "/test/" in s or "/tests/" in s
-                   or "idle_test" in s for s in sources)
+    assert not any(
+        s.startswith(("site-packages", "test/")) or "/test/" in s or "/tests/" in s or "idle_test" in s for s in sources
+    )
     assert any(s.startswith("pydoc_data:") for s in sources) and "os.py" in sources
     assert all(text.strip() for text in first["train"]["text"][:50])
 
@@ -217,10 +233,14 @@ def test_default_corpus_is_deterministic_and_split_by_path_hash():
 def test_corpus_split_is_independent_of_hash_seed():
     # Load corpus.py by path in a fresh interpreter with another hash seed (importing the
     # hf_extras package itself would pull in torch and every model: slow, and not under test).
-    corpus_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf_extras", "data", "corpus.py")
-    code = ("import importlib.util as u, sys; s = u.spec_from_file_location('c', sys.argv[1]); "
-            "m = u.module_from_spec(s); s.loader.exec_module(m); "
-            "print(','.join(m.load_default_corpus(validation_fraction=0.1)['validation']['source']))")
+    corpus_py = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf_extras", "data", "corpus.py"
+    )
+    code = (
+        "import importlib.util as u, sys; s = u.spec_from_file_location('c', sys.argv[1]); "
+        "m = u.module_from_spec(s); s.loader.exec_module(m); "
+        "print(','.join(m.load_default_corpus(validation_fraction=0.1)['validation']['source']))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345" if os.environ.get("PYTHONHASHSEED") != "12345" else "54321"}
     run = subprocess.run([sys.executable, "-c", code, corpus_py], env=env, capture_output=True, text=True, check=True)
     here = ",".join(load_default_corpus(validation_fraction=0.1)["validation"]["source"])
@@ -290,8 +310,9 @@ def test_load_text_dataset_none_is_default_corpus():
 
 
 def test_causal_packing_exact_ids(tok):
-    ds = DatasetDict(train=Dataset.from_dict({"text": ["ab", "cde", "é"]}),
-                     validation=Dataset.from_dict({"text": ["xyz"]}))
+    ds = DatasetDict(
+        train=Dataset.from_dict({"text": ["ab", "cde", "é"]}), validation=Dataset.from_dict({"text": ["xyz"]})
+    )
     packed = prepare_causal_lm_dataset(ds, tok, block_size=3)
     b = lambda s: [x + 7 for x in s.encode("utf-8")]  # noqa: E731
     eos = tok.eos_token_id

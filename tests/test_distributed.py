@@ -34,8 +34,22 @@ def _launch(launcher: str, script: list[str], timeout: int) -> subprocess.Comple
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     else:  # `accelerate launch --cpu` would run one process: --multi_gpu with use_cpu=True gives gloo DDP
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+        ]
     result = subprocess.run(command + script, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -67,19 +81,38 @@ def train_tiny(output_dir: str, per_device_batch: int) -> list[float]:
     ids = (start + stride * torch.arange(SEQ)) % 96
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(
-        output_dir=output_dir, use_cpu=True, report_to="none", max_steps=STEPS, per_device_train_batch_size=per_device_batch,
-        per_device_eval_batch_size=8, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", logging_steps=1,
-        save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to="none",
+        max_steps=STEPS,
+        per_device_train_batch_size=per_device_batch,
+        per_device_eval_batch_size=8,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     default_find_unused_parameters(args, config)
-    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(8)),
-                      data_collator=default_data_collator)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data.select(range(8)),
+        data_collator=default_data_collator,
+    )
     evaluate_before_training(trainer)  # as `hf-extras train` does: the untrained model first
     trainer.train()
     wrapped = type(trainer.model_wrapped).__name__
     if trainer.is_world_process_zero():
-        Path(output_dir, "losses.json").write_text(json.dumps({"losses": _step_losses(trainer.state.log_history),
-                                                               "wrapped": wrapped, "world": args.world_size}))
+        Path(output_dir, "losses.json").write_text(
+            json.dumps(
+                {"losses": _step_losses(trainer.state.log_history), "wrapped": wrapped, "world": args.world_size}
+            )
+        )
     return _step_losses(trainer.state.log_history)
 
 
@@ -117,12 +150,47 @@ def test_find_unused_parameters_default():
 
 def _cli_args(data_file: Path, output_dir: Path, per_device_batch: int, *extra: str) -> list[str]:
     return [
-        "train", str(REPO / "configs" / "quickstart.yaml"), "--dataset_name", str(data_file), "--output_dir", str(output_dir),
-        "--block_size", str(SEQ), "--max_train_samples", "64", "--max_eval_samples", "8", "--sample_max_new_tokens", "0",
-        "--hidden_size", "32", "--num_hidden_layers", "2", "--num_heads", "2", "--max_steps", str(STEPS),
-        "--per_device_train_batch_size", str(per_device_batch), "--per_device_eval_batch_size", "8", "--optim", "sgd",
-        "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1",
-        "--eval_strategy", "no", "--dataloader_num_workers", "0", *extra,
+        "train",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "--dataset_name",
+        str(data_file),
+        "--output_dir",
+        str(output_dir),
+        "--block_size",
+        str(SEQ),
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "8",
+        "--sample_max_new_tokens",
+        "0",
+        "--hidden_size",
+        "32",
+        "--num_hidden_layers",
+        "2",
+        "--num_heads",
+        "2",
+        "--max_steps",
+        str(STEPS),
+        "--per_device_train_batch_size",
+        str(per_device_batch),
+        "--per_device_eval_batch_size",
+        "8",
+        "--optim",
+        "sgd",
+        "--learning_rate",
+        "0.5",
+        "--lr_scheduler_type",
+        "constant",
+        "--warmup_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--dataloader_num_workers",
+        "0",
+        *extra,
     ]
 
 
@@ -140,8 +208,14 @@ def text_file(tmp_path_factory) -> Path:
 def single_run(tmp_path_factory, text_file) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
     hf_extras_cli = shutil.which("hf-extras") or "hf-extras"
-    subprocess.run([hf_extras_cli, *_cli_args(text_file, out, GLOBAL_BATCH)], cwd=REPO, env=_env(), check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [hf_extras_cli, *_cli_args(text_file, out, GLOBAL_BATCH)],
+        cwd=REPO,
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 
@@ -155,15 +229,26 @@ def test_hf_extras_train_under_launchers(tmp_path, text_file, single_run, launch
     micro-batches) runs with DDP's unused-parameter search that `default_find_unused_parameters` turns on; its
     losses are compared with a one-process MoE run of its own.
     """
-    extra = ["--ffn_type", "moe", "--num_experts", "4", "--num_experts_per_tok", "1", "--router_aux_loss_coef", "0.0"] \
-        if ffn_type == "moe" else []
+    extra = (
+        ["--ffn_type", "moe", "--num_experts", "4", "--num_experts_per_tok", "1", "--router_aux_loss_coef", "0.0"]
+        if ffn_type == "moe"
+        else []
+    )
     reference = single_run
     if extra:
         reference = tmp_path / "single_moe"
-        subprocess.run([shutil.which("hf-extras") or "hf-extras", *_cli_args(text_file, reference, GLOBAL_BATCH, *extra)],
-                       cwd=REPO, env=_env(), check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            [shutil.which("hf-extras") or "hf-extras", *_cli_args(text_file, reference, GLOBAL_BATCH, *extra)],
+            cwd=REPO,
+            env=_env(),
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
     out = tmp_path / "two"
-    result = _launch(launcher, ["-m", "hf_extras.cli", *_cli_args(text_file, out, GLOBAL_BATCH // 2, *extra)], timeout=400)
+    result = _launch(
+        launcher, ["-m", "hf_extras.cli", *_cli_args(text_file, out, GLOBAL_BATCH // 2, *extra)], timeout=400
+    )
     one = json.loads((reference / "trainer_state.json").read_text())["log_history"]
     two = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert _step_losses(two) == pytest.approx(_step_losses(one), rel=RTOL)

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import run_without_hf_extras
 from torch import nn
 
 import hf_extras
-from conftest import run_without_hf_extras
 from hf_extras import DyT, DyTConfig, convert_norms_to_dyt, load_dyt_model
 from hf_extras.models.configuration_dyt import paper_llm_alphas
 
@@ -100,7 +100,9 @@ def test_custom_parameters_are_initialised_on_load(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     dropped = [k for k in state if k.endswith(".alpha") or "embed_scale" in k]
     assert len(dropped) == 2 * 2 + 1 + 1
-    save_file({k: v for k, v in state.items() if k not in dropped}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in state.items() if k not in dropped}, tmp_path / "model.safetensors", metadata={"format": "pt"}
+    )
     loaded = hf_extras.DyTForCausalLM.from_pretrained(tmp_path)
     attn, ffn, final = _alphas(loaded.model)
     assert attn == pytest.approx([0.9, 0.9]) and ffn == pytest.approx([0.3, 0.3]) and final == pytest.approx(0.3)
@@ -262,7 +264,9 @@ def test_kv_cache_grows_and_matches_full_forward():
 
 def test_remote_code_load_of_a_variant_with_extra_modules(tmp_path):
     """Learned positions + embedding scale + attention-side alpha survive a load without hf_extras."""
-    config = tiny(position_embedding_type="learned", max_position_embeddings=32, dyt_init="paper_llm", dyt_attn_alpha_init=0.9)
+    config = tiny(
+        position_embedding_type="learned", max_position_embeddings=32, dyt_init="paper_llm", dyt_attn_alpha_init=0.9
+    )
     model = hf_extras.DyTForCausalLM(config).eval()
     with torch.no_grad():
         model.model.embed_scale.scale.fill_(1.7)
@@ -297,8 +301,13 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config)
 
@@ -313,7 +322,11 @@ def _tiny_bert():
     from transformers import BertConfig, BertForMaskedLM
 
     config = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
         max_position_embeddings=64,
     )
     return BertForMaskedLM(config)
@@ -323,8 +336,14 @@ def _tiny_vit():
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=3,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
     )
     return ViTForImageClassification(config)
 
@@ -346,7 +365,9 @@ EXPECTED_NORMS = {"llama": 2 * 2 + 1, "gpt2": 2 * 2 + 1, "bert": 1 + 2 * 2 + 1, 
 
 
 def _norms_left(model):
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or "Norm" in type(m).__name__]
+    return [
+        n for n, m in model.named_modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or "Norm" in type(m).__name__
+    ]
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -437,11 +458,16 @@ def test_final_dyt_weight_follows_the_width_rule():
     model = hf_extras.DyTModel(tiny())  # width 32, range 0.02
     rule = 1 / (0.02 * math.sqrt(32))
     assert model.norm.weight.detach() == pytest.approx(torch.full((32,), rule))
-    assert all(torch.equal(m.weight, torch.ones(32)) for m in model.modules() if isinstance(m, DyT) and m is not model.norm)
-    assert hf_extras.DyTModel(tiny(dyt_final_weight_init=2.0)).norm.weight.detach() == pytest.approx(torch.full((32,), 2.0))
+    assert all(
+        torch.equal(m.weight, torch.ones(32)) for m in model.modules() if isinstance(m, DyT) and m is not model.norm
+    )
+    assert hf_extras.DyTModel(tiny(dyt_final_weight_init=2.0)).norm.weight.detach() == pytest.approx(
+        torch.full((32,), 2.0)
+    )
     assert DyTConfig(hidden_size=4096, num_heads=32).resolved_dyt_final_weight_init == 1.0  # the paper's widths
     assert DyTConfig(hidden_size=128, initializer_range=0.05).resolved_dyt_final_weight_init == pytest.approx(
-        1 / (0.05 * math.sqrt(128)))
+        1 / (0.05 * math.sqrt(128))
+    )
     retnet = hf_extras.RetNetModel(hf_extras.RetNetConfig(hidden_size=32, num_heads=2, norm_type="dyt"))
     assert retnet.norm.weight.detach() == pytest.approx(torch.full((32,), rule))  # shared backbone: every family
     from huggingface_hub.errors import StrictDataclassError
@@ -466,8 +492,9 @@ def test_narrow_dyt_lm_leaves_the_unigram_plateau():
 
     def final_loss(final_weight):
         torch.manual_seed(0)
-        config = DyTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_heads=4,
-                           dyt_final_weight_init=final_weight)
+        config = DyTConfig(
+            vocab_size=256, hidden_size=64, num_hidden_layers=2, num_heads=4, dyt_final_weight_init=final_weight
+        )
         model = hf_extras.DyTForCausalLM(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
         gen, losses = torch.Generator().manual_seed(0), []

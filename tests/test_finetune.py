@@ -36,7 +36,11 @@ def outputs_of(model, batch) -> torch.Tensor:
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         out = model(**inputs)
-    return out.logits if hasattr(out, "logits") and out.logits is not None else torch.stack([out.start_logits, out.end_logits])
+    return (
+        out.logits
+        if hasattr(out, "logits") and out.logits is not None
+        else torch.stack([out.start_logits, out.end_logits])
+    )
 
 
 def train_steps(model, batch, steps: int = 2) -> list[float]:
@@ -74,7 +78,9 @@ def test_method_trains_a_step_and_round_trips(family, head, method, tmp_path):
     losses = train_steps(model, batch)
     assert all(torch.isfinite(torch.tensor(losses)))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == trainable, f"trainable but unchanged: {trainable - changed}; frozen but changed: {changed - trainable}"
+    assert changed == trainable, (
+        f"trainable but unchanged: {trainable - changed}; frozen but changed: {changed - trainable}"
+    )
     head_name = "qa_outputs" if head == "ForQuestionAnswering" else "score"
     assert any(head_name in n for n in changed)  # the task head trains with every method
     if method != "full":
@@ -115,7 +121,9 @@ def test_mlp_mixer_image_classification_methods(method, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES[:1] + FAMILIES[-2:], ids=lambda f: f.name)
 def test_frozen_backbone_trains_only_layer_weights_scale_and_head(family):
     torch.manual_seed(0)
-    model = family.cls("ForSequenceClassification")(head_config(family, "ForSequenceClassification", use_layer_features=True))
+    model = family.cls("ForSequenceClassification")(
+        head_config(family, "ForSequenceClassification", use_layer_features=True)
+    )
     model, counts = apply_finetune_method(model, FinetuneArguments(freeze_backbone=True))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"layer_features.layer_weights", "layer_features.scale", "score.weight"}

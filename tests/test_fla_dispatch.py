@@ -10,8 +10,8 @@ import types
 
 import pytest
 import torch
-
 from families import FAMILIES
+
 from hf_extras.models import fla_dispatch
 from hf_extras.models.retention_ops import chunkwise_retention
 
@@ -26,19 +26,42 @@ class FakeFla:
 
     def _run(self, name, q, k, v, g, g_gamma, scale, initial_state, output_final_state, kwargs):
         assert "head_first" not in kwargs and q.shape == k.shape and q.shape[:3] == v.shape[:3]
-        self.calls.append((name, dict(shape=tuple(q.shape), g=None if g is None else tuple(g.shape),
-                                      g_gamma=g_gamma is not None, scale=scale)))
+        self.calls.append(
+            (
+                name,
+                dict(
+                    shape=tuple(q.shape),
+                    g=None if g is None else tuple(g.shape),
+                    g_gamma=g_gamma is not None,
+                    scale=scale,
+                ),
+            )
+        )
         log = g_gamma if g_gamma is not None else (g.transpose(1, 2) if g is not None else None)
         head_first = [x.transpose(1, 2) for x in (q * scale, k, v)]
-        o, state = chunkwise_retention(*head_first, log, chunk_size=16, initial_state=initial_state,
-                                       output_final_state=output_final_state)
+        o, state = chunkwise_retention(
+            *head_first, log, chunk_size=16, initial_state=initial_state, output_final_state=output_final_state
+        )
         return o.transpose(1, 2).to(q.dtype), state
 
-    def chunk_simple_gla(self, q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-                         cu_seqlens=None, **kwargs):
+    def chunk_simple_gla(
+        self,
+        q,
+        k,
+        v,
+        g=None,
+        g_gamma=None,
+        scale=None,
+        initial_state=None,
+        output_final_state=False,
+        cu_seqlens=None,
+        **kwargs,
+    ):
         return self._run("simple_gla", q, k, v, g, g_gamma, scale, initial_state, output_final_state, kwargs)
 
-    def chunk_gla(self, q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs):
+    def chunk_gla(
+        self, q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs
+    ):
         assert g.dim() == 4
         return self._run("gla", q, k, v, g, None, scale, initial_state, output_final_state, kwargs)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from families import FAMILIES, assert_finite_in_float32_and_bf16
 
 RETENTION = [f for f in FAMILIES if f.name in ("retnet", "gla", "gated_retnet", "linear_attention")]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from families import FAMILIES
+
 from hf_extras import RecurrentCache
 
 RECURRENT = [f for f in FAMILIES if f.recurrent]
@@ -20,7 +20,11 @@ def lm(family, **overrides):
 def test_cache_equals_no_cache(family, mode):
     model = lm(family)
     ids = torch.randint(7, 96, (2, 19))  # longer than two chunks: the prefill runs the chunkwise form
-    kwargs = {"greedy": dict(do_sample=False), "beam": dict(do_sample=False, num_beams=3), "sample": dict(do_sample=True, top_k=8)}[mode]
+    kwargs = {
+        "greedy": dict(do_sample=False),
+        "beam": dict(do_sample=False, num_beams=3),
+        "sample": dict(do_sample=True, top_k=8),
+    }[mode]
     outs = []
     for use_cache in (True, False):
         torch.manual_seed(1)
@@ -67,7 +71,12 @@ def test_decoding_uses_one_token_steps_and_fixed_state(family):
     """After the prefill every forward sees one token, and the cache holds the same bytes at any context length."""
     model = lm(family)
     seen_lengths = []
-    hook = model.model.register_forward_pre_hook(lambda m, a, kw: seen_lengths.append((kw.get("input_ids") if kw.get("input_ids") is not None else a[0]).shape[1]), with_kwargs=True)
+    hook = model.model.register_forward_pre_hook(
+        lambda m, a, kw: seen_lengths.append(
+            (kw.get("input_ids") if kw.get("input_ids") is not None else a[0]).shape[1]
+        ),
+        with_kwargs=True,
+    )
     ids = torch.randint(7, 96, (1, 25))
     model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     hook.remove()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from families import BIDIRECTIONAL_ONLY, CAUSAL_ONLY, FAMILIES, HEADS, head_config
+from families import FAMILIES, HEADS, head_config
 
 HEAD_NAMES = [h for h in HEADS if h != "Model"]
 
@@ -32,8 +31,10 @@ def batch_for(head: str, vocab: int, batch: int = 2, seq: int = 13):
 
 
 def output_tensor(out):
-    return out.logits if hasattr(out, "logits") and out.logits is not None else (
-        out.start_logits if hasattr(out, "start_logits") else out.last_hidden_state
+    return (
+        out.logits
+        if hasattr(out, "logits") and out.logits is not None
+        else (out.start_logits if hasattr(out, "start_logits") else out.last_hidden_state)
     )
 
 
@@ -58,7 +59,9 @@ def test_head_trains_and_round_trips(family, head, ffn_type, tmp_path):
     assert type(reloaded) is type(model)
     eval_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():
-        torch.testing.assert_close(output_tensor(reloaded(**eval_inputs)), output_tensor(model(**eval_inputs)), rtol=0, atol=0)
+        torch.testing.assert_close(
+            output_tensor(reloaded(**eval_inputs)), output_tensor(model(**eval_inputs)), rtol=0, atol=0
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
@@ -144,9 +147,18 @@ def test_gradient_accumulation_matches_one_batch(family, tmp_path):
         torch.manual_seed(0)
         model = family.cls("ForCausalLM")(config)
         args = TrainingArguments(
-            output_dir=str(tmp_path / f"a{accum}"), per_device_train_batch_size=bs, gradient_accumulation_steps=accum,
-            max_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", seed=0,
-            dataloader_drop_last=False, lr_scheduler_type="constant", optim="sgd",
+            output_dir=str(tmp_path / f"a{accum}"),
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=accum,
+            max_steps=1,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            seed=0,
+            dataloader_drop_last=False,
+            lr_scheduler_type="constant",
+            optim="sgd",
         )
         Trainer(model=model, args=args, train_dataset=data).train()
         return torch.cat([p.detach().flatten() for p in model.parameters()])

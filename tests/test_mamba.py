@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from families import assert_finite_in_float32_and_bf16
 from transformers import MambaConfig, MambaForCausalLM
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
@@ -27,8 +28,6 @@ from hf_extras.convert import (
 )
 from hf_extras.models.modeling_mamba import HfxMambaMixer
 
-from families import assert_finite_in_float32_and_bf16
-
 TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, state_size=8, chunk_size=8)
 
 
@@ -48,7 +47,8 @@ def hf_mamba(seed=0, **overrides) -> MambaForCausalLM:
 def test_mixer_parameters_match_transformers(use_bias, use_conv_bias):
     ours = HfxMambaMixer(HfxMambaConfig(**TINY, use_bias=use_bias, use_conv_bias=use_conv_bias), 0)
     theirs = MambaMixer(
-        MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=2, use_bias=use_bias, use_conv_bias=use_conv_bias), 0
+        MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=2, use_bias=use_bias, use_conv_bias=use_conv_bias),
+        0,
     )
     assert {n: tuple(p.shape) for n, p in ours.named_parameters()} == {
         n: tuple(p.shape) for n, p in theirs.named_parameters()
@@ -201,7 +201,9 @@ def test_left_padding_leaves_the_state_unchanged():
         with_pad = model(padded, attention_mask=mask, use_cache=True)
     torch.testing.assert_close(with_pad.logits[:, 6:], alone.logits, rtol=1e-5, atol=1e-5)
     for i in range(model.config.num_hidden_layers):
-        torch.testing.assert_close(with_pad.cache.read_recurrent(i), alone.cache.read_recurrent(i), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            with_pad.cache.read_recurrent(i), alone.cache.read_recurrent(i), rtol=1e-5, atol=1e-6
+        )
         torch.testing.assert_close(with_pad.cache.read_conv(i), alone.cache.read_conv(i), rtol=1e-5, atol=1e-6)
 
 
@@ -233,8 +235,11 @@ def test_initialisation_matches_transformers_and_survives_loading(tmp_path):
     # a checkpoint without A_log / D / dt_proj: from_pretrained initialises them like a fresh model
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if not k.endswith(("A_log", ".D", "dt_proj.bias"))},
-              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if not k.endswith(("A_log", ".D", "dt_proj.bias"))},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     reloaded = HfxMambaForCausalLM.from_pretrained(tmp_path)
     rmixer = reloaded.model.layers[1].mixer
     torch.testing.assert_close(rmixer.A_log.detach(), expected_A_log)
@@ -289,7 +294,13 @@ def test_lora_on_the_mixer_projections(tmp_path):
 
 
 def test_public_names():
-    for name in ("HfxMambaConfig", "HfxMambaModel", "HfxMambaForCausalLM", "HfxMambaForMaskedLM",
-                 "HfxMambaForSequenceClassification", "HfxMambaForTokenClassification",
-                 "HfxMambaForQuestionAnswering"):
+    for name in (
+        "HfxMambaConfig",
+        "HfxMambaModel",
+        "HfxMambaForCausalLM",
+        "HfxMambaForMaskedLM",
+        "HfxMambaForSequenceClassification",
+        "HfxMambaForTokenClassification",
+        "HfxMambaForQuestionAnswering",
+    ):
         assert name in hf_extras.__all__ and hasattr(hf_extras, name)

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from families import FAMILIES
+from test_cli import QUICKSTART, TINY
+from test_mlp_mixer import VOCAB, text_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hf_extras
-from families import FAMILIES
 from hf_extras.models.retention_ops import chunkwise_retention, decayed_linear_attention
 from hf_extras.models.scan_ops import selective_scan
-from test_cli import QUICKSTART, TINY
-from test_mlp_mixer import VOCAB, text_config
 
 
 def _loss_and_grads(model, ids, autocast: bool):
@@ -50,7 +50,9 @@ def test_hf_extras_train_bf16_on_cpu(tmp_path):
     from hf_extras.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", str(QUICKSTART), *TINY, "--bf16", "true", "--eval_strategy", "no", f"--output_dir={out}"]) == 0
+    assert (
+        main(["train", str(QUICKSTART), *TINY, "--bf16", "true", "--eval_strategy", "no", f"--output_dir={out}"]) == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["final_eval_loss"] == pytest.approx(metrics["final_eval_loss"])  # not NaN
     assert metrics["final_eval_loss"] < metrics["initial_eval_loss"]
@@ -93,8 +95,9 @@ def test_retention_decays_stay_float32_under_fp16_autocast(decay, mode):
         out, state = decayed_linear_attention(q, k, v, log_decay, mode=mode, chunk_size=32, output_final_state=True)
     assert recorder.dtypes and set(recorder.dtypes) == {torch.float32}
     assert state.dtype == torch.float32 and out.dtype == torch.float16
-    ref, ref_state = chunkwise_retention(*(t.double() for t in (q, k, v)), log_decay.double(), chunk_size=32,
-                                         output_final_state=True)
+    ref, ref_state = chunkwise_retention(
+        *(t.double() for t in (q, k, v)), log_decay.double(), chunk_size=32, output_final_state=True
+    )
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(state.double(), ref_state, rtol=2e-2, atol=2e-2)
 

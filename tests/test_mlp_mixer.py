@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import REPO, run_without_hf_extras
 from torch import nn
 from transformers import (
     AutoImageProcessor,
@@ -18,7 +19,6 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from conftest import REPO, run_without_hf_extras
 from hf_extras import (
     MlpMixerConfig,
     MlpMixerForCausalLM,
@@ -84,9 +84,19 @@ def test_presets_have_the_papers_sizes_and_take_overrides():
     assert sizes == (768, 12, 384, 3072)
     assert config.num_patches == 24 * 24 and config.num_labels == 10
     small = MlpMixerConfig.from_preset("s/16")
-    assert (small.hidden_size, small.num_hidden_layers, small.tokens_mlp_dim, small.channels_mlp_dim) == (512, 8, 256, 2048)
+    assert (small.hidden_size, small.num_hidden_layers, small.tokens_mlp_dim, small.channels_mlp_dim) == (
+        512,
+        8,
+        256,
+        2048,
+    )
     large = MlpMixerConfig.from_preset("L/16")
-    assert (large.hidden_size, large.num_hidden_layers, large.tokens_mlp_dim, large.channels_mlp_dim) == (1024, 24, 512, 4096)
+    assert (large.hidden_size, large.num_hidden_layers, large.tokens_mlp_dim, large.channels_mlp_dim) == (
+        1024,
+        24,
+        512,
+        4096,
+    )
     with pytest.raises(ValueError, match="unknown MLP-Mixer preset"):
         MlpMixerConfig.from_preset("H/14")
 
@@ -161,7 +171,10 @@ def test_auto_classes_resolve():
     assert type(AutoModelForCausalLM.from_config(text_config())) is MlpMixerForCausalLM
     sequence = AutoModelForSequenceClassification.from_config(text_config(bidirectional=True))
     assert type(sequence) is MlpMixerForSequenceClassification
-    assert type(AutoModelForTokenClassification.from_config(text_config(bidirectional=True))) is MlpMixerForTokenClassification
+    assert (
+        type(AutoModelForTokenClassification.from_config(text_config(bidirectional=True)))
+        is MlpMixerForTokenClassification
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -188,13 +201,32 @@ def text_batch(head):
 
 HEAD_CASES = [
     ("image-layernorm", MlpMixerForImageClassification, AutoModelForImageClassification, lambda: image_config()),
-    ("image-dyt", MlpMixerForImageClassification, AutoModelForImageClassification, lambda: image_config(norm_type="dyt")),
+    (
+        "image-dyt",
+        MlpMixerForImageClassification,
+        AutoModelForImageClassification,
+        lambda: image_config(norm_type="dyt"),
+    ),
     ("causal-lm", MlpMixerForCausalLM, AutoModelForCausalLM, lambda: text_config()),
-    ("seq-cls", MlpMixerForSequenceClassification, AutoModelForSequenceClassification, lambda: text_config(bidirectional=True)),
+    (
+        "seq-cls",
+        MlpMixerForSequenceClassification,
+        AutoModelForSequenceClassification,
+        lambda: text_config(bidirectional=True),
+    ),
     ("seq-cls-causal", MlpMixerForSequenceClassification, AutoModelForSequenceClassification, lambda: text_config()),
-    ("tok-cls", MlpMixerForTokenClassification, AutoModelForTokenClassification, lambda: text_config(bidirectional=True)),
-    ("tok-cls-dyt", MlpMixerForTokenClassification, AutoModelForTokenClassification,
-     lambda: text_config(bidirectional=True, norm_type="dyt")),
+    (
+        "tok-cls",
+        MlpMixerForTokenClassification,
+        AutoModelForTokenClassification,
+        lambda: text_config(bidirectional=True),
+    ),
+    (
+        "tok-cls-dyt",
+        MlpMixerForTokenClassification,
+        AutoModelForTokenClassification,
+        lambda: text_config(bidirectional=True, norm_type="dyt"),
+    ),
 ]
 
 
@@ -230,9 +262,7 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path):
     from hf_extras.tasks.image_classification import image_classification_collator
 
     torch.manual_seed(0)
-    data = Dataset.from_dict(
-        {"pixel_values": torch.randn(4, 3, 16, 16).numpy().tolist(), "labels": [0, 1, 2, 3]}
-    )
+    data = Dataset.from_dict({"pixel_values": torch.randn(4, 3, 16, 16).numpy().tolist(), "labels": [0, 1, 2, 3]})
     start = MlpMixerForImageClassification(image_config())
     results = []
     for batch, accumulation in ((4, 1), (2, 2)):
@@ -355,7 +385,9 @@ def test_causal_lm_left_padding_matches_unpadded():
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
     mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
     with torch.no_grad():
-        torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, 4:], model(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(padded, attention_mask=mask).logits[:, 4:], model(ids).logits, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_inputs_longer_than_the_window_raise_a_clear_error():
@@ -434,7 +466,9 @@ def test_grayscale_processor_converts_colour_inputs():
 
 
 def test_image_processor_save_load_round_trip(tmp_path):
-    processor = MlpMixerImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4])
+    processor = MlpMixerImageProcessor(
+        size={"height": 16, "width": 16}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]
+    )
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["image_processor_type"] == "MlpMixerImageProcessor"
@@ -546,7 +580,9 @@ def timm_mixer_b16_state_dict(num_classes=1000, device="meta"):
                 f"blocks.{i}.mlp_channels.fc2.bias": (768,),
             }
         )
-    shapes.update({"norm.weight": (768,), "norm.bias": (768,), "head.weight": (num_classes, 768), "head.bias": (num_classes,)})
+    shapes.update(
+        {"norm.weight": (768,), "norm.bias": (768,), "head.weight": (num_classes, 768), "head.bias": (num_classes,)}
+    )
     return {k: torch.empty(s, device=device) for k, s in shapes.items()}
 
 
@@ -621,12 +657,16 @@ class RefPatchEmbed(nn.Module):
 class RefMlpMixer(nn.Module):
     """An independent copy of timm's MlpMixer forward: stem -> blocks -> norm -> mean over tokens -> head."""
 
-    def __init__(self, num_classes=7, img_size=32, in_chans=3, patch_size=8, num_blocks=2, embed_dim=32, mlp_ratio=(0.5, 4.0)):
+    def __init__(
+        self, num_classes=7, img_size=32, in_chans=3, patch_size=8, num_blocks=2, embed_dim=32, mlp_ratio=(0.5, 4.0)
+    ):
         super().__init__()
         tokens_dim, channels_dim = int(mlp_ratio[0] * embed_dim), int(mlp_ratio[1] * embed_dim)
         self.stem = RefPatchEmbed(in_chans, embed_dim, patch_size)
         seq_len = (img_size // patch_size) ** 2
-        self.blocks = nn.Sequential(*[RefMixerBlock(embed_dim, seq_len, tokens_dim, channels_dim) for _ in range(num_blocks)])
+        self.blocks = nn.Sequential(
+            *[RefMixerBlock(embed_dim, seq_len, tokens_dim, channels_dim) for _ in range(num_blocks)]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
 

@@ -12,13 +12,11 @@ a reader does, in one working directory (notebook 01 first, so 03 fine-tunes its
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_DATA
 
 nbformat = pytest.importorskip("nbformat", reason="notebook tests need the dev extra (nbformat, nbclient, ipykernel)")
@@ -53,7 +51,9 @@ def test_notebook_is_stored_clean_and_reads_the_tiny_switch(path):
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert all(not cell.outputs and cell.execution_count is None for cell in code), "strip the outputs before committing"
+    assert all(not cell.outputs and cell.execution_count is None for cell in code), (
+        "strip the outputs before committing"
+    )
     assert any("HF_EXTRAS_NOTEBOOK_TINY" in cell.source for cell in code), "the notebook must read the TINY switch"
 
 
@@ -80,7 +80,9 @@ def _execute_selected(
     """Execute every notebook whose `test_name` test was selected, `CONCURRENT_KERNELS` at a time; path ->
     (error or None, seconds). In a shared working directory notebook 01 runs first: later ones load its model."""
     selected = [
-        item.callspec.params["path"] for item in request.session.items if getattr(item, "originalname", None) == test_name
+        item.callspec.params["path"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == test_name
     ]
     first = [p for p in selected if p.stem.startswith("01_")] if shared_workdir else []
 

@@ -190,7 +190,9 @@ def test_prompt_tuning_generate_matches_uncached_greedy():
     model = family.cls("ForCausalLM")(head_config(family, "ForCausalLM", initializer_range=0.3)).eval()
     peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     ids = torch.randint(5, 90, (1, 6))
-    generated = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    generated = peft_model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False
+    )
     sequence = ids
     with torch.no_grad():
         for _ in range(4):

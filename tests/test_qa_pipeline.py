@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run_without_hf_extras
 from datasets import Dataset
 from transformers import BertConfig, BertForQuestionAnswering, pipeline
 
 import hf_extras
-from conftest import REPO, run_without_hf_extras
 from hf_extras.data import build_byte_tokenizer
 from hf_extras.pipelines import QuestionAnsweringPipeline
 from hf_extras.tasks.qa_spans import default_max_answer_length, tokenize_qa_windows
@@ -29,7 +29,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def retnet_qa():
-    config = hf_extras.RetNetConfig(vocab_size=264, hidden_size=32, num_hidden_layers=1, num_heads=2, bidirectional=True)
+    config = hf_extras.RetNetConfig(
+        vocab_size=264, hidden_size=32, num_hidden_layers=1, num_heads=2, bidirectional=True
+    )
     return hf_extras.RetNetForQuestionAnswering(config).eval()
 
 

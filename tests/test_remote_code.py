@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_without_hf_extras
 from families import FAMILIES, HEADS
 

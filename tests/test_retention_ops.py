@@ -66,8 +66,15 @@ def brute_force(q, k, v, ld, s0=None, bidirectional=False):
 
 def run(mode, q, k, v, ld, s0=None, chunk_size=32, bidirectional=False, final=True):
     return decayed_linear_attention(
-        q, k, v, ld, mode=mode, chunk_size=chunk_size, initial_state=s0,
-        output_final_state=final, bidirectional=bidirectional,
+        q,
+        k,
+        v,
+        ld,
+        mode=mode,
+        chunk_size=chunk_size,
+        initial_state=s0,
+        output_final_state=final,
+        bidirectional=bidirectional,
     )
 
 
@@ -89,7 +96,7 @@ def test_forms_agree(kind, dtype, with_state, bidirectional):
     s0 = s0 if with_state else None
     ref = brute_force(q, k, v, ld, s0, bidirectional)
     outs = {m: run(m, q, k, v, ld, s0, bidirectional=bidirectional) for m in MODES}
-    for m, (o, st) in outs.items():
+    for m, (o, _st) in outs.items():
         assert o.dtype == dtype and o.shape == v.shape
         assert (o.double() - ref).abs().max() <= tol(dtype), m
     st_ref = outs["recurrent"][1]
@@ -111,8 +118,11 @@ def test_lengths_and_chunk_sizes(kind, T, chunk):
 
 def test_separate_functions_match_dispatch():
     q, k, v, ld, s0 = make_inputs("key", torch.float64, T=40)
-    for fn, m in ((parallel_retention, "parallel"), (chunkwise_retention, "chunkwise"),
-                  (recurrent_retention, "recurrent")):
+    for fn, m in (
+        (parallel_retention, "parallel"),
+        (chunkwise_retention, "chunkwise"),
+        (recurrent_retention, "recurrent"),
+    ):
         o1, s1 = fn(q, k, v, ld, chunk_size=16, initial_state=s0, output_final_state=True)
         o2, s2 = run(m, q, k, v, ld, s0, chunk_size=16)
         assert torch.equal(o1, o2) and torch.equal(s1, s2)
@@ -194,8 +204,13 @@ def test_prefill_then_decode(kind, prefill_mode):
     outs = [o]
     for t in range(P, 60):
         o_t, s = decayed_linear_attention(
-            q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], _slice_ld(ld, t, t + 1),
-            mode="recurrent", initial_state=s, output_final_state=True,
+            q[:, :, t : t + 1],
+            k[:, :, t : t + 1],
+            v[:, :, t : t + 1],
+            _slice_ld(ld, t, t + 1),
+            mode="recurrent",
+            initial_state=s,
+            output_final_state=True,
         )
         outs.append(o_t)
     assert (torch.cat(outs, 2) - o_all).abs().max() < 1e-5
@@ -294,7 +309,7 @@ def test_pick_mode_and_auto():
     assert pick_mode(100_000, 64, False) == "chunkwise"
     q, k, v, ld, s0 = make_inputs("head", torch.float64, T=300)
     for T in (1, 2, 30, 300):
-        sl = lambda x: x[:, :, :T]  # noqa: E731
+        sl = lambda x, T=T: x[:, :, :T]  # noqa: E731
         o, s = run("auto", sl(q), sl(k), sl(v), sl(ld), s0)
         o_r, s_r = run("recurrent", sl(q), sl(k), sl(v), sl(ld), s0)
         assert (o - o_r).abs().max() < 1e-11 and (s - s_r).abs().max() < 1e-11

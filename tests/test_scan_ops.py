@@ -49,8 +49,17 @@ def run(inputs, mode, chunk_size=16, bidirectional=False, with_state=True):
     for t in inputs:
         t.grad = None
     y, h = selective_scan(
-        x, dt, A, B, C, D_skip, mode=mode, chunk_size=chunk_size,
-        initial_state=h0 if with_state else None, output_final_state=with_state, bidirectional=bidirectional,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D_skip,
+        mode=mode,
+        chunk_size=chunk_size,
+        initial_state=h0 if with_state else None,
+        output_final_state=with_state,
+        bidirectional=bidirectional,
     )
     weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
     loss = (y * weights).sum() + ((h * h).sum() if h is not None else 0)
@@ -152,12 +161,21 @@ def test_prefill_then_steps_equals_one_pass():
     """A chunkwise prefill's final state seeds token-by-token decoding; the outputs equal a single pass."""
     x, dt, A, B, C, D_skip, _ = (t.detach() for t in make_inputs(T=40))
     full, _ = selective_scan(x, dt, A, B, C, D_skip, mode="recurrent")
-    y, state = selective_scan(x[:, :23], dt[:, :23], A, B[:, :23], C[:, :23], D_skip, mode="chunkwise",
-                              chunk_size=8, output_final_state=True)
+    y, state = selective_scan(
+        x[:, :23], dt[:, :23], A, B[:, :23], C[:, :23], D_skip, mode="chunkwise", chunk_size=8, output_final_state=True
+    )
     outs = [y]
     for t in range(23, 40):
-        y, state = selective_scan(x[:, t : t + 1], dt[:, t : t + 1], A, B[:, t : t + 1], C[:, t : t + 1], D_skip,
-                                  initial_state=state, output_final_state=True)
+        y, state = selective_scan(
+            x[:, t : t + 1],
+            dt[:, t : t + 1],
+            A,
+            B[:, t : t + 1],
+            C[:, t : t + 1],
+            D_skip,
+            initial_state=state,
+            output_final_state=True,
+        )
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
 
@@ -167,11 +185,20 @@ def test_zero_dt_leaves_the_state_unchanged():
     x, dt, A, B, C, _, h0 = (t.detach() for t in make_inputs(T=12))
     dt_pad = dt.clone()
     dt_pad[:, 4:9] = 0
-    _, h_skip = selective_scan(torch.cat([x[:, :4], x[:, 9:]], 1), torch.cat([dt[:, :4], dt[:, 9:]], 1), A,
-                               torch.cat([B[:, :4], B[:, 9:]], 1), torch.cat([C[:, :4], C[:, 9:]], 1),
-                               initial_state=h0, output_final_state=True, mode="chunkwise", chunk_size=4)
-    _, h_pad = selective_scan(x, dt_pad, A, B, C, initial_state=h0, output_final_state=True, mode="chunkwise",
-                              chunk_size=4)
+    _, h_skip = selective_scan(
+        torch.cat([x[:, :4], x[:, 9:]], 1),
+        torch.cat([dt[:, :4], dt[:, 9:]], 1),
+        A,
+        torch.cat([B[:, :4], B[:, 9:]], 1),
+        torch.cat([C[:, :4], C[:, 9:]], 1),
+        initial_state=h0,
+        output_final_state=True,
+        mode="chunkwise",
+        chunk_size=4,
+    )
+    _, h_pad = selective_scan(
+        x, dt_pad, A, B, C, initial_state=h0, output_final_state=True, mode="chunkwise", chunk_size=4
+    )
     torch.testing.assert_close(h_pad, h_skip, rtol=1e-6, atol=1e-6)
 
 
@@ -243,8 +270,9 @@ def test_compiles_without_graph_breaks(mode):
     x, dt, A, B, C, D_skip, h0 = inputs
 
     def f(x, dt, A, B, C, D_skip, h0):
-        return selective_scan(x, dt, A, B, C, D_skip, mode=mode, chunk_size=8, initial_state=h0,
-                              output_final_state=True)
+        return selective_scan(
+            x, dt, A, B, C, D_skip, mode=mode, chunk_size=8, initial_state=h0, output_final_state=True
+        )
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     results = []

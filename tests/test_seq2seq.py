@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import REPO, run_without_hf_extras
+from families import FAMILIES, HEADS
 from transformers import AutoModelForSeq2SeqLM, EncoderDecoderCache
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
 import hf_extras
-from conftest import REPO, run_without_hf_extras
-from families import FAMILIES, HEADS
 
 DYT = next(f for f in FAMILIES if f.name == "dyt")
 # one family per modeling file for the slower subprocess checks
@@ -35,11 +35,19 @@ def padded_source(batch: int = 2, length: int = 11, pad: int = 3):
 def test_cache_equals_no_cache(family, mode):
     model = seq2seq(family, num_decoder_layers=3)  # a decoder deeper than the encoder: the cache must follow it
     src, mask = padded_source()
-    kwargs = {"greedy": dict(do_sample=False), "beam": dict(do_sample=False, num_beams=3), "sample": dict(do_sample=True, top_k=8)}[mode]
+    kwargs = {
+        "greedy": dict(do_sample=False),
+        "beam": dict(do_sample=False, num_beams=3),
+        "sample": dict(do_sample=True, top_k=8),
+    }[mode]
     outs = []
     for use_cache in (True, False):
         torch.manual_seed(1)
-        outs.append(model.generate(src, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, use_cache=use_cache, **kwargs))
+        outs.append(
+            model.generate(
+                src, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, use_cache=use_cache, **kwargs
+            )
+        )
     assert outs[0].shape == (2, 13)
     assert torch.equal(outs[0], outs[1])
 
@@ -71,7 +79,9 @@ def test_decoding_steps_use_both_caches(family):
         steps, cache = [out.logits], out.cache
         assert isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 4
         for t in range(4, 9):
-            out = model(attention_mask=mask, encoder_outputs=encoded, decoder_input_ids=target[:, t : t + 1], cache=cache)
+            out = model(
+                attention_mask=mask, encoder_outputs=encoded, decoder_input_ids=target[:, t : t + 1], cache=cache
+            )
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
@@ -137,7 +147,11 @@ def test_every_family_trains_a_step(family):
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_structure_and_config_rules(family):
     model = seq2seq(family, num_decoder_layers=3)
-    assert model.config.is_encoder_decoder and model.get_encoder() is model.encoder and model.get_decoder() is model.decoder
+    assert (
+        model.config.is_encoder_decoder
+        and model.get_encoder() is model.encoder
+        and model.get_decoder() is model.decoder
+    )
     assert len(model.encoder.layers) == 2 and len(model.decoder.layers) == 3
     assert model.encoder.config.bidirectional and not model.decoder.config.bidirectional
     assert all(layer.cross_attn is None for layer in model.encoder.layers)
@@ -154,7 +168,11 @@ def test_structure_and_config_rules(family):
     with pytest.raises(Exception, match="decoder_start_token_id"):
         family.config(decoder_start_token_id=96)
     with pytest.raises(TypeError, match="EncoderDecoderCache"):
-        model(torch.randint(7, 96, (1, 5)), decoder_input_ids=torch.tensor([[2]]), cache=hf_extras.RecurrentCache(num_layers=3))
+        model(
+            torch.randint(7, 96, (1, 5)),
+            decoder_input_ids=torch.tensor([[2]]),
+            cache=hf_extras.RecurrentCache(num_layers=3),
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
@@ -168,7 +186,9 @@ def test_save_and_load(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(
             reloaded(src, attention_mask=mask, decoder_input_ids=target).logits,
-            model(src, attention_mask=mask, decoder_input_ids=target).logits, rtol=0, atol=0,
+            model(src, attention_mask=mask, decoder_input_ids=target).logits,
+            rtol=0,
+            atol=0,
         )
 
 
@@ -246,7 +266,9 @@ def test_prefix_lm_generation(mode):
     model = prefix_lm()
     src = torch.randint(7, 96, (2, 9))
     prefix = torch.ones_like(src)
-    kwargs = dict(do_sample=False, num_beams=3 if mode == "beam" else 1, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+    kwargs = dict(
+        do_sample=False, num_beams=3 if mode == "beam" else 1, max_new_tokens=8, min_new_tokens=8, pad_token_id=0
+    )
     cached = model.generate(src, prefix_mask=prefix, use_cache=True, **kwargs)
     uncached = model.generate(src, prefix_mask=prefix, use_cache=False, **kwargs)
     assert torch.equal(cached, uncached)

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
 import hf_extras
-from conftest import SHARED_DATA
 from hf_extras.cli import main
 from hf_extras.data import build_byte_tokenizer
 from hf_extras.tasks.masked_lm import masked_lm_collator

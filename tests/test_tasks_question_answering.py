@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from datasets import Dataset
 
 from hf_extras.cli import main
@@ -24,8 +25,6 @@ from hf_extras.tasks.question_answering import (
     split_by_article,
 )
 from hf_extras.training import ConfigError
-
-from conftest import SHARED_DATA
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "question_answering.yaml"
 TINY = [
@@ -90,7 +89,9 @@ def test_gold_logits_decode_back_to_the_gold_text(tokenizer):
             s[starts[w]], e[ends[w]] = 8.0, 8.0
         start_logits.append(s)
         end_logits.append(e)
-    spans = best_spans(CONTEXT, encoding["offset_mapping"], start_logits, end_logits, n_best_size=5, max_answer_length=40)
+    spans = best_spans(
+        CONTEXT, encoding["offset_mapping"], start_logits, end_logits, n_best_size=5, max_answer_length=40
+    )
     assert spans[0]["answer"] == ANSWER
     assert CONTEXT[spans[0]["start"] : spans[0]["end"]] == ANSWER
     assert len(spans) == 5 and sum(s["score"] for s in spans) == pytest.approx(1.0)

@@ -1,4 +1,5 @@
-from .timm_mixer import convert_timm_mixer_state_dict, load_timm_mixer, mlp_mixer_config_from_timm, timm_mixer_key_to_hf, timm_mixer_shapes
+"""Importers and exporters: transformers' Mamba, timm's MLP-Mixer."""
+
 from .mamba import (
     export_to_transformers_mamba,
     hfx_config_from_mamba,
@@ -7,3 +8,24 @@ from .mamba import (
     mamba_config_from_hfx,
     mamba_state_dict_to_hfx,
 )
+from .timm_mixer import (
+    convert_timm_mixer_state_dict,
+    load_timm_mixer,
+    mlp_mixer_config_from_timm,
+    timm_mixer_key_to_hf,
+    timm_mixer_shapes,
+)
+
+__all__ = [
+    "export_to_transformers_mamba",
+    "hfx_config_from_mamba",
+    "hfx_state_dict_to_mamba",
+    "import_transformers_mamba",
+    "mamba_config_from_hfx",
+    "mamba_state_dict_to_hfx",
+    "convert_timm_mixer_state_dict",
+    "load_timm_mixer",
+    "mlp_mixer_config_from_timm",
+    "timm_mixer_key_to_hf",
+    "timm_mixer_shapes",
+]

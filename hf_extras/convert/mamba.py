@@ -47,16 +47,44 @@ __all__ = [
 ]
 
 MAMBA_MIXER_PARAMS = (
-    "in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight",
-    "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias",
+    "in_proj.weight",
+    "in_proj.bias",
+    "conv1d.weight",
+    "conv1d.bias",
+    "x_proj.weight",
+    "dt_proj.weight",
+    "dt_proj.bias",
+    "A_log",
+    "D",
+    "out_proj.weight",
+    "out_proj.bias",
 )
 
 # MambaConfig field -> HfxMambaConfig field (same meaning)
 _SAME_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel", "use_bias",
-    "use_conv_bias", "hidden_act", "initializer_range", "residual_in_fp32", "time_step_rank", "time_step_scale",
-    "time_step_min", "time_step_max", "time_step_init_scheme", "time_step_floor", "rescale_prenorm_residual",
-    "use_cache", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "state_size",
+    "expand",
+    "conv_kernel",
+    "use_bias",
+    "use_conv_bias",
+    "hidden_act",
+    "initializer_range",
+    "residual_in_fp32",
+    "time_step_rank",
+    "time_step_scale",
+    "time_step_min",
+    "time_step_max",
+    "time_step_init_scheme",
+    "time_step_floor",
+    "rescale_prenorm_residual",
+    "use_cache",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
 )
 
 _TO_HFX = [
@@ -79,7 +107,7 @@ def _rename(key: str, rules, what: str) -> str:
     for pattern, replacement in rules:
         if pattern.match(key):
             new = pattern.sub(replacement, key)
-            if ".mixer." in new and not new.split(".mixer.", 1)[1] in MAMBA_MIXER_PARAMS:
+            if ".mixer." in new and new.split(".mixer.", 1)[1] not in MAMBA_MIXER_PARAMS:
                 break
             return new
     raise KeyError(f"{key!r} is not a parameter of {what}; is this the right model?")
@@ -99,7 +127,9 @@ def hfx_config_from_mamba(mamba_config, **overrides) -> HfxMambaConfig:
     """The `HfxMambaConfig` of a transformers `MambaConfig` (or its dict); `overrides` are set on top."""
     src = mamba_config if isinstance(mamba_config, Mapping) else mamba_config.to_dict()
     if src.get("model_type", "mamba") != "mamba":
-        raise ValueError(f"expected a transformers MambaConfig (model_type 'mamba'), got model_type {src['model_type']!r}")
+        raise ValueError(
+            f"expected a transformers MambaConfig (model_type 'mamba'), got model_type {src['model_type']!r}"
+        )
     kwargs = {name: src[name] for name in _SAME_FIELDS if name in src}
     if "layer_norm_epsilon" in src:
         kwargs["norm_eps"] = float(src["layer_norm_epsilon"])

@@ -77,7 +77,12 @@ def timm_mixer_shapes(config: MlpMixerConfig) -> dict[str, tuple[int, ...]]:
 
 def mlp_mixer_config_from_timm(state_dict: Mapping[str, torch.Tensor], **overrides) -> MlpMixerConfig:
     """Read the sizes (width, depth, patch, image size, MLP widths, classes) off a timm Mixer state dict."""
-    for key in ("stem.proj.weight", "blocks.0.mlp_tokens.fc1.weight", "blocks.0.mlp_channels.fc1.weight", "head.weight"):
+    for key in (
+        "stem.proj.weight",
+        "blocks.0.mlp_tokens.fc1.weight",
+        "blocks.0.mlp_channels.fc1.weight",
+        "head.weight",
+    ):
         if key not in state_dict:
             raise ValueError(f"not a timm MlpMixer state dict with a classifier head: {key!r} is missing")
     hidden, channels, patch, _ = state_dict["stem.proj.weight"].shape
@@ -104,7 +109,9 @@ def mlp_mixer_config_from_timm(state_dict: Mapping[str, torch.Tensor], **overrid
     return MlpMixerConfig(**values)
 
 
-def convert_timm_mixer_state_dict(state_dict: Mapping[str, torch.Tensor], config: MlpMixerConfig) -> dict[str, torch.Tensor]:
+def convert_timm_mixer_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: MlpMixerConfig
+) -> dict[str, torch.Tensor]:
     """Rename a timm Mixer state dict to `MlpMixerForImageClassification`'s, checking keys and shapes.
 
     Raises `ValueError` naming every missing, unexpected or mis-shaped key (so a checkpoint for another size or a

@@ -55,9 +55,7 @@ def byte_to_unicode() -> dict[int, str]:
     the exact table ``tokenizers.pre_tokenizers.ByteLevel`` uses.
     """
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     bs, cs, n = printable[:], printable[:], 0
     for b in range(256):

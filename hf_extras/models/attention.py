@@ -78,7 +78,11 @@ class SoftmaxAttention(nn.Module):
         """Softmax attention under the configured implementation, then the output projection."""
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, _ = attention(
-            self, q, k, v, attention_mask,
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )

@@ -109,8 +109,16 @@ class HfxBlock(GradientCheckpointingLayer):
         self.residual_in_fp32 = config.residual_in_fp32
 
     def forward(
-        self, hidden_states, attention_mask=None, position_ids=None, cache=None, padding_mask=None,
-        encoder_hidden_states=None, encoder_attention_mask=None, cross_cache=None, **kwargs,
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        padding_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        cross_cache=None,
+        **kwargs,
     ):
         """`attention_mask` is what the mixer gets (see `HfxModel.mixer_attention_mask`); `padding_mask`, the 2-D mask
         of the new tokens for the FFN (MoE statistics over real tokens), defaults to `attention_mask`.
@@ -172,11 +180,12 @@ class HfxModel(HfxPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.layers = nn.ModuleList(
-            HfxBlock(config, i, self.mixer_class) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(HfxBlock(config, i, self.mixer_class) for i in range(config.num_hidden_layers))
         self.norm = build_norm(
-            config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init,
+            config.norm_type,
+            config.hidden_size,
+            config.norm_eps,
+            config.dyt_alpha_init,
             config.resolved_dyt_final_weight_init,
         )
         self.gradient_checkpointing = False
@@ -263,20 +272,28 @@ class HfxModel(HfxPreTrainedModel):
         cross = {}
         if encoder_hidden_states is not None:
             cross_mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=inputs_embeds, attention_mask=encoder_attention_mask,
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
             )
             cross = dict(
                 encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=cross_mask, cross_cache=cross_cache
             )
 
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         all_hidden = (inputs_embeds,) if output_hidden_states else None
         hidden_states = inputs_embeds
         aux_total = None
         for layer in self.layers:
             hidden_states, aux = layer(
-                hidden_states, attention_mask=mixer_mask, position_ids=position_ids, cache=cache, padding_mask=new_mask,
+                hidden_states,
+                attention_mask=mixer_mask,
+                position_ids=position_ids,
+                cache=cache,
+                padding_mask=new_mask,
                 **cross,
             )
             if aux is not None and self.config.ffn_type == "moe":

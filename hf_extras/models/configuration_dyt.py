@@ -118,7 +118,9 @@ class DyTConfig(HfxSequenceConfig):
                 "`position_embedding_type='rotary'`: pick another head count or 'sinusoidal'/'learned' positions."
             )
         if self.max_position_embeddings <= 0:
-            raise ValueError(f"`max_position_embeddings` must be a positive integer, got {self.max_position_embeddings}.")
+            raise ValueError(
+                f"`max_position_embeddings` must be a positive integer, got {self.max_position_embeddings}."
+            )
         if self.rope_theta <= 0:
             raise ValueError(f"`rope_theta` must be > 0, got {self.rope_theta}.")
         if not 0.0 <= self.attention_dropout < 1.0:
@@ -126,7 +128,9 @@ class DyTConfig(HfxSequenceConfig):
         for name in ("dyt_alpha_init", "dyt_attn_alpha_init"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"`{name}` must be > 0 (tanh(alpha * x) with alpha <= 0 is flat or inverted), got {value}.")
+                raise ValueError(
+                    f"`{name}` must be > 0 (tanh(alpha * x) with alpha <= 0 is flat or inverted), got {value}."
+                )
         if self.prefix_lm and self.bidirectional:
             raise ValueError(
                 "`prefix_lm=True` is causal over the target: build it with `bidirectional=False` (only the source "

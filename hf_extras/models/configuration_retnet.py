@@ -1,6 +1,5 @@
 """RetNet configuration (`model_type="hfx_retnet"`)."""
 
-
 from huggingface_hub.dataclasses import strict
 
 from .configuration_common import HfxSequenceConfig

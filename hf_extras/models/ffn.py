@@ -47,7 +47,9 @@ class MoE(nn.Module):
     perfectly balanced routing and grows as routing collapses.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, hidden_act: str = "silu"):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, hidden_act: str = "silu"
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
@@ -89,6 +91,10 @@ def build_ffn(config) -> nn.Module:
         return GLU(config.hidden_size, config.intermediate_size, config.hidden_act)
     if config.ffn_type == "moe":
         return MoE(
-            config.hidden_size, config.intermediate_size, config.num_experts, config.num_experts_per_tok, config.hidden_act
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_experts,
+            config.num_experts_per_tok,
+            config.hidden_act,
         )
     raise ValueError(f"`ffn_type` must be 'mlp', 'glu', 'moe' or 'none', got {config.ffn_type!r}.")

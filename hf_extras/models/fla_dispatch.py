@@ -18,7 +18,6 @@ checkpoints: it imports `fla` only inside `try:` (a machine without it loads the
 
 import inspect
 import os
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -60,13 +59,13 @@ def fla_decayed_linear_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    log_decay: Optional[Tensor],
+    log_decay: Tensor | None,
     *,
     mode: str,
-    initial_state: Optional[Tensor] = None,
+    initial_state: Tensor | None = None,
     output_final_state: bool = False,
     bidirectional: bool = False,
-) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+) -> tuple[Tensor, Tensor | None] | None:
     """fla's result for `decayed_linear_attention` (same arguments, same return), or `None` when not dispatched:
     fla missing or disabled, tensors not on CUDA, a bidirectional pass, or a recurrent (decoding) step."""
     if bidirectional or mode == "recurrent" or q.device.type not in DISPATCH_DEVICE_TYPES or not fla_enabled():

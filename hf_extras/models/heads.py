@@ -55,7 +55,9 @@ def scaled_aux_loss(aux: torch.Tensor, coef: float, labels: torch.Tensor, num_it
     if num_items_in_batch is None:
         return coef * aux
     counted = labels[..., 1:] if shift else labels
-    share = counted.ne(-100).sum().to(aux.dtype) / torch.as_tensor(num_items_in_batch, device=aux.device, dtype=aux.dtype)
+    share = counted.ne(-100).sum().to(aux.dtype) / torch.as_tensor(
+        num_items_in_batch, device=aux.device, dtype=aux.dtype
+    )
     return coef * aux * share
 
 
@@ -75,7 +77,15 @@ class _HfxHead(HfxPreTrainedModel):
         self.model.embed_tokens = value
 
     def _run_backbone(
-        self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_hidden_states, kwargs,
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        cache,
+        inputs_embeds,
+        use_cache,
+        output_hidden_states,
+        kwargs,
         prefix_mask=None,
     ):
         cache = pop_cache_kwarg(cache, kwargs)
@@ -90,7 +100,9 @@ class _HfxHead(HfxPreTrainedModel):
             output_hidden_states=want_hidden,
             prefix_mask=prefix_mask,
         )
-        features = self.layer_features(outputs.hidden_states) if self.layer_features is not None else outputs.last_hidden_state
+        features = (
+            self.layer_features(outputs.hidden_states) if self.layer_features is not None else outputs.last_hidden_state
+        )
         return features, outputs
 
     def _with_aux(self, loss, outputs, labels, kwargs, shift: bool):
@@ -139,7 +151,14 @@ class HfxForCausalLM(_HfxHead, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """`prefix_mask` (prefix LMs, e.g. DyT with `prefix_lm=True`): 1 on source tokens, which attend both ways."""
         features, outputs = self._run_backbone(
-            input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, output_hidden_states, kwargs,
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            inputs_embeds,
+            use_cache,
+            output_hidden_states,
+            kwargs,
             prefix_mask=prefix_mask,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -149,7 +168,10 @@ class HfxForCausalLM(_HfxHead, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = self._with_aux(loss, outputs, labels, kwargs, shift=True)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states if output_hidden_states else None
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
         )
 
 
@@ -175,8 +197,14 @@ class HfxForMaskedLM(_HfxHead):
         self.lm_head = new_embeddings
 
     def forward(
-        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-        output_hidden_states=None, **kwargs,
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_hidden_states=None,
+        **kwargs,
     ) -> MaskedLMOutput:
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
@@ -186,7 +214,9 @@ class HfxForMaskedLM(_HfxHead):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = self._with_aux(loss, outputs, labels, kwargs, shift=False)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states if output_hidden_states else None)
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states if output_hidden_states else None
+        )
 
 
 def last_token_index(input_ids, attention_mask, pad_token_id, batch_size: int, seq_len: int, device) -> torch.Tensor:
@@ -229,12 +259,20 @@ class HfxForSequenceClassification(_ClassifierHead):
                 return features.mean(1)
             weights = attention_mask[:, -seq_len:].to(features.dtype).unsqueeze(-1)
             return (features * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        idx = last_token_index(input_ids, attention_mask, self.config.pad_token_id, batch_size, seq_len, features.device)
+        idx = last_token_index(
+            input_ids, attention_mask, self.config.pad_token_id, batch_size, seq_len, features.device
+        )
         return features[torch.arange(batch_size, device=features.device), idx]
 
     def forward(
-        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-        output_hidden_states=None, **kwargs,
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_hidden_states=None,
+        **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
@@ -261,8 +299,14 @@ class HfxForTokenClassification(_ClassifierHead):
         self.post_init()
 
     def forward(
-        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-        output_hidden_states=None, **kwargs,
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_hidden_states=None,
+        **kwargs,
     ) -> TokenClassifierOutput:
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
@@ -272,7 +316,9 @@ class HfxForTokenClassification(_ClassifierHead):
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config)
             loss = self._with_aux(loss, outputs, labels, {}, shift=False)
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states if output_hidden_states else None)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states if output_hidden_states else None
+        )
 
 
 class HfxForQuestionAnswering(_ClassifierHead):
@@ -285,8 +331,15 @@ class HfxForQuestionAnswering(_ClassifierHead):
         self.post_init()
 
     def forward(
-        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, start_positions=None,
-        end_positions=None, output_hidden_states=None, **kwargs,
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        output_hidden_states=None,
+        **kwargs,
     ) -> QuestionAnsweringModelOutput:
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
@@ -298,6 +351,8 @@ class HfxForQuestionAnswering(_ClassifierHead):
             loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
             loss = self._with_aux(loss, outputs, start_positions, {}, shift=False)
         return QuestionAnsweringModelOutput(
-            loss=loss, start_logits=start_logits, end_logits=end_logits,
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
         )

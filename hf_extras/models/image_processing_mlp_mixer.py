@@ -51,7 +51,7 @@ class MlpMixerImageProcessor(PilBackend):
         super().__init__(**kwargs)
 
     @classmethod
-    def from_model_config(cls, config, **kwargs) -> "MlpMixerImageProcessor":
+    def from_model_config(cls, config, **kwargs) -> MlpMixerImageProcessor:
         """The processor for an image-mode `MlpMixerConfig` (its `image_size` and `num_channels`)."""
         size = {"height": config.image_size, "width": config.image_size}
         return cls(**{"size": size, "num_channels": config.num_channels, **kwargs})
@@ -62,7 +62,9 @@ class MlpMixerImageProcessor(PilBackend):
             wanted_mode = "L" if channels == 1 else "RGB"
             if image.mode != wanted_mode:
                 image = image.convert(wanted_mode)
-        image = super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs)
+        image = super().process_image(
+            image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs
+        )
         have = image.shape[0]
         if have == channels:
             return image

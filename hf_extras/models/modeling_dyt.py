@@ -28,8 +28,8 @@ from .heads import (
     HfxForSequenceClassification,
     HfxForTokenClassification,
 )
-from .seq2seq import HfxForConditionalGeneration
 from .positions import sinusoidal_embedding
+from .seq2seq import HfxForConditionalGeneration
 
 
 class EmbeddingScale(nn.Module):
@@ -112,7 +112,9 @@ class DyTModel(DyTPreTrainedModel, HfxModel):
             if missing > 0:
                 padding_mask = torch.cat([padding_mask.new_ones(padding_mask.shape[0], missing), padding_mask], dim=1)
         if self.config.bidirectional:
-            return create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=padding_mask)
+            return create_bidirectional_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=padding_mask
+            )
         return create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,

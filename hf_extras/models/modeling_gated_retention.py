@@ -15,8 +15,8 @@ from .heads import (
     HfxForSequenceClassification,
     HfxForTokenClassification,
 )
-from .seq2seq import HfxForConditionalGeneration
 from .retention_mixer import RetentionMixer
+from .seq2seq import HfxForConditionalGeneration
 
 
 class GatedRetention(RetentionMixer):
@@ -24,8 +24,11 @@ class GatedRetention(RetentionMixer):
 
     def __init__(self, config: GatedRetentionConfig, layer_idx: int):
         super().__init__(
-            config, layer_idx, use_rotary=config.use_rotary,
-            conv_size=config.conv_size if config.use_short_conv else 0, feature_map=config.feature_map,
+            config,
+            layer_idx,
+            use_rotary=config.use_rotary,
+            conv_size=config.conv_size if config.use_short_conv else 0,
+            feature_map=config.feature_map,
         )
         self.gate = config.gate
         self.tau = config.gate_logit_normalizer

@@ -24,8 +24,8 @@ from .heads import (
     HfxForSequenceClassification,
     HfxForTokenClassification,
 )
-from .seq2seq import HfxForConditionalGeneration
 from .scan_ops import selective_scan
+from .seq2seq import HfxForConditionalGeneration
 
 
 def causal_depthwise_conv_channels_last(x, weight, bias, tail=None):
@@ -130,9 +130,17 @@ class HfxMambaMixer(nn.Module):
 
         state = cache.read_recurrent(self.layer_idx) if cache is not None else None
         y, new_state = selective_scan(
-            x, dt, A, B, C, self.D,
-            mode=self.forward_mode, chunk_size=self.chunk_size, initial_state=state,
-            output_final_state=cache is not None, bidirectional=self.bidirectional,
+            x,
+            dt,
+            A,
+            B,
+            C,
+            self.D,
+            mode=self.forward_mode,
+            chunk_size=self.chunk_size,
+            initial_state=state,
+            output_final_state=cache is not None,
+            bidirectional=self.bidirectional,
         )
         if cache is not None:
             cache.write_recurrent(self.layer_idx, new_state)

@@ -38,7 +38,14 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .backbone import HfxModelOutput, HfxPreTrainedModel, check_input_ids, padding_mask, pop_cache_kwarg, register_family
+from .backbone import (
+    HfxModelOutput,
+    HfxPreTrainedModel,
+    check_input_ids,
+    padding_mask,
+    pop_cache_kwarg,
+    register_family,
+)
 from .configuration_mlp_mixer import MlpMixerConfig
 from .heads import HfxForCausalLM, HfxForSequenceClassification, HfxForTokenClassification
 from .norms import build_norm
@@ -96,7 +103,13 @@ class TokenMixingMlp(MixerMlp):
     """The MLP across positions (input `(batch, channels, length)`), for inputs up to the full window, optionally causal."""
 
     def __init__(
-        self, num_tokens: int, hidden_features: int, hidden_act: str, dropout: float, block: int = 0, num_blocks: int = 1
+        self,
+        num_tokens: int,
+        hidden_features: int,
+        hidden_act: str,
+        dropout: float,
+        block: int = 0,
+        num_blocks: int = 1,
     ):
         super().__init__(num_tokens, hidden_features, hidden_act, dropout)
         self.num_tokens = num_tokens
@@ -129,7 +142,9 @@ class MixerBlock(GradientCheckpointingLayer):
             block=layer_idx, num_blocks=config.num_hidden_layers,
         )  # fmt: skip
         self.norm2 = build_norm(*norm_args)
-        self.mlp_channels = MixerMlp(config.hidden_size, config.channels_mlp_dim, config.hidden_act, config.hidden_dropout)
+        self.mlp_channels = MixerMlp(
+            config.hidden_size, config.channels_mlp_dim, config.hidden_act, config.hidden_dropout
+        )
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, causal: bool = False):
         normed = self.norm1(hidden_states)
@@ -276,7 +291,9 @@ class MlpMixerModel(MlpMixerPreTrainedModel):
                 restore = order.argsort(dim=1)
         token_mask = mask[..., None].to(hidden_states.dtype) if mask is not None else None
 
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         all_hidden = (hidden_states,) if output_hidden_states else None
         for block in self.blocks:
             hidden_states = block(hidden_states, token_mask, bool(causal))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from .backbone import HfxModel, HfxPreTrainedModel, register_family
@@ -14,8 +13,8 @@ from .heads import (
     HfxForSequenceClassification,
     HfxForTokenClassification,
 )
-from .seq2seq import HfxForConditionalGeneration
 from .retention_mixer import RetentionMixer
+from .seq2seq import HfxForConditionalGeneration
 
 
 def retnet_log_decay(num_heads: int, device=None) -> torch.Tensor:

@@ -35,7 +35,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def sinusoidal_embedding(position_ids: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The Transformer's fixed sinusoidal positions, `(batch, seq, dim)` (sin on even, cos on odd channels)."""
     half = (dim + 1) // 2
-    div = torch.exp(torch.arange(half, device=position_ids.device, dtype=torch.float32) * (-math.log(10000.0) * 2 / dim))
+    div = torch.exp(
+        torch.arange(half, device=position_ids.device, dtype=torch.float32) * (-math.log(10000.0) * 2 / dim)
+    )
     angles = position_ids.to(torch.float32)[..., None] * div
     emb = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[..., :dim]
     return emb.to(dtype)

@@ -25,7 +25,9 @@ FEATURE_MAPS = {
 class RetentionMixer(nn.Module):
     """Decayed linear attention with gated, group-normed output; subclasses say how the state decays."""
 
-    def __init__(self, config, layer_idx: int, use_rotary: bool = True, conv_size: int = 0, feature_map: str = "identity"):
+    def __init__(
+        self, config, layer_idx: int, use_rotary: bool = True, conv_size: int = 0, feature_map: str = "identity"
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads

@@ -27,9 +27,6 @@ to ``v``'s dtype. ``q`` is not scaled here (callers scale).
 This file is copied into saved checkpoints: it must import only torch / math / typing.
 """
 
-import math
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -88,9 +85,9 @@ def _check(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    log_decay: Optional[Tensor],
-    initial_state: Optional[Tensor],
-    chunk_size: Optional[int] = None,
+    log_decay: Tensor | None,
+    initial_state: Tensor | None,
+    chunk_size: int | None = None,
 ) -> None:
     """Validate shapes (no data inspection: keeps it compile-friendly)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -101,9 +98,7 @@ def _check(
     if k.shape != q.shape:
         raise ValueError(f"k must have the same shape as q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"v must have shape (B, H, T, Dv) = {tuple(q.shape[:3])} + (Dv,), got {tuple(v.shape)}"
-        )
+        raise ValueError(f"v must have shape (B, H, T, Dv) = {tuple(q.shape[:3])} + (Dv,), got {tuple(v.shape)}")
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     if log_decay is not None:
@@ -122,15 +117,13 @@ def _check(
     if initial_state is not None:
         if not isinstance(initial_state, Tensor) or initial_state.shape != (B, H, Dk, Dv):
             shape = tuple(initial_state.shape) if isinstance(initial_state, Tensor) else initial_state
-            raise ValueError(
-                f"initial_state must have shape (B, H, Dk, Dv) = {(B, H, Dk, Dv)}, got {shape}"
-            )
+            raise ValueError(f"initial_state must have shape (B, H, Dk, Dv) = {(B, H, Dk, Dv)}, got {shape}")
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def _prep(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor]):
+def _prep(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None):
     """Common dtypes, and the log decay normalised to (b, H, T) or (B, H, T, Dk) in float dtype.
 
     Returns (q, k, v, g, per_key, cdt, fdt); ``g`` is None for no decay. A fixed (H,) decay
@@ -215,12 +208,12 @@ def recurrent_retention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    log_decay: Optional[Tensor] = None,
+    log_decay: Tensor | None = None,
     *,
     chunk_size: int = 64,
-    initial_state: Optional[Tensor] = None,
+    initial_state: Tensor | None = None,
     output_final_state: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None]:
     """Token-by-token recurrence (the reference, and the decoding step). ``chunk_size`` is ignored.
 
     Computes in float32/float64 throughout. Returns ``(o, final_state or None)``.
@@ -250,12 +243,12 @@ def parallel_retention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    log_decay: Optional[Tensor] = None,
+    log_decay: Tensor | None = None,
     *,
     chunk_size: int = 64,
-    initial_state: Optional[Tensor] = None,
+    initial_state: Tensor | None = None,
     output_final_state: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None]:
     """Whole-sequence ``T x T`` form (best for short inputs). ``chunk_size`` is ignored.
 
     Same arithmetic as one chunk of the chunkwise form spanning the whole input: cost and
@@ -407,12 +400,12 @@ def chunkwise_retention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    log_decay: Optional[Tensor] = None,
+    log_decay: Tensor | None = None,
     *,
     chunk_size: int = 64,
-    initial_state: Optional[Tensor] = None,
+    initial_state: Tensor | None = None,
     output_final_state: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None]:
     """Chunkwise form: batched matmuls inside all chunks at once, a short loop over chunks
     for the state. O(T); the training default. T need not be a multiple of ``chunk_size``
     (padded internally). Per-key decays (GLA) use chunks of at most ``_PER_KEY_MAX_CHUNK``
@@ -454,14 +447,14 @@ def decayed_linear_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    log_decay: Optional[Tensor] = None,
+    log_decay: Tensor | None = None,
     *,
     mode: str = "chunkwise",
     chunk_size: int = 64,
-    initial_state: Optional[Tensor] = None,
+    initial_state: Tensor | None = None,
     output_final_state: bool = False,
     bidirectional: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None]:
     """Decayed linear attention ``S_t = diag(a_t) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``.
 
     Args:
@@ -493,8 +486,6 @@ def decayed_linear_attention(
         g_f = None
         if log_decay is not None:
             g_f = log_decay if log_decay.dim() == 1 else torch.flip(log_decay, [2])
-        o_b, _ = _run(
-            mode, torch.flip(q, fl), torch.flip(k, fl), torch.flip(v, fl), g_f, None, False, True, chunk_size
-        )
+        o_b, _ = _run(mode, torch.flip(q, fl), torch.flip(k, fl), torch.flip(v, fl), g_f, None, False, True, chunk_size)
         o = o + torch.flip(o_b, fl)
     return o, final

@@ -35,7 +35,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -242,7 +241,7 @@ int hfx_scan_bwd(const float *x, const float *dt, const float *A2t, const float 
     a.nck = (T + K - 1) / K; a.nthreads = nthreads;
     return launch(&a, run_bwd);
 }
-""" % {"block": BLOCK}
+""" % {"block": BLOCK}  # noqa: UP031 (C source: braces everywhere)
 
 MAX_STATE = 64  # the kernel's per-block state buffers hold BLOCK x 64 floats
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -266,7 +265,7 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor() + flags
 
 
-def _build() -> Optional[ctypes.CDLL]:
+def _build() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None or platform.system() == "Windows":
         return None
@@ -280,11 +279,16 @@ def _build() -> Optional[ctypes.CDLL]:
             src, out = os.path.join(tmp, "scan.c"), os.path.join(tmp, "scan.so")
             with open(src, "w") as f:
                 f.write(_SOURCE)
-            done = subprocess.run([compiler, *_FLAGS, src, "-o", out, "-lm", "-lpthread"], capture_output=True,
-                                  text=True, timeout=120)
+            done = subprocess.run(
+                [compiler, *_FLAGS, src, "-o", out, "-lm", "-lpthread"], capture_output=True, text=True, timeout=120
+            )
             if done.returncode != 0:  # e.g. a compiler without -march=native support
-                logger.warning("hf_extras: the CPU selective-scan kernel did not build (%s); using the PyTorch "
-                               "forms. Compiler output:\n%s", compiler, done.stderr[-2000:])
+                logger.warning(
+                    "hf_extras: the CPU selective-scan kernel did not build (%s); using the PyTorch "
+                    "forms. Compiler output:\n%s",
+                    compiler,
+                    done.stderr[-2000:],
+                )
                 return None
             os.replace(out, path)  # atomic: a concurrent process sees the old state or the whole file
     lib = ctypes.CDLL(path)
@@ -295,7 +299,7 @@ def _build() -> Optional[ctypes.CDLL]:
     return lib
 
 
-def load_kernel() -> Optional[ctypes.CDLL]:
+def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel (built once per machine and cached), or ``None`` where it cannot be built."""
     if "lib" not in _LIB:
         try:
@@ -308,11 +312,16 @@ def load_kernel() -> Optional[ctypes.CDLL]:
 
 def kernel_applies(x: Tensor, N: int) -> bool:
     """Whether the kernel can run this scan: float32 CPU tensors, state size <= 64, kernel enabled and built."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and N <= MAX_STATE and kernel_enabled()
-            and load_kernel() is not None)
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and N <= MAX_STATE
+        and kernel_enabled()
+        and load_kernel() is not None
+    )
 
 
-def _ptr(t: Optional[Tensor]):
+def _ptr(t: Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
@@ -329,8 +338,9 @@ def _decays_by_state(A: Tensor, scale: float) -> Tensor:
     return out
 
 
-def kernel_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Optional[Tensor],
-                   save_checkpoints: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def kernel_forward(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, save_checkpoints: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(y, final state, checkpoints)`` of the causal scan (no ``D x`` term); inputs float32, made contiguous."""
     x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
     A2t = _decays_by_state(A, _LOG2_E)
@@ -340,14 +350,38 @@ def kernel_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: O
     y = torch.empty_like(x)
     h_last = x.new_empty(batch, D, N)
     ckpt = x.new_empty(batch, (T + CHECKPOINT - 1) // CHECKPOINT, D, N) if save_checkpoints else None
-    rc = load_kernel().hfx_scan_fwd(_ptr(x), _ptr(dt), _ptr(A2t), _ptr(B), _ptr(C), _ptr(h0), _ptr(y), _ptr(h_last),
-                                    _ptr(ckpt), batch, T, D, N, CHECKPOINT, torch.get_num_threads())
+    rc = load_kernel().hfx_scan_fwd(
+        _ptr(x),
+        _ptr(dt),
+        _ptr(A2t),
+        _ptr(B),
+        _ptr(C),
+        _ptr(h0),
+        _ptr(y),
+        _ptr(h_last),
+        _ptr(ckpt),
+        batch,
+        T,
+        D,
+        N,
+        CHECKPOINT,
+        torch.get_num_threads(),
+    )
     _check(rc, "forward")
     return y, h_last, ckpt
 
 
-def kernel_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, ckpt: Tensor, gy: Tensor,
-                    gh: Optional[Tensor], need_dh0: bool):
+def kernel_backward(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    ckpt: Tensor,
+    gy: Tensor,
+    gh: Tensor | None,
+    need_dh0: bool,
+):
     """``(dx, ddt, dA, dB, dC, dh0)`` of the causal scan, from the forward's inputs and checkpoints."""
     x, dt, B, C, gy = (t.contiguous() for t in (x, dt, B, C, gy))
     A2t, At = _decays_by_state(A, _LOG2_E), _decays_by_state(A, 1.0)
@@ -362,9 +396,30 @@ def kernel_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, ckpt
     dA = x.new_empty(batch, D, N)
     dh0 = x.new_empty(batch, D, N) if need_dh0 else None
     work = x.new_empty(threads, 2 * CHECKPOINT + 1, N, BLOCK)
-    rc = load_kernel().hfx_scan_bwd(_ptr(x), _ptr(dt), _ptr(A2t), _ptr(At), _ptr(B), _ptr(C), _ptr(ckpt), _ptr(gy),
-                                    _ptr(gh), _ptr(dx), _ptr(ddt), _ptr(dB), _ptr(dC), _ptr(dA), _ptr(dh0), _ptr(work),
-                                    batch, T, D, N, CHECKPOINT, threads)
+    rc = load_kernel().hfx_scan_bwd(
+        _ptr(x),
+        _ptr(dt),
+        _ptr(A2t),
+        _ptr(At),
+        _ptr(B),
+        _ptr(C),
+        _ptr(ckpt),
+        _ptr(gy),
+        _ptr(gh),
+        _ptr(dx),
+        _ptr(ddt),
+        _ptr(dB),
+        _ptr(dC),
+        _ptr(dA),
+        _ptr(dh0),
+        _ptr(work),
+        batch,
+        T,
+        D,
+        N,
+        CHECKPOINT,
+        threads,
+    )
     _check(rc, "backward")
     return dx, ddt, dA.sum(0), dB.sum(1), dC.sum(1), dh0
 
@@ -386,8 +441,9 @@ def _define_ops() -> None:
         return
 
     @torch.library.custom_op(_OP_FWD, mutates_args=())
-    def _fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Optional[Tensor]
-             ) -> Tuple[Tensor, Tensor, Tensor]:
+    def _fwd(
+        x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         return kernel_forward(x, dt, A, B, C, h0, save_checkpoints=True)
 
     @_fwd.register_fake
@@ -397,16 +453,23 @@ def _define_ops() -> None:
         return torch.empty_like(x), x.new_empty(batch, D, N), x.new_empty(batch, _num_checkpoints(T), D, N)
 
     @torch.library.custom_op(_OP_BWD, mutates_args=())
-    def _bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, ckpt: Tensor, gy: Tensor, gh: Optional[Tensor]
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _bwd(
+        x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, ckpt: Tensor, gy: Tensor, gh: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         return kernel_backward(x, dt, A, B, C, ckpt, gy, gh, need_dh0=True)
 
     @_bwd.register_fake
     def _(x, dt, A, B, C, ckpt, gy, gh):
         batch, T, D = x.shape
         N = A.shape[1]
-        return (torch.empty_like(x), torch.empty_like(x), A.new_empty(D, N), B.new_empty(B.shape),
-                C.new_empty(C.shape), x.new_empty(batch, D, N))
+        return (
+            torch.empty_like(x),
+            torch.empty_like(x),
+            A.new_empty(D, N),
+            B.new_empty(B.shape),
+            C.new_empty(C.shape),
+            x.new_empty(batch, D, N),
+        )
 
     def setup_context(ctx, inputs, output):
         x, dt, A, B, C, h0 = inputs
@@ -423,7 +486,7 @@ def _define_ops() -> None:
     _fwd.register_autograd(backward, setup_context=setup_context)
 
 
-def fused_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def fused_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(y, final state)`` of the causal scan (no ``D x``) by the compiled kernel; differentiable, compilable.
     Callers check ``kernel_applies`` first."""
     _define_ops()

@@ -69,8 +69,6 @@ This file is copied into saved checkpoints (with ``scan_cpu_kernel``): it must i
 standard library.
 """
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -174,7 +172,7 @@ def _parallel(x, dt, A, B, C, h0, reverse=False):
 _LOG2_E = 1.4426950408889634
 
 
-def _scan_(a: Tensor, u: Tensor, reverse: bool = False, work: Optional[Tensor] = None) -> None:
+def _scan_(a: Tensor, u: Tensor, reverse: bool = False, work: Tensor | None = None) -> None:
     """In place: ``u`` <- all states of ``h_t = a_t h_{t-1} + u_t`` (``reverse``: ``h_t = a_t h_{t+1} + u_t``).
 
     The same odd/even reduction as ``linear_scan`` written with in-place multiply-adds on strided views of ``u``
@@ -297,7 +295,10 @@ class _ChunkwiseScan(torch.autograd.Function):
         ws = _Workspace(x, batch, min(chunk_size, T), D, N)
         with _intra_op_threads(_serial(x, A, chunk_size)):
             for vc, dtc, Bc, Cc, yc in zip(
-                v.split(chunk_size, 1), dt.split(chunk_size, 1), B.split(chunk_size, 1), C.split(chunk_size, 1),
+                v.split(chunk_size, 1),
+                dt.split(chunk_size, 1),
+                B.split(chunk_size, 1),
+                C.split(chunk_size, 1),
                 y.split(chunk_size, 1),
             ):
                 starts.append(h)
@@ -323,11 +324,19 @@ class _ChunkwiseScan(torch.autograd.Function):
         g = gh_last.to(x.dtype) if gh_last is not None else torch.zeros_like(starts[0])
         if gy is None:
             gy = torch.zeros_like(x)
-        chunks = list(zip(
-            v.split(chunk_size, 1), dt.split(chunk_size, 1), B.split(chunk_size, 1), C.split(chunk_size, 1),
-            gy.split(chunk_size, 1), gv.split(chunk_size, 1), gdt.split(chunk_size, 1), gB.split(chunk_size, 1),
-            gC.split(chunk_size, 1),
-        ))
+        chunks = list(
+            zip(
+                v.split(chunk_size, 1),
+                dt.split(chunk_size, 1),
+                B.split(chunk_size, 1),
+                C.split(chunk_size, 1),
+                gy.split(chunk_size, 1),
+                gv.split(chunk_size, 1),
+                gdt.split(chunk_size, 1),
+                gB.split(chunk_size, 1),
+                gC.split(chunk_size, 1),
+            )
+        )
         ws = _Workspace(x, batch, min(chunk_size, T), D, N, names=("a", "h", "work", "G"))
         with _intra_op_threads(_serial(x, A, chunk_size)):
             for i in reversed(range(len(chunks))):
@@ -378,7 +387,7 @@ def _check(x, dt, A, B, C, D, initial_state):
         raise ValueError(f"initial_state must have shape ({batch}, {d}, {n}), got {tuple(initial_state.shape)}")
 
 
-def pick_scan_mode(seq_len: int, has_state: bool = False, x: Optional[Tensor] = None, state_size: int = 16) -> str:
+def pick_scan_mode(seq_len: int, has_state: bool = False, x: Tensor | None = None, state_size: int = 16) -> str:
     """``recurrent`` for a single decoding step; longer inputs ``fused`` where the compiled CPU kernel applies to
     ``x`` (float32 on a CPU, kernel built), else ``chunkwise`` (see the module docstring)."""
     if seq_len == 1:
@@ -387,18 +396,30 @@ def pick_scan_mode(seq_len: int, has_state: bool = False, x: Optional[Tensor] = 
 
 
 def recurrent_selective_scan(x, dt, A, B, C, D=None, initial_state=None, output_final_state=False):
-    return selective_scan(x, dt, A, B, C, D, mode="recurrent", initial_state=initial_state,
-                          output_final_state=output_final_state)
+    return selective_scan(
+        x, dt, A, B, C, D, mode="recurrent", initial_state=initial_state, output_final_state=output_final_state
+    )
 
 
 def chunkwise_selective_scan(x, dt, A, B, C, D=None, chunk_size=64, initial_state=None, output_final_state=False):
-    return selective_scan(x, dt, A, B, C, D, mode="chunkwise", chunk_size=chunk_size, initial_state=initial_state,
-                          output_final_state=output_final_state)
+    return selective_scan(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        mode="chunkwise",
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )
 
 
 def parallel_selective_scan(x, dt, A, B, C, D=None, initial_state=None, output_final_state=False):
-    return selective_scan(x, dt, A, B, C, D, mode="parallel", initial_state=initial_state,
-                          output_final_state=output_final_state)
+    return selective_scan(
+        x, dt, A, B, C, D, mode="parallel", initial_state=initial_state, output_final_state=output_final_state
+    )
 
 
 def _causal(mode, x, dt, A, B, C, h0, chunk_size, reverse=False):
@@ -426,13 +447,13 @@ def selective_scan(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Optional[Tensor] = None,
+    D: Tensor | None = None,
     mode: str = "auto",
     chunk_size: int = 64,
-    initial_state: Optional[Tensor] = None,
+    initial_state: Tensor | None = None,
     output_final_state: bool = False,
     bidirectional: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor | None]:
     """``y = scan(x; dt, A, B, C) + D x`` and the final state (``None`` unless ``output_final_state``).
 
     Outputs are float32 (float64 for float64 inputs); the caller casts back. See the module docstring for the
@@ -460,8 +481,17 @@ def selective_scan(
         h0 = x.new_zeros(batch, d, A.shape[1])
     y, h = _causal(mode, x, dt, A, B, C, h0, chunk_size)
     if bidirectional:
-        y_bwd, _ = _causal(mode, x, dt, A, B, C, x.new_zeros(batch, d, A.shape[1]) if mode == "recurrent" else None,
-                           chunk_size, reverse=True)
+        y_bwd, _ = _causal(
+            mode,
+            x,
+            dt,
+            A,
+            B,
+            C,
+            x.new_zeros(batch, d, A.shape[1]) if mode == "recurrent" else None,
+            chunk_size,
+            reverse=True,
+        )
         # both scans counted token t itself: subtract C_t . (dt_t B_t x_t) once
         y = y + y_bwd - (dt * x) * (B * C).sum(-1, keepdim=True)
     if D is not None:

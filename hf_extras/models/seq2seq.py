@@ -111,7 +111,9 @@ class HfxForConditionalGeneration(HfxPreTrainedModel, GenerationMixin):
         cache = pop_cache_kwarg(cache, kwargs)
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
-                input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
                 output_hidden_states=output_hidden_states,
             )
         elif not isinstance(encoder_outputs, BaseModelOutput):

@@ -41,7 +41,9 @@ def masked_lm_collator(
 ) -> DataCollatorForLanguageModeling:
     """transformers' masking collator (15% targets, 80/10/10 by default); the tokenizer needs a mask token."""
     if tokenizer.mask_token is None:
-        raise ValueError(f"masked-LM pretraining needs a tokenizer with a mask token; {type(tokenizer).__name__} has none")
+        raise ValueError(
+            f"masked-LM pretraining needs a tokenizer with a mask token; {type(tokenizer).__name__} has none"
+        )
     return DataCollatorForLanguageModeling(
         tokenizer,
         mlm=True,

@@ -123,7 +123,10 @@ def _cls_index(input_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> 
 
 
 def answer_token_positions(
-    encoding: BatchEncoding, tokenizer: PreTrainedTokenizerBase, answer_starts: Sequence[int], answer_texts: Sequence[str]
+    encoding: BatchEncoding,
+    tokenizer: PreTrainedTokenizerBase,
+    answer_starts: Sequence[int],
+    answer_texts: Sequence[str],
 ) -> tuple[list[int], list[int]]:
     """Start and end token index of each window's answer (`answer_starts`/`answer_texts` are per example).
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from datasets import Dataset, DatasetDict
@@ -37,6 +37,7 @@ __all__ = [
     "predict_answers",
     "qa_metrics",
 ]
+
 
 @dataclass
 class QuestionAnsweringArguments:

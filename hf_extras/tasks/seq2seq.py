@@ -101,7 +101,9 @@ def prepare_seq2seq_dataset(
 
     def tokenize(batch: dict[str, list]) -> dict[str, Any]:
         sources = tokenizer(
-            [str(s) for s in batch[source_column]], add_special_tokens=False, truncation=True,
+            [str(s) for s in batch[source_column]],
+            add_special_tokens=False,
+            truncation=True,
             max_length=max_source_length,
         )
         targets = tokenizer([str(t) for t in batch[target_column]], add_special_tokens=False)["input_ids"]
@@ -111,7 +113,10 @@ def prepare_seq2seq_dataset(
     return DatasetDict(
         {
             name: split.map(
-                tokenize, batched=True, num_proc=num_proc, remove_columns=split.column_names,
+                tokenize,
+                batched=True,
+                num_proc=num_proc,
+                remove_columns=split.column_names,
                 desc=f"tokenise {name} source/target pairs",
             )
             for name, split in raw.items()
@@ -191,8 +196,13 @@ class Seq2SeqTask(Task):
         self.sample_source = str(raw["validation"][0][task_args.source_column]) if len(raw["validation"]) else None
         try:
             return prepare_seq2seq_dataset(
-                raw, tokenizer, task_args.source_column, task_args.target_column, task_args.max_source_length,
-                task_args.max_target_length, num_proc,
+                raw,
+                tokenizer,
+                task_args.source_column,
+                task_args.target_column,
+                task_args.max_source_length,
+                task_args.max_target_length,
+                num_proc,
             )
         except ValueError as error:
             raise ConfigError(str(error)) from error
@@ -217,7 +227,10 @@ class Seq2SeqTask(Task):
         import torch
 
         inputs = tokenizer(
-            self.sample_source, add_special_tokens=False, truncation=True, max_length=task_args.max_source_length,
+            self.sample_source,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=task_args.max_source_length,
             return_tensors="pt",
         ).to(model.device)
         model.eval()

@@ -22,7 +22,12 @@ from .labels import LabelledTextTask, map_labelled_splits
 from .metrics import IGNORE_INDEX, argmax_logits
 from .stdlib_sets import token_type_dataset
 
-__all__ = ["TokenClassificationArguments", "TokenClassificationTask", "align_word_labels", "prepare_token_classification_dataset"]
+__all__ = [
+    "TokenClassificationArguments",
+    "TokenClassificationTask",
+    "align_word_labels",
+    "prepare_token_classification_dataset",
+]
 
 
 @dataclass
@@ -60,7 +65,9 @@ def prepare_token_classification_dataset(
     The words are in the `text` column (`load_text_dataset` renames the configured `text_column`).
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"token classification needs a fast tokenizer (word_ids()); {type(tokenizer).__name__} is slow")
+        raise ValueError(
+            f"token classification needs a fast tokenizer (word_ids()); {type(tokenizer).__name__} is slow"
+        )
 
     def tokenize_with(encode_labels):
         def tokenize(batch: dict[str, list]) -> dict[str, Any]:
