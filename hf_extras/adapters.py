@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .models.backbone import HfxBlock
+from .models.backbone import SequenceBlock
 from .models.modeling_mlp_mixer import MixerBlock
 from .models.norms import DyT, RMSNorm
 from .peft_maps import head_module_names
@@ -129,7 +129,7 @@ class _BlockAdapters(nn.ModuleDict):
 
 def _sublayers(block: nn.Module) -> dict[str, tuple[nn.Module, int]]:
     """The block's adaptable sub-layers: slot -> (module, dimension of its output that holds the channels)."""
-    if isinstance(block, HfxBlock):
+    if isinstance(block, SequenceBlock):
         slots = {"mixer": (block.mixer, -1)}
         if block.ffn is not None:
             slots["ffn"] = (block.ffn, -1)
@@ -140,10 +140,10 @@ def _sublayers(block: nn.Module) -> dict[str, tuple[nn.Module, int]]:
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    blocks = [m for m in model.modules() if isinstance(m, (HfxBlock, MixerBlock))]
+    blocks = [m for m in model.modules() if isinstance(m, (SequenceBlock, MixerBlock))]
     if not blocks:
         raise ValueError(
-            f"{type(model).__name__} has no hf_extras blocks (HfxBlock / MixerBlock): bottleneck adapters "
+            f"{type(model).__name__} has no hf_extras blocks (SequenceBlock / MixerBlock): bottleneck adapters "
             "attach to hf_extras models only; for other models use PEFT."
         )
     return blocks
@@ -258,7 +258,7 @@ def _adapter_prefixes(model: nn.Module, name: str) -> list[str]:
     return [
         f"{block_name}.{CONTAINER}.{name}"
         for block_name, block in model.named_modules()
-        if isinstance(block, (HfxBlock, MixerBlock))
+        if isinstance(block, (SequenceBlock, MixerBlock))
     ]
 
 

@@ -25,7 +25,7 @@ from hf_extras.adapters import (
     set_active_adapter,
     train_adapter,
 )
-from hf_extras.models.backbone import HfxBlock
+from hf_extras.models.backbone import SequenceBlock
 
 HEAD = "ForSequenceClassification"
 
@@ -96,7 +96,7 @@ def adapter_slots(model) -> set[str]:
 def test_placement_adapts_the_stated_sublayer_outputs(family_name, placement, slots):
     family = next(f for f in FAMILIES if f.name == family_name)
     model = tiny(family, initializer_range=0.3)
-    blocks = [m for m in model.modules() if isinstance(m, HfxBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, SequenceBlock)]
     raw, seen = {}, {}
     for i, block in enumerate(blocks):  # registered first: sees the sub-layer's own output
         for slot in ("mixer", "ffn"):

@@ -109,7 +109,8 @@ def test_presets_have_the_papers_sizes_and_take_overrides():
         (dict(tokens_mlp_dim=-1), "tokens_mlp_dim"),
         (dict(max_position_embeddings=0), "max_position_embeddings"),
         (dict(hidden_dropout=1.0), "hidden_dropout"),
-        (dict(layer_norm_eps=0.0), "layer_norm_eps"),
+        (dict(norm_eps=0.0), "norm_eps"),
+        (dict(layer_norm_eps=0.0), "norm_eps"),  # the old name still validates
         (dict(pad_token_id=99, vocab_size=50), "pad_token_id"),
     ],
 )

@@ -102,7 +102,7 @@ def mlp_mixer_config_from_timm(state_dict: Mapping[str, torch.Tensor], **overrid
         channels_mlp_dim=state_dict["blocks.0.mlp_channels.fc1.weight"].shape[0],
         num_labels=state_dict["head.weight"].shape[0],
         norm_type="layernorm",
-        layer_norm_eps=1e-6,
+        norm_eps=1e-6,
         hidden_act="gelu",
     )
     values.update(overrides)

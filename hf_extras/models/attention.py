@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .positions import apply_rotary, rotary_cos_sin
+from .positions import apply_rotary
 
 
 def eager_attention_forward(
@@ -90,20 +90,20 @@ class SoftmaxAttention(nn.Module):
 
 
 class MultiHeadSelfAttention(SoftmaxAttention):
-    """Self-attention token mixer: optional rotary positions on q/k, the KV cache, causal unless bidirectional."""
+    """Self-attention token mixer: rotary positions on q/k (when the backbone hands tables), the KV cache, causal
+    unless bidirectional."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx, is_causal=not config.bidirectional)
-        self.use_rotary = config.position_embedding_type == "rotary"
-        self.rope_theta = config.rope_theta
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
+        """`position_embeddings`: the rotary `(cos, sin)` tables the backbone computed for this forward, or `None`
+        (sinusoidal/learned positions were already added to the embeddings)."""
         q = self.split_heads(self.q_proj(hidden_states))
         k = self.split_heads(self.k_proj(hidden_states))
         v = self.split_heads(self.v_proj(hidden_states))
-        if self.use_rotary:
-            cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if position_embeddings is not None:
+            q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         return self.attend(q, k, v, attention_mask)

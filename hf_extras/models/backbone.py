@@ -16,16 +16,17 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils.output_capturing import capture_outputs
 
 from .attention import CrossAttention
 from .cache import RecurrentCache, as_recurrent_cache
 from .ffn import build_ffn
 from .norms import DyT, build_norm
-from .positions import positions_from_mask
+from .positions import positions_from_mask, rotary_cos_sin
 
 
 @dataclass
-class HfxModelOutput(BaseModelOutputWithPast):
+class BackboneOutput(BaseModelOutputWithPast):
     """`BaseModelOutputWithPast` plus the summed MoE load-balancing loss (`None` without MoE)."""
 
     aux_loss: torch.Tensor | None = None
@@ -64,6 +65,19 @@ def padding_mask(attention_mask, batch_size: int, seq_len: int, past_len: int) -
     return attention_mask
 
 
+def embed_inputs(embed_tokens: nn.Embedding, input_ids, inputs_embeds, vocab_size: int) -> torch.Tensor:
+    """The input embeddings from exactly one of `input_ids` (checked against the vocabulary, then looked up in
+    `embed_tokens`) or `inputs_embeds` (returned as given); shared by every family's backbone."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+    if input_ids is None:
+        return inputs_embeds
+    if input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
+    check_input_ids(input_ids, vocab_size)
+    return embed_tokens(input_ids)
+
+
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Refuse token ids outside the vocabulary before any kernel (an embedding lookup would fail obscurely).
 
@@ -81,7 +95,7 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         )
 
 
-class HfxBlock(GradientCheckpointingLayer):
+class SequenceBlock(GradientCheckpointingLayer):
     """One pre-norm residual block around a family's token mixer and the shared FFN.
 
     With `config.add_cross_attention` (a seq2seq decoder) a pre-norm residual softmax cross-attention over the
@@ -113,6 +127,7 @@ class HfxBlock(GradientCheckpointingLayer):
         hidden_states,
         attention_mask=None,
         position_ids=None,
+        position_embeddings=None,
         cache=None,
         padding_mask=None,
         encoder_hidden_states=None,
@@ -120,13 +135,20 @@ class HfxBlock(GradientCheckpointingLayer):
         cross_cache=None,
         **kwargs,
     ):
-        """`attention_mask` is what the mixer gets (see `HfxModel.mixer_attention_mask`); `padding_mask`, the 2-D mask
-        of the new tokens for the FFN (MoE statistics over real tokens), defaults to `attention_mask`.
+        """`attention_mask` is what the mixer gets (see `SequenceBackbone.mixer_attention_mask`); `padding_mask`, the 2-D mask
+        of the new tokens for the FFN (MoE statistics over real tokens), defaults to `attention_mask`;
+        `position_embeddings` the rotary `(cos, sin)` tables the backbone computed once for every layer (or `None`).
         `encoder_*` and `cross_cache` (an `EncoderDecoderCache`) feed the cross-attention of a decoder block."""
         dtype = self.mixer_norm.weight.dtype
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
         normed = self.mixer_norm(hidden_states.to(dtype))
-        mixed = self.mixer(normed, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        mixed = self.mixer(
+            normed,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            cache=cache,
+        )
         hidden_states = residual + self.dropout(mixed)
         if self.cross_attn is not None:
             if encoder_hidden_states is None:
@@ -141,14 +163,14 @@ class HfxBlock(GradientCheckpointingLayer):
         return hidden_states + self.dropout(ffn_out), aux
 
 
-class HfxPreTrainedModel(PreTrainedModel):
+class SharedPreTrainedModel(PreTrainedModel):
     """Base of every hf_extras model: initialisation, recurrent-cache opt-out, remote-code auto map."""
 
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["HfxBlock"]
+    _no_split_modules = ["SequenceBlock"]
     _is_stateful = True
-    _hfx_auto_map: dict[str, str] = {}
+    _family_auto_map: dict[str, str] = {}
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -161,26 +183,27 @@ class HfxPreTrainedModel(PreTrainedModel):
             init.constant_(module.alpha, module.alpha_init)
             init.constant_(module.weight, module.weight_init)
             init.zeros_(module.bias)
-        init_hook = getattr(module, "init_hfx_weights", None)
+        init_hook = getattr(module, "init_custom_weights", None)
         if init_hook is not None:
             init_hook(self.config)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # every head of the family in auto_map, so any Auto class loads the folder with trust_remote_code
-        if self._hfx_auto_map:
-            self.config.auto_map = dict(self._hfx_auto_map)
+        if self._family_auto_map:
+            self.config.auto_map = dict(self._family_auto_map)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
-class HfxModel(HfxPreTrainedModel):
-    """Embeddings, a stack of `HfxBlock`s around `mixer_class`, and a final norm."""
+class SequenceBackbone(SharedPreTrainedModel):
+    """Embeddings, a stack of `SequenceBlock`s around `mixer_class`, and a final norm."""
 
     mixer_class: type[nn.Module]
+    _can_record_outputs = {"hidden_states": SequenceBlock}
 
     def __init__(self, config):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.layers = nn.ModuleList(HfxBlock(config, i, self.mixer_class) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(SequenceBlock(config, i, self.mixer_class) for i in range(config.num_hidden_layers))
         self.norm = build_norm(
             config.norm_type,
             config.hidden_size,
@@ -190,12 +213,6 @@ class HfxModel(HfxPreTrainedModel):
         )
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     # --- hooks a family may override (the defaults are the recurrent families' behaviour) ---
 
@@ -218,6 +235,7 @@ class HfxModel(HfxPreTrainedModel):
         """
         return padding_mask[:, -inputs_embeds.shape[1] :] if padding_mask is not None else None
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -226,16 +244,16 @@ class HfxModel(HfxPreTrainedModel):
         cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         prefix_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> HfxModelOutput:
+    ) -> BackboneOutput:
         """`encoder_hidden_states`/`encoder_attention_mask` (2-D source padding mask) feed the cross-attention of a
         seq2seq decoder stack, whose `cache` is then an `EncoderDecoderCache`. `prefix_mask` (1 = source token, seen
-        both ways; columns missing at the end count as target) needs a config with `prefix_lm=True`."""
+        both ways; columns missing at the end count as target) needs a config with `prefix_lm=True`.
+        `output_hidden_states` (embeddings, then every block's output, the last one after the final norm) and
+        `return_dict` are handled by transformers' `capture_outputs` (hooks on `SequenceBlock`)."""
         cache = pop_cache_kwarg(cache, kwargs)
         cross_cache = None
         if isinstance(cache, EncoderDecoderCache):  # the mixers keep the self-state, cross-attention the encoder k/v
@@ -245,13 +263,7 @@ class HfxModel(HfxPreTrainedModel):
                 f"`prefix_mask` needs a prefix LM: build {type(self.config).__name__} with `prefix_lm=True` "
                 "(a family with pairwise attention, e.g. DyT)."
             )
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, self.config.vocab_size)
         batch_size, seq_len = inputs_embeds.shape[:2]
 
         if self.config.bidirectional or (self.gradient_checkpointing and self.training):
@@ -281,10 +293,10 @@ class HfxModel(HfxPreTrainedModel):
                 encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=cross_mask, cross_cache=cross_cache
             )
 
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        all_hidden = (inputs_embeds,) if output_hidden_states else None
+        # rotary tables once per forward, shared by every layer (as LlamaModel does); None without rotary positions
+        position_embeddings = None
+        if self.config.rotary_positions:
+            position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         hidden_states = inputs_embeds
         aux_total = None
         for layer in self.layers:
@@ -292,25 +304,17 @@ class HfxModel(HfxPreTrainedModel):
                 hidden_states,
                 attention_mask=mixer_mask,
                 position_ids=position_ids,
+                position_embeddings=position_embeddings,
                 cache=cache,
                 padding_mask=new_mask,
                 **cross,
             )
-            if aux is not None and self.config.ffn_type == "moe":
+            if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-            if output_hidden_states:
-                all_hidden = all_hidden + (hidden_states,)
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
-        if output_hidden_states:
-            all_hidden = all_hidden[:-1] + (hidden_states,)
         if isinstance(cache, RecurrentCache):  # a KV cache counts its tokens itself
             cache.advance(seq_len)
-        return HfxModelOutput(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden,
-            aux_loss=aux_total,
-        )
+        return BackboneOutput(last_hidden_state=hidden_states, cache=cache if use_cache else None, aux_loss=aux_total)
 
 
 def register_family(config_class, classes: dict[str, type]) -> None:
@@ -325,4 +329,4 @@ def register_family(config_class, classes: dict[str, type]) -> None:
         cls.register_for_auto_class(auto_name)
         auto_map[auto_name] = f"{cls.__module__.split('.')[-1]}.{cls.__name__}"
     for cls in classes.values():
-        cls._hfx_auto_map = auto_map
+        cls._family_auto_map = auto_map

@@ -1,7 +1,10 @@
-"""Fields and rules shared by every hf_extras sequence family.
+"""Fields and rules shared by every hf_extras family.
 
-Each family's config subclasses `HfxSequenceConfig` and adds its own fields. The config is a transformers 5
-`@strict` dataclass: a bad value fails when the config is built, with a message that names the field and the fix.
+`CommonConfig` holds what every family has (MLP-Mixer included): sizes, norms, dropout, pooling, token ids.
+`SequenceConfig` adds what the sequence families share (heads, FFN, kernels, seq2seq); each family's config subclasses
+one of them and adds its own fields. Configs are transformers 5 `@strict` dataclasses: plain ranges are field
+validators (`interval`, `positive_int_field`), cross-field rules are `validate_*` methods named after what they check,
+so a bad value fails when the config is built, with a message that names the field.
 """
 
 # No `from __future__ import annotations` in config files: @strict validates against the real (unstringified) types.
@@ -9,8 +12,9 @@ import copy
 import math
 from typing import Literal
 
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import as_validated_field, strict
 from transformers import PreTrainedConfig
+from transformers.utils.type_validators import interval, positive_int_field
 
 NormType = Literal["rmsnorm", "layernorm", "dyt"]
 FfnType = Literal["mlp", "glu", "moe", "none"]
@@ -18,21 +22,70 @@ ForwardMode = Literal["auto", "parallel", "chunkwise", "recurrent"]
 Pooling = Literal["auto", "last", "mean", "first"]
 
 
+@as_validated_field
+def optional_positive(value: float | None):
+    """`None` (a value derived from other fields) or a number > 0."""
+    if value is not None and not value > 0:
+        raise ValueError(f"Value must be > 0 (or None for the derived default), got {value}.")
+
+
+def positive(default: float):
+    """A float field that must be > 0 (epsilons, bases, temperatures)."""
+    return interval(min=0.0, exclude_min=True)(default=default)
+
+
+def dropout(default: float = 0.0):
+    """A dropout probability in [0, 1)."""
+    return interval(min=0.0, max=1.0, exclude_max=True)(default=default)
+
+
 @strict
-class HfxSequenceConfig(PreTrainedConfig):
+class CommonConfig(PreTrainedConfig):
     r"""
-    Shared configuration of the hf_extras sequence families (one config serves every task head).
+    Fields every hf_extras family shares, with the same names and meanings (MLP-Mixer included).
 
     Args:
         vocab_size (`int`): vocabulary size; the embedded byte tokenizer needs 263 (264 keeps it a multiple of 8).
         hidden_size (`int`): width of the residual stream.
-        num_hidden_layers (`int`): number of blocks `x = x + mixer(norm(x)); x = x + ffn(norm(x))`.
-        num_heads (`int`): heads of the token mixer (alias `num_attention_heads`).
-        intermediate_size (`int`, *optional*): FFN width; `None` means 4x hidden (mlp) or 8/3x hidden rounded to 8 (glu, moe).
+        num_hidden_layers (`int`): number of blocks.
         hidden_act (`str`): FFN activation (any key of `transformers.activations.ACT2FN`).
         norm_type (`str`): `"rmsnorm"`, `"layernorm"` or `"dyt"` (Dynamic Tanh).
         norm_eps (`float`): epsilon of RMSNorm/LayerNorm.
         dyt_alpha_init (`float`): initial `alpha` of every DyT.
+        hidden_dropout (`float`): dropout on the residual branches and before classifier heads.
+        bidirectional (`bool`): mix in both directions (encoders: masked LM, classification, QA). Causal LM refuses it.
+        classifier_pooling (`str`): sequence-classification pooling; `"auto"` is the last real token for causal
+            models and the mean of real tokens for bidirectional ones.
+        use_layer_features (`bool`): heads read a learned softmax-weighted mix of every layer's hidden states.
+    """
+
+    vocab_size: int = positive_int_field(default=264)
+    hidden_size: int = positive_int_field(default=256)
+    num_hidden_layers: int = positive_int_field(default=4)
+    hidden_act: str = "silu"
+    norm_type: NormType = "rmsnorm"
+    norm_eps: float = positive(1e-6)
+    dyt_alpha_init: float = positive(0.5)
+    hidden_dropout: float = dropout()
+    bidirectional: bool = False
+    classifier_pooling: Pooling = "auto"
+    use_layer_features: bool = False
+    initializer_range: float = interval(min=0.0)(default=0.02)
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    bos_token_id: int | None = 2
+
+
+@strict
+class SequenceConfig(CommonConfig):
+    r"""
+    Shared configuration of the hf_extras sequence families (one config serves every task head).
+
+    Args (besides the common ones in `CommonConfig`):
+        num_heads (`int`): heads of the token mixer (alias `num_attention_heads`).
+        intermediate_size (`int`, *optional*): FFN width; `None` means 4x hidden (mlp) or 8/3x hidden rounded to 8 (glu, moe).
         dyt_final_weight_init (`float`, *optional*): initial `weight` of the final DyT (the one the heads read); the
             others start at 1. `None` means `max(1, 1 / (initializer_range * sqrt(hidden_size)))`: 1 for the paper's
             widths (>= 2500 at the default range), larger for narrow models. Why: a DyT's output is bounded by its
@@ -44,13 +97,8 @@ class HfxSequenceConfig(PreTrainedConfig):
             are `x = x + mixer(norm(x))` only, as in Mamba).
         num_experts, num_experts_per_tok (`int`): MoE size and top-k.
         router_aux_loss_coef (`float`): weight of the load-balancing loss added to the training loss.
-        bidirectional (`bool`): mix in both directions (encoders: masked LM, classification, QA). Causal LM refuses it.
         forward_mode (`str`): kernel form, `"auto"` picks by input length.
         chunk_size (`int`): chunk length of the chunkwise form.
-        hidden_dropout (`float`): dropout on the residual branches and before classifier heads.
-        classifier_pooling (`str`): sequence-classification pooling; `"auto"` is the last real token for causal
-            models and the mean of real tokens for bidirectional ones.
-        use_layer_features (`bool`): heads read a learned softmax-weighted mix of every layer's hidden states.
         residual_in_fp32 (`bool`): keep the residual stream in float32 under reduced-precision weights/autocast.
         num_decoder_layers (`int`, *optional*): decoder blocks of the seq2seq head (`...ForConditionalGeneration`),
             whose encoder has `num_hidden_layers`; `None` means as many as the encoder.
@@ -62,34 +110,17 @@ class HfxSequenceConfig(PreTrainedConfig):
 
     attribute_map = {"num_attention_heads": "num_heads"}
 
-    vocab_size: int = 264
-    hidden_size: int = 256
-    num_hidden_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int | None = None
-    hidden_act: str = "silu"
-    norm_type: NormType = "rmsnorm"
-    norm_eps: float = 1e-6
-    dyt_alpha_init: float = 0.5
-    dyt_final_weight_init: float | None = None
+    num_heads: int = positive_int_field(default=4)
+    intermediate_size: int | None = positive_int_field(default=None)
+    dyt_final_weight_init: float | None = optional_positive(default=None)
     ffn_type: FfnType = "glu"
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    router_aux_loss_coef: float = 0.01
-    bidirectional: bool = False
+    num_experts: int = positive_int_field(default=8)
+    num_experts_per_tok: int = positive_int_field(default=2)
+    router_aux_loss_coef: float = interval(min=0.0)(default=0.01)
     forward_mode: ForwardMode = "auto"
-    chunk_size: int = 64
-    hidden_dropout: float = 0.0
-    classifier_pooling: Pooling = "auto"
-    use_layer_features: bool = False
+    chunk_size: int = positive_int_field(default=64)
     residual_in_fp32: bool = False
-    initializer_range: float = 0.02
-    use_cache: bool = True
-    tie_word_embeddings: bool = True
-    pad_token_id: int | None = 0
-    eos_token_id: int | list[int] | None = 1
-    bos_token_id: int | None = 2
-    num_decoder_layers: int | None = None
+    num_decoder_layers: int | None = positive_int_field(default=None)
     decoder_start_token_id: int | None = None
     add_cross_attention: bool = False
 
@@ -118,7 +149,7 @@ class HfxSequenceConfig(PreTrainedConfig):
             return self.dyt_final_weight_init
         return max(1.0, 1.0 / (self.initializer_range * math.sqrt(self.hidden_size)))
 
-    def stack_config(self, role: Literal["encoder", "decoder"]) -> "HfxSequenceConfig":
+    def stack_config(self, role: Literal["encoder", "decoder"]) -> "SequenceConfig":
         """The config of one stack of the seq2seq head: a bidirectional encoder of `num_hidden_layers` blocks, or a
         causal decoder of `num_decoder_layers` blocks with cross-attention. A copy: the head's config is the saved one.
         """
@@ -131,25 +162,21 @@ class HfxSequenceConfig(PreTrainedConfig):
             stack.num_hidden_layers = self.num_decoder_layers
         return stack
 
-    def validate_architecture(self):
-        """Sizes must be positive and the width must split evenly into heads."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "intermediate_size", "chunk_size"):
-            value = getattr(self, name)
-            if value is None or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    @property
+    def rotary_positions(self) -> bool:
+        """Whether the mixers rotate q/k (the backbone then computes the rotary tables once per forward)."""
+        return False
+
+    def validate_heads_divide_width(self):
+        """The width must split evenly into heads."""
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_heads` ({self.num_heads}): "
                 f"pick a hidden size that is a multiple of {self.num_heads}, or another head count."
             )
 
-    def validate_seq2seq(self):
-        """The decoder depth and start token of the seq2seq head must be usable."""
-        if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
-            raise ValueError(
-                f"`num_decoder_layers` must be a positive integer (or None for as many as `num_hidden_layers`), "
-                f"got {self.num_decoder_layers}."
-            )
+    def validate_decoder_start_token(self):
+        """The seq2seq head's decoder start token must be a token id."""
         start = self.decoder_start_token_id
         if start is not None and not 0 <= start < self.vocab_size:
             raise ValueError(
@@ -157,23 +184,18 @@ class HfxSequenceConfig(PreTrainedConfig):
                 "use the tokenizer's bos or pad id."
             )
 
-    def validate_ffn(self):
-        """MoE routing must select a valid number of experts; coefficients are non-negative."""
-        if self.ffn_type == "moe":
-            if self.num_experts <= 0:
-                raise ValueError(f"`num_experts` must be positive for ffn_type='moe', got {self.num_experts}.")
-            if not 1 <= self.num_experts_per_tok <= self.num_experts:
-                raise ValueError(
-                    f"`num_experts_per_tok` ({self.num_experts_per_tok}) must be between 1 and "
-                    f"`num_experts` ({self.num_experts})."
-                )
-        if self.router_aux_loss_coef < 0:
-            raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}.")
-        if not 0.0 <= self.hidden_dropout < 1.0:
-            raise ValueError(f"`hidden_dropout` must be in [0, 1), got {self.hidden_dropout}.")
-        if self.norm_eps <= 0:
-            raise ValueError(f"`norm_eps` must be > 0, got {self.norm_eps}.")
-        if self.dyt_final_weight_init is not None and self.dyt_final_weight_init <= 0:
+    def validate_moe_routing(self):
+        """MoE routing must select between 1 and `num_experts` experts."""
+        if self.ffn_type == "moe" and self.num_experts_per_tok > self.num_experts:
             raise ValueError(
-                f"`dyt_final_weight_init` must be > 0 (or None for the width rule), got {self.dyt_final_weight_init}."
+                f"`num_experts_per_tok` ({self.num_experts_per_tok}) must be between 1 and "
+                f"`num_experts` ({self.num_experts})."
+            )
+
+    def validate_rotary_head_dim(self):
+        """Rotary positions rotate channel pairs: the head dim must be even."""
+        if self.rotary_positions and self.head_dim % 2 != 0:
+            raise ValueError(
+                f"`hidden_size / num_heads` ({self.hidden_size}/{self.num_heads}) must be even for rotary positions: "
+                "pick another head count or turn rotary positions off."
             )

@@ -5,8 +5,9 @@ import math
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
+from transformers.utils.type_validators import positive_int_field
 
-from .configuration_common import HfxSequenceConfig, NormType
+from .configuration_common import NormType, SequenceConfig, dropout, optional_positive, positive
 
 PositionType = Literal["rotary", "sinusoidal", "learned"]
 DytInit = Literal["constant", "paper_llm"]
@@ -34,7 +35,7 @@ def paper_llm_alphas(hidden_size: int) -> tuple[float, float]:
 
 
 @strict
-class DyTConfig(HfxSequenceConfig):
+class DyTConfig(SequenceConfig):
     r"""
     Transformer with Dynamic Tanh norms ("Transformers without Normalization", Zhu et al. 2025): pre-norm blocks
     `x = x + attention(norm(x)); x = x + ffn(norm(x))` with multi-head softmax self-attention (through transformers'
@@ -45,7 +46,7 @@ class DyTConfig(HfxSequenceConfig):
     is the classic Transformer of "Attention Is All You Need" (in its pre-norm form, without biases), the baseline of the
     other families; `norm_type="rmsnorm"` with rotary positions and `ffn_type="glu"` is a LLaMA-style decoder.
 
-    Args (besides the shared ones in `HfxSequenceConfig`):
+    Args (besides the shared ones in `SequenceConfig`):
         position_embedding_type (`str`): `"rotary"` (RoPE on q/k), `"sinusoidal"` (the fixed sin/cos table added to
             the token embeddings) or `"learned"` (a trained table of `max_position_embeddings` rows, added).
         max_position_embeddings (`int`): rows of the learned table; longer inputs are refused. Informative otherwise.
@@ -84,14 +85,14 @@ class DyTConfig(HfxSequenceConfig):
 
     norm_type: NormType = "dyt"
     position_embedding_type: PositionType = "rotary"
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
+    max_position_embeddings: int = positive_int_field(default=2048)
+    rope_theta: float = positive(10000.0)
     attention_bias: bool = False
-    attention_dropout: float = 0.0
+    attention_dropout: float = dropout()
     dyt_init: DytInit = "constant"
-    dyt_attn_alpha_init: float | None = None
+    dyt_attn_alpha_init: float | None = optional_positive(default=None)
     embedding_scale: bool | None = None
-    embedding_scale_init: float | None = None
+    embedding_scale_init: float | None = optional_positive(default=None)
     prefix_lm: bool = False
 
     def __post_init__(self, **kwargs):
@@ -110,34 +111,17 @@ class DyTConfig(HfxSequenceConfig):
     def resolved_embedding_scale_init(self) -> float:
         return self.embedding_scale_init if self.embedding_scale_init is not None else math.sqrt(self.hidden_size)
 
-    def validate_attention(self):
-        """Positions, dropout and DyT initial values must be usable."""
-        if self.position_embedding_type == "rotary" and (self.hidden_size // self.num_heads) % 2 != 0:
-            raise ValueError(
-                f"`hidden_size / num_heads` ({self.hidden_size}/{self.num_heads}) must be even for "
-                "`position_embedding_type='rotary'`: pick another head count or 'sinusoidal'/'learned' positions."
-            )
-        if self.max_position_embeddings <= 0:
-            raise ValueError(
-                f"`max_position_embeddings` must be a positive integer, got {self.max_position_embeddings}."
-            )
-        if self.rope_theta <= 0:
-            raise ValueError(f"`rope_theta` must be > 0, got {self.rope_theta}.")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}.")
-        for name in ("dyt_alpha_init", "dyt_attn_alpha_init"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(
-                    f"`{name}` must be > 0 (tanh(alpha * x) with alpha <= 0 is flat or inverted), got {value}."
-                )
+    @property
+    def rotary_positions(self) -> bool:
+        return self.position_embedding_type == "rotary"
+
+    def validate_prefix_lm_is_causal(self):
+        """A prefix LM is causal over the target; only the source is seen both ways."""
         if self.prefix_lm and self.bidirectional:
             raise ValueError(
                 "`prefix_lm=True` is causal over the target: build it with `bidirectional=False` (only the source "
                 "marked by `prefix_mask` is seen both ways)."
             )
-        if self.embedding_scale_init is not None and self.embedding_scale_init <= 0:
-            raise ValueError(f"`embedding_scale_init` must be > 0, got {self.embedding_scale_init}.")
 
 
 __all__ = ["DyTConfig", "paper_llm_alphas"]

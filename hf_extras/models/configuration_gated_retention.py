@@ -4,16 +4,17 @@
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
+from transformers.utils.type_validators import positive_int_field
 
-from .configuration_common import HfxSequenceConfig
+from .configuration_common import SequenceConfig, positive
 
 
 @strict
-class GatedRetentionConfig(HfxSequenceConfig):
+class GatedRetentionConfig(SequenceConfig):
     r"""
     Retention whose forgetting is data-dependent: the step from linear attention to retention to gated retention.
 
-    Args (besides the shared ones in `HfxSequenceConfig`):
+    Args (besides the shared ones in `SequenceConfig`):
         gate (`str`): `"key"` — one decay per key channel from a low-rank projection,
             `alpha_t = sigmoid(x_t W_1 W_2 + b)^(1/tau)` (GLA, Yang et al. 2023); `"head"` — one scalar decay per head
             and token, `gamma_t = sigmoid(x_t W_gamma + b)^(1/tau)` (gated retention as in YOCO); `"none"` — plain
@@ -29,29 +30,23 @@ class GatedRetentionConfig(HfxSequenceConfig):
     model_type = "hfx_gated_retention"
 
     gate: Literal["key", "head", "none"] = "key"
-    gate_logit_normalizer: float = 16.0
-    gate_low_rank_dim: int = 16
+    gate_logit_normalizer: float = positive(16.0)
+    gate_low_rank_dim: int = positive_int_field(default=16)
     feature_map: Literal["identity", "elu", "relu"] = "identity"
     use_short_conv: bool = False
     conv_size: int = 4
-    value_factor: int = 1
+    value_factor: int = positive_int_field(default=1)
     use_rotary: bool = False
-    rope_theta: float = 10000.0
+    rope_theta: float = positive(10000.0)
 
-    def validate_gating(self):
-        """Gate and conv sizes must be usable."""
-        if self.gate_logit_normalizer <= 0:
-            raise ValueError(f"`gate_logit_normalizer` must be > 0, got {self.gate_logit_normalizer}.")
-        if self.gate_low_rank_dim <= 0:
-            raise ValueError(f"`gate_low_rank_dim` must be a positive integer, got {self.gate_low_rank_dim}.")
+    @property
+    def rotary_positions(self) -> bool:
+        return self.use_rotary
+
+    def validate_short_conv_size(self):
+        """A short conv needs at least two taps."""
         if self.use_short_conv and self.conv_size < 2:
             raise ValueError(f"`conv_size` must be >= 2 when `use_short_conv=True`, got {self.conv_size}.")
-        if self.value_factor <= 0:
-            raise ValueError(f"`value_factor` must be a positive integer, got {self.value_factor}.")
-        if self.use_rotary and (self.hidden_size // self.num_heads) % 2 != 0:
-            raise ValueError(
-                f"`hidden_size / num_heads` ({self.hidden_size}/{self.num_heads}) must be even for `use_rotary=True`."
-            )
 
 
 __all__ = ["GatedRetentionConfig"]

@@ -5,19 +5,20 @@ import math
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
+from transformers.utils.type_validators import interval, positive_int_field
 
-from .configuration_common import FfnType, HfxSequenceConfig
+from .configuration_common import FfnType, SequenceConfig, positive
 
 
 @strict
-class HfxMambaConfig(HfxSequenceConfig):
+class HfxMambaConfig(SequenceConfig):
     r"""
     Mamba (Gu & Dao 2023): a selective state space (S6) token mixer with input-dependent `dt, B, C`, a causal
     depthwise conv and a gated output, in RMSNorm pre-norm blocks `x = x + mixer(norm(x))` (no FFN by default).
     The mixer's parameters have the names and shapes of transformers' `MambaMixer`, so a `MambaForCausalLM`
     checkpoint maps one to one (`hf_extras.convert.mamba`). transformers owns the `Mamba*` class names, hence `HfxMamba*`.
 
-    Args (besides the shared ones in `HfxSequenceConfig`; `MambaConfig`'s name in brackets where it differs):
+    Args (besides the shared ones in `SequenceConfig`; `MambaConfig`'s name in brackets where it differs):
         state_size (`int`): SSM state size `N` per channel.
         expand (`int`): the mixer's inner width is `expand * hidden_size` (`mixer_intermediate_size`; transformers
             calls it `intermediate_size`, which here stays the shared FFN width, unused with `ffn_type="none"`).
@@ -53,17 +54,17 @@ class HfxMambaConfig(HfxSequenceConfig):
     ffn_type: FfnType = "none"
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
-    state_size: int = 16
-    expand: int = 2
-    conv_kernel: int = 4
+    state_size: int = positive_int_field(default=16)
+    expand: int = positive_int_field(default=2)
+    conv_kernel: int = positive_int_field(default=4)
     use_bias: bool = False
     use_conv_bias: bool = True
     time_step_rank: int | Literal["auto"] = "auto"
-    time_step_scale: float = 1.0
-    time_step_min: float = 0.001
-    time_step_max: float = 0.1
+    time_step_scale: float = positive(1.0)
+    time_step_min: float = positive(0.001)
+    time_step_max: float = positive(0.1)
     time_step_init_scheme: Literal["random", "constant"] = "random"
-    time_step_floor: float = 1e-4
+    time_step_floor: float = interval(min=0.0)(default=1e-4)
     rescale_prenorm_residual: bool = False
 
     def __post_init__(self, **kwargs):
@@ -76,22 +77,15 @@ class HfxMambaConfig(HfxSequenceConfig):
         """Inner width of the mixer (`MambaConfig.intermediate_size`)."""
         return self.expand * self.hidden_size
 
-    def validate_mamba(self):
-        """SSM sizes must be positive and the dt initialisation range valid."""
-        for name in ("state_size", "expand", "conv_kernel", "time_step_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if not 0 < self.time_step_min <= self.time_step_max:
+    def validate_time_step_range(self):
+        """`dt` is initialised log-uniform in `[time_step_min, time_step_max]`; its projection rank is positive."""
+        if self.time_step_min > self.time_step_max:
             raise ValueError(
                 f"`time_step_min` ({self.time_step_min}) and `time_step_max` ({self.time_step_max}) must satisfy "
                 "0 < time_step_min <= time_step_max."
             )
-        if self.time_step_floor < 0 or self.time_step_scale <= 0:
-            raise ValueError(
-                f"`time_step_floor` must be >= 0 and `time_step_scale` > 0, got {self.time_step_floor} and "
-                f"{self.time_step_scale}."
-            )
+        if self.time_step_rank <= 0:  # an int by now: __post_init__ resolved "auto"
+            raise ValueError(f"`time_step_rank` must be a positive integer or 'auto', got {self.time_step_rank!r}.")
 
 
 __all__ = ["HfxMambaConfig"]

@@ -4,7 +4,9 @@
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers.utils.type_validators import positive_int_field
+
+from .configuration_common import CommonConfig
 
 # The paper's sizes (Tolstikhin et al. 2021, Table 1): width, depth, token-MLP width, channel-MLP width, patch.
 # Parameter counts with a 1,000-class head at 224 px: S/32 19.1M, S/16 18.5M, B/32 60.3M, B/16 59.9M,
@@ -20,7 +22,7 @@ PRESETS: dict[str, dict] = {
 
 
 @strict
-class MlpMixerConfig(PreTrainedConfig):
+class MlpMixerConfig(CommonConfig):
     r"""
     MLP-Mixer (Tolstikhin et al. 2021): information is mixed by MLPs only. Each block is
     `x = x + token_mlp(norm1(x)^T)^T; x = x + channel_mlp(norm2(x))`: one MLP across tokens (shared over channels),
@@ -51,7 +53,8 @@ class MlpMixerConfig(PreTrainedConfig):
         channels_mlp_dim (`int`): hidden width of the channel-mixing MLP (the paper's `D_C`).
         hidden_act (`str`): activation of both MLPs (`"gelu"`, exact erf GELU as in the paper and timm).
         norm_type (`str`): `"layernorm"` (the paper) or `"dyt"` (Dynamic Tanh).
-        layer_norm_eps (`float`): LayerNorm epsilon (1e-6 as in timm).
+        norm_eps (`float`): LayerNorm epsilon (1e-6 as in timm); configs saved with its old name `layer_norm_eps`
+            still load (`attribute_map`).
         dyt_alpha_init (`float`): initial `alpha` of every DyT.
         hidden_dropout (`float`): dropout inside both MLPs (after the activation and after the output layer) and
             before the classifier.
@@ -73,34 +76,29 @@ class MlpMixerConfig(PreTrainedConfig):
     """
 
     model_type = "hfx_mlp_mixer"
+    attribute_map = {"layer_norm_eps": "norm_eps"}  # the field's name before it joined `CommonConfig`
 
     modality: Literal["image", "text"] = "image"
     # image mode
-    image_size: int = 224
-    patch_size: int = 16
-    num_channels: int = 3
-    # shared (defaults: Mixer-B/16)
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    tokens_mlp_dim: int = 384
-    channels_mlp_dim: int = 3072
+    image_size: int = positive_int_field(default=224)
+    patch_size: int = positive_int_field(default=16)
+    num_channels: int = positive_int_field(default=3)
+    # common fields with the Mixer's defaults (Mixer-B/16)
+    hidden_size: int = positive_int_field(default=768)
+    num_hidden_layers: int = positive_int_field(default=12)
+    tokens_mlp_dim: int = positive_int_field(default=384)
+    channels_mlp_dim: int = positive_int_field(default=3072)
     hidden_act: str = "gelu"
     norm_type: Literal["layernorm", "dyt"] = "layernorm"
-    layer_norm_eps: float = 1e-6
-    dyt_alpha_init: float = 0.5
-    hidden_dropout: float = 0.0
-    initializer_range: float = 0.02
     # text mode
-    vocab_size: int = 264
-    max_position_embeddings: int = 128
-    bidirectional: bool = False
-    classifier_pooling: Literal["auto", "last", "mean", "first"] = "auto"
-    use_layer_features: bool = False
-    tie_word_embeddings: bool = True
+    max_position_embeddings: int = positive_int_field(default=128)
     use_cache: bool = False  # no cache: generation recomputes the whole window at every step
-    pad_token_id: int | None = 0
-    eos_token_id: int | list[int] | None = 1
-    bos_token_id: int | None = 2
+
+    def __post_init__(self, **kwargs):
+        legacy_eps = kwargs.pop("layer_norm_eps", None)
+        if legacy_eps is not None:  # a config saved before the field was renamed: assign through the validator
+            self.norm_eps = float(legacy_eps)
+        super().__post_init__(**kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MlpMixerConfig":
@@ -122,30 +120,16 @@ class MlpMixerConfig(PreTrainedConfig):
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    def validate_architecture(self):
-        """Sizes must be positive; patches must tile the image exactly."""
-        names = (
-            "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "tokens_mlp_dim",
-            "channels_mlp_dim", "vocab_size", "max_position_embeddings",
-        )  # fmt: skip
-        for name in names:
-            value = getattr(self, name)
-            if value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    def validate_patches_tile_image(self):
+        """Patches must tile the image exactly."""
         if self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"`image_size` ({self.image_size}) must be divisible by `patch_size` ({self.patch_size}): patches "
                 f"must tile the image; pick an image size that is a multiple of {self.patch_size} or another patch size."
             )
 
-    def validate_regularisation(self):
-        """Dropout in [0, 1); positive epsilon; a valid pad id in text mode."""
-        if not 0.0 <= self.hidden_dropout < 1.0:
-            raise ValueError(f"`hidden_dropout` must be in [0, 1), got {self.hidden_dropout}.")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"`layer_norm_eps` must be > 0, got {self.layer_norm_eps}.")
-        if self.initializer_range < 0:
-            raise ValueError(f"`initializer_range` must be >= 0, got {self.initializer_range}.")
+    def validate_pad_token_in_vocabulary(self):
+        """A pad id must be a token of the text vocabulary."""
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(
                 f"`pad_token_id` ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size}) or None."

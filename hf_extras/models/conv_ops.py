@@ -7,15 +7,24 @@ import torch.nn.functional as F
 def causal_depthwise_conv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tail: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convolve `x` `(batch, channels, time)` causally with a depthwise `weight` `(channels, 1, kernel)`.
+    """Convolve `x` `(batch, time, channels)` causally with a depthwise `weight` `(channels, 1, kernel)` (`nn.Conv1d`'s).
 
-    `tail` holds the previous `kernel - 1` inputs (zeros at the start of a sequence), so a prefill followed by
-    one-token steps gives the same outputs as one pass. Returns `(y, new_tail)`.
+    `tail` holds the previous `kernel - 1` inputs `(batch, channels, kernel - 1)` (zeros at the start of a sequence),
+    so a prefill followed by one-token steps gives the same outputs as one pass. Returns `(y, new_tail)`, `y` in the
+    input's `(batch, time, channels)` layout.
+
+    Written as `kernel` shifted multiply-adds in the channels-last layout: the same numbers as
+    `F.conv1d(..., groups=channels)` (to float rounding), without two transposes, and without the depthwise `conv1d`
+    weight-gradient kernel, which with 2 intra-op threads runs about 200x slower than with 1 on CPU (torch 2.13; see
+    benchmarks/results/NOTES.md).
     """
-    kernel = weight.shape[-1]
+    kernel, seq_len = weight.shape[-1], x.shape[1]
     if tail is None:
-        padded = F.pad(x, (kernel - 1, 0))
+        padded = F.pad(x, (0, 0, kernel - 1, 0))
     else:
-        padded = torch.cat([tail.to(x.dtype), x], dim=-1)
-    y = F.conv1d(padded, weight, bias, groups=x.shape[1])
-    return y, padded[..., padded.shape[-1] - (kernel - 1) :]
+        padded = torch.cat([tail.transpose(1, 2).to(x.dtype), x], dim=1)
+    taps = weight[:, 0, :].t().to(x.dtype)  # (kernel, channels)
+    y = padded[:, :seq_len] * taps[0] if bias is None else torch.addcmul(bias.to(x.dtype), padded[:, :seq_len], taps[0])
+    for k in range(1, kernel):
+        y = torch.addcmul(y, padded[:, k : k + seq_len], taps[k])
+    return y, padded[:, padded.shape[1] - (kernel - 1) :].transpose(1, 2)

@@ -1,6 +1,6 @@
 """Channel mixers: MLP, GLU and a top-k routed mixture of GLU experts, chosen by `ffn_type`.
 
-Every FFN returns `(output, aux_loss)`; `aux_loss` is the MoE load-balancing loss (a zero scalar otherwise), which
+Every FFN returns `(output, aux_loss)`; `aux_loss` is the MoE load-balancing loss (`None` for dense FFNs), which
 the backbone sums over layers and the heads add to the training loss with `router_aux_loss_coef`.
 """
 
@@ -22,7 +22,7 @@ class MLP(nn.Module):
         self.act_fn = ACT2FN[hidden_act]
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        return self.down_proj(self.act_fn(self.up_proj(x))), x.new_zeros(())
+        return self.down_proj(self.act_fn(self.up_proj(x))), None
 
 
 class GLU(nn.Module):
@@ -36,7 +36,7 @@ class GLU(nn.Module):
         self.act_fn = ACT2FN[hidden_act]
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)), x.new_zeros(())
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)), None
 
 
 class MoE(nn.Module):

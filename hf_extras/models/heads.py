@@ -1,6 +1,6 @@
 """Task heads, written once for every sequence family.
 
-A family's head is `class RetNetForX(RetNetPreTrainedModel, HfxForX): backbone_class = RetNetModel`. The base model
+A family's head is `class RetNetForX(RetNetPreTrainedModel, ForXHead): backbone_class = RetNetModel`. The base model
 is built directly (not through `AutoModel.from_config`, which fails inside a `trust_remote_code` load), the losses are
 transformers' own (`self.loss_function`), and the MoE load-balancing loss is added so that it stays right under
 gradient accumulation and DDP.
@@ -22,8 +22,10 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple
 
-from .backbone import HfxPreTrainedModel, pop_cache_kwarg
+from .backbone import SharedPreTrainedModel, pop_cache_kwarg
 
 
 class LayerFeatures(nn.Module):
@@ -34,7 +36,7 @@ class LayerFeatures(nn.Module):
         self.layer_weights = nn.Parameter(torch.zeros(num_layers + 1))
         self.scale = nn.Parameter(torch.ones(1))
 
-    def init_hfx_weights(self, config) -> None:
+    def init_custom_weights(self, config) -> None:
         init.zeros_(self.layer_weights)
         init.ones_(self.scale)
 
@@ -61,7 +63,7 @@ def scaled_aux_loss(aux: torch.Tensor, coef: float, labels: torch.Tensor, num_it
     return coef * aux * share
 
 
-class _HfxHead(HfxPreTrainedModel):
+class BackboneHead(SharedPreTrainedModel):
     """Builds the family backbone and, optionally, weighted layer features."""
 
     backbone_class: type[nn.Module]
@@ -69,12 +71,6 @@ class _HfxHead(HfxPreTrainedModel):
     def _build_backbone(self, config) -> None:
         self.model = self.backbone_class(config)
         self.layer_features = LayerFeatures(config.num_hidden_layers) if config.use_layer_features else None
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
 
     def _run_backbone(
         self,
@@ -113,28 +109,43 @@ class _HfxHead(HfxPreTrainedModel):
         )
 
 
-class HfxForCausalLM(_HfxHead, GenerationMixin):
-    """Language-model head tied to the input embeddings; generates with the fixed-size recurrent cache."""
+class LMHeadBase(BackboneHead):
+    """A backbone and a language-model head `lm_head` tied to the input embeddings (causal and masked LMs).
+
+    `requires_bidirectional` says which backbone direction the head needs; the embedding accessors are transformers'
+    `EmbeddingAccessMixin` (`model.embed_tokens`, `lm_head`).
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    requires_bidirectional: bool
+    direction_hint: str
 
     def __init__(self, config):
         super().__init__(config)
-        if config.bidirectional:
-            raise ValueError(
-                f"{type(self).__name__} predicts the next token and cannot see the future: build it with "
-                "`bidirectional=False` (use the ForMaskedLM head for a bidirectional model)."
-            )
+        if config.bidirectional != self.requires_bidirectional:
+            raise ValueError(f"{type(self).__name__} {self.direction_hint}")
         self._build_backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_output_embeddings(self):
-        return self.lm_head
+    def _lm_loss(self, logits, labels, outputs, kwargs, shift: bool):
+        """transformers' LM loss (shifted for causal LMs) plus the scaled MoE auxiliary loss; `None` without labels."""
+        if labels is None:
+            return None
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return self._with_aux(loss, outputs, labels, kwargs, shift=shift)
 
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
 
+class ForCausalLMHead(LMHeadBase, GenerationMixin):
+    """Language-model head tied to the input embeddings; generates with the fixed-size recurrent cache."""
+
+    requires_bidirectional = False
+    direction_hint = (
+        "predicts the next token and cannot see the future: build it with `bidirectional=False` (use the ForMaskedLM "
+        "head for a bidirectional model)."
+    )
+
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -161,41 +172,22 @@ class HfxForCausalLM(_HfxHead, GenerationMixin):
             kwargs,
             prefix_mask=prefix_mask,
         )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(features[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = self._with_aux(loss, outputs, labels, kwargs, shift=True)
+        logits = self.lm_head(slice_logits_to_keep(features, logits_to_keep))
         return CausalLMOutputWithPast(
-            loss=loss,
+            loss=self._lm_loss(logits, labels, outputs, kwargs, shift=True),
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
         )
 
 
-class HfxForMaskedLM(_HfxHead):
+class ForMaskedLMHead(LMHeadBase):
     """Masked-LM head on a bidirectional backbone, tied to the input embeddings."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    requires_bidirectional = True
+    direction_hint = "fills in masked tokens from both sides: build it with `bidirectional=True`."
 
-    def __init__(self, config):
-        super().__init__(config)
-        if not config.bidirectional:
-            raise ValueError(
-                f"{type(self).__name__} fills in masked tokens from both sides: build it with `bidirectional=True`."
-            )
-        self._build_backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -210,12 +202,10 @@ class HfxForMaskedLM(_HfxHead):
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
         )
         logits = self.lm_head(features)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = self._with_aux(loss, outputs, labels, kwargs, shift=False)
         return MaskedLMOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states if output_hidden_states else None
+            loss=self._lm_loss(logits, labels, outputs, kwargs, shift=False),
+            logits=logits,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
         )
 
 
@@ -231,12 +221,12 @@ def last_token_index(input_ids, attention_mask, pad_token_id, batch_size: int, s
     return (positions * real).argmax(-1).long()
 
 
-class _ClassifierHead(_HfxHead):
+class _ClassifierHead(BackboneHead):
     # the generic transformers losses below do not divide by num_items_in_batch: let Trainer scale for accumulation
     accepts_loss_kwargs = False
 
 
-class HfxForSequenceClassification(_ClassifierHead):
+class ForSequenceClassificationHead(_ClassifierHead):
     """Sequence classification: last real token (causal) or mean of real tokens (bidirectional), then `score`."""
 
     def __init__(self, config):
@@ -264,6 +254,7 @@ class HfxForSequenceClassification(_ClassifierHead):
         )
         return features[torch.arange(batch_size, device=features.device), idx]
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -287,7 +278,7 @@ class HfxForSequenceClassification(_ClassifierHead):
         )
 
 
-class HfxForTokenClassification(_ClassifierHead):
+class ForTokenClassificationHead(_ClassifierHead):
     """Per-token classification (`score` on every position)."""
 
     def __init__(self, config):
@@ -298,6 +289,7 @@ class HfxForTokenClassification(_ClassifierHead):
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -321,7 +313,7 @@ class HfxForTokenClassification(_ClassifierHead):
         )
 
 
-class HfxForQuestionAnswering(_ClassifierHead):
+class ForQuestionAnsweringHead(_ClassifierHead):
     """Extractive QA: start and end logits for every token (`qa_outputs`)."""
 
     def __init__(self, config):
@@ -330,6 +322,7 @@ class HfxForQuestionAnswering(_ClassifierHead):
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,

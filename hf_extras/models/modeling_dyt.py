@@ -19,17 +19,17 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from .attention import MultiHeadSelfAttention
-from .backbone import HfxModel, HfxPreTrainedModel, register_family
+from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_dyt import DyTConfig
 from .heads import (
-    HfxForCausalLM,
-    HfxForMaskedLM,
-    HfxForQuestionAnswering,
-    HfxForSequenceClassification,
-    HfxForTokenClassification,
+    ForCausalLMHead,
+    ForMaskedLMHead,
+    ForQuestionAnsweringHead,
+    ForSequenceClassificationHead,
+    ForTokenClassificationHead,
 )
 from .positions import sinusoidal_embedding
-from .seq2seq import HfxForConditionalGeneration
+from .seq2seq import ForConditionalGenerationHead
 
 
 class EmbeddingScale(nn.Module):
@@ -40,7 +40,7 @@ class EmbeddingScale(nn.Module):
         self.init_value = float(init_value)
         self.scale = nn.Parameter(torch.full((1,), self.init_value))
 
-    def init_hfx_weights(self, config) -> None:
+    def init_custom_weights(self, config) -> None:
         init.constant_(self.scale, self.init_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ class EmbeddingScale(nn.Module):
         return f"init_value={self.init_value:.4g}"
 
 
-class DyTPreTrainedModel(HfxPreTrainedModel):
+class DyTPreTrainedModel(SharedPreTrainedModel):
     config_class = DyTConfig
     config: DyTConfig
     _is_stateful = False
@@ -63,7 +63,7 @@ class DyTPreTrainedModel(HfxPreTrainedModel):
         return True
 
 
-class DyTModel(DyTPreTrainedModel, HfxModel):
+class DyTModel(DyTPreTrainedModel, SequenceBackbone):
     """The bare DyT Transformer: token (+ position) embeddings, attention blocks, final norm."""
 
     mixer_class = MultiHeadSelfAttention
@@ -139,27 +139,27 @@ class DyTModel(DyTPreTrainedModel, HfxModel):
         return torch.where(prefix_mask.bool(), 0, -1).to(inputs_embeds.device)
 
 
-class DyTForCausalLM(DyTPreTrainedModel, HfxForCausalLM):
+class DyTForCausalLM(DyTPreTrainedModel, ForCausalLMHead):
     backbone_class = DyTModel
 
 
-class DyTForMaskedLM(DyTPreTrainedModel, HfxForMaskedLM):
+class DyTForMaskedLM(DyTPreTrainedModel, ForMaskedLMHead):
     backbone_class = DyTModel
 
 
-class DyTForSequenceClassification(DyTPreTrainedModel, HfxForSequenceClassification):
+class DyTForSequenceClassification(DyTPreTrainedModel, ForSequenceClassificationHead):
     backbone_class = DyTModel
 
 
-class DyTForTokenClassification(DyTPreTrainedModel, HfxForTokenClassification):
+class DyTForTokenClassification(DyTPreTrainedModel, ForTokenClassificationHead):
     backbone_class = DyTModel
 
 
-class DyTForQuestionAnswering(DyTPreTrainedModel, HfxForQuestionAnswering):
+class DyTForQuestionAnswering(DyTPreTrainedModel, ForQuestionAnsweringHead):
     backbone_class = DyTModel
 
 
-class DyTForConditionalGeneration(HfxForConditionalGeneration, DyTPreTrainedModel):
+class DyTForConditionalGeneration(ForConditionalGenerationHead, DyTPreTrainedModel):
     """Seq2seq LM: bidirectional encoder and causal decoder stacks of DyTModel, with cross-attention."""
 
     backbone_class = DyTModel

@@ -6,17 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import HfxModel, HfxPreTrainedModel, register_family
+from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_gated_retention import GatedRetentionConfig
 from .heads import (
-    HfxForCausalLM,
-    HfxForMaskedLM,
-    HfxForQuestionAnswering,
-    HfxForSequenceClassification,
-    HfxForTokenClassification,
+    ForCausalLMHead,
+    ForMaskedLMHead,
+    ForQuestionAnsweringHead,
+    ForSequenceClassificationHead,
+    ForTokenClassificationHead,
 )
 from .retention_mixer import RetentionMixer
-from .seq2seq import HfxForConditionalGeneration
+from .seq2seq import ForConditionalGenerationHead
 
 
 class GatedRetention(RetentionMixer):
@@ -26,7 +26,6 @@ class GatedRetention(RetentionMixer):
         super().__init__(
             config,
             layer_idx,
-            use_rotary=config.use_rotary,
             conv_size=config.conv_size if config.use_short_conv else 0,
             feature_map=config.feature_map,
         )
@@ -50,38 +49,38 @@ class GatedRetention(RetentionMixer):
         return log_a.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dk)
 
 
-class GatedRetentionPreTrainedModel(HfxPreTrainedModel):
+class GatedRetentionPreTrainedModel(SharedPreTrainedModel):
     config_class = GatedRetentionConfig
     config: GatedRetentionConfig
 
 
-class GatedRetentionModel(GatedRetentionPreTrainedModel, HfxModel):
+class GatedRetentionModel(GatedRetentionPreTrainedModel, SequenceBackbone):
     """The bare gated-retention backbone."""
 
     mixer_class = GatedRetention
 
 
-class GatedRetentionForCausalLM(GatedRetentionPreTrainedModel, HfxForCausalLM):
+class GatedRetentionForCausalLM(GatedRetentionPreTrainedModel, ForCausalLMHead):
     backbone_class = GatedRetentionModel
 
 
-class GatedRetentionForMaskedLM(GatedRetentionPreTrainedModel, HfxForMaskedLM):
+class GatedRetentionForMaskedLM(GatedRetentionPreTrainedModel, ForMaskedLMHead):
     backbone_class = GatedRetentionModel
 
 
-class GatedRetentionForSequenceClassification(GatedRetentionPreTrainedModel, HfxForSequenceClassification):
+class GatedRetentionForSequenceClassification(GatedRetentionPreTrainedModel, ForSequenceClassificationHead):
     backbone_class = GatedRetentionModel
 
 
-class GatedRetentionForTokenClassification(GatedRetentionPreTrainedModel, HfxForTokenClassification):
+class GatedRetentionForTokenClassification(GatedRetentionPreTrainedModel, ForTokenClassificationHead):
     backbone_class = GatedRetentionModel
 
 
-class GatedRetentionForQuestionAnswering(GatedRetentionPreTrainedModel, HfxForQuestionAnswering):
+class GatedRetentionForQuestionAnswering(GatedRetentionPreTrainedModel, ForQuestionAnsweringHead):
     backbone_class = GatedRetentionModel
 
 
-class GatedRetentionForConditionalGeneration(HfxForConditionalGeneration, GatedRetentionPreTrainedModel):
+class GatedRetentionForConditionalGeneration(ForConditionalGenerationHead, GatedRetentionPreTrainedModel):
     """Seq2seq LM: bidirectional encoder and causal decoder stacks of GatedRetentionModel, with cross-attention."""
 
     backbone_class = GatedRetentionModel

@@ -15,38 +15,18 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 
-from .backbone import HfxModel, HfxPreTrainedModel, register_family
+from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_mamba import HfxMambaConfig
+from .conv_ops import causal_depthwise_conv
 from .heads import (
-    HfxForCausalLM,
-    HfxForMaskedLM,
-    HfxForQuestionAnswering,
-    HfxForSequenceClassification,
-    HfxForTokenClassification,
+    ForCausalLMHead,
+    ForMaskedLMHead,
+    ForQuestionAnsweringHead,
+    ForSequenceClassificationHead,
+    ForTokenClassificationHead,
 )
 from .scan_ops import selective_scan
-from .seq2seq import HfxForConditionalGeneration
-
-
-def causal_depthwise_conv_channels_last(x, weight, bias, tail=None):
-    """Causal depthwise conv of `x` `(batch, time, channels)` with `weight` `(channels, 1, kernel)` (`nn.Conv1d`'s).
-
-    `tail` is the previous `kernel - 1` inputs `(batch, channels, kernel - 1)` (zeros at the start of a sequence);
-    returns `(y, new_tail)`. Written as `kernel` shifted multiply-adds in the `(batch, time, channels)` layout: the
-    same numbers as `conv_ops.causal_depthwise_conv` (to float rounding), without its two transposes, and without
-    the depthwise `conv1d` weight-gradient kernel, which with 2 intra-op threads takes about 200x its 1-thread
-    time in torch 2.13 on CPU (4 s vs 19 ms at 2048 x 512).
-    """
-    kernel, seq_len = weight.shape[-1], x.shape[1]
-    if tail is None:
-        padded = F.pad(x, (0, 0, kernel - 1, 0))
-    else:
-        padded = torch.cat([tail.transpose(1, 2).to(x.dtype), x], dim=1)
-    taps = weight[:, 0, :].t().to(x.dtype)  # (kernel, channels)
-    y = padded[:, :seq_len] * taps[0] if bias is None else torch.addcmul(bias.to(x.dtype), padded[:, :seq_len], taps[0])
-    for k in range(1, kernel):
-        y = torch.addcmul(y, padded[:, k : k + seq_len], taps[k])
-    return y, padded[:, padded.shape[1] - (kernel - 1) :].transpose(1, 2)
+from .seq2seq import ForConditionalGenerationHead
 
 
 class HfxMambaMixer(nn.Module):
@@ -86,7 +66,7 @@ class HfxMambaMixer(nn.Module):
         self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
 
     @torch.no_grad()
-    def init_hfx_weights(self, config) -> None:
+    def init_custom_weights(self, config) -> None:
         """transformers' `MambaPreTrainedModel._init_weights` for a mixer (S4D-real `A`, `D = 1`, `dt` range)."""
         A = torch.arange(1, self.ssm_state_size + 1, dtype=torch.float32, device=self.A_log.device)
         init.copy_(self.A_log, torch.log(A)[None, :].expand(self.intermediate_size, -1))
@@ -109,14 +89,14 @@ class HfxMambaMixer(nn.Module):
         if config.rescale_prenorm_residual:
             init.copy_(self.out_proj.weight, self.out_proj.weight / math.sqrt(config.num_hidden_layers))
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
         dtype = hidden_states.dtype
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         keep = attention_mask[..., None].to(x.dtype) if attention_mask is not None else None
         if keep is not None:  # a padded token must not reach later tokens through the conv window
             x = x * keep
         tail = cache.read_conv(self.layer_idx) if cache is not None else None
-        x, new_tail = causal_depthwise_conv_channels_last(x, self.conv1d.weight, self.conv1d.bias, tail)
+        x, new_tail = causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias, tail)
         if cache is not None:
             cache.write_conv(self.layer_idx, new_tail, self.conv_kernel_size - 1)
         x = self.act(x)
@@ -148,38 +128,38 @@ class HfxMambaMixer(nn.Module):
         return self.out_proj(y.to(dtype))
 
 
-class HfxMambaPreTrainedModel(HfxPreTrainedModel):
+class HfxMambaPreTrainedModel(SharedPreTrainedModel):
     config_class = HfxMambaConfig
     config: HfxMambaConfig
 
 
-class HfxMambaModel(HfxMambaPreTrainedModel, HfxModel):
+class HfxMambaModel(HfxMambaPreTrainedModel, SequenceBackbone):
     """The bare Mamba-style backbone: embeddings, `x + mixer(norm(x))` blocks, final norm."""
 
     mixer_class = HfxMambaMixer
 
 
-class HfxMambaForCausalLM(HfxMambaPreTrainedModel, HfxForCausalLM):
+class HfxMambaForCausalLM(HfxMambaPreTrainedModel, ForCausalLMHead):
     backbone_class = HfxMambaModel
 
 
-class HfxMambaForMaskedLM(HfxMambaPreTrainedModel, HfxForMaskedLM):
+class HfxMambaForMaskedLM(HfxMambaPreTrainedModel, ForMaskedLMHead):
     backbone_class = HfxMambaModel
 
 
-class HfxMambaForSequenceClassification(HfxMambaPreTrainedModel, HfxForSequenceClassification):
+class HfxMambaForSequenceClassification(HfxMambaPreTrainedModel, ForSequenceClassificationHead):
     backbone_class = HfxMambaModel
 
 
-class HfxMambaForTokenClassification(HfxMambaPreTrainedModel, HfxForTokenClassification):
+class HfxMambaForTokenClassification(HfxMambaPreTrainedModel, ForTokenClassificationHead):
     backbone_class = HfxMambaModel
 
 
-class HfxMambaForQuestionAnswering(HfxMambaPreTrainedModel, HfxForQuestionAnswering):
+class HfxMambaForQuestionAnswering(HfxMambaPreTrainedModel, ForQuestionAnsweringHead):
     backbone_class = HfxMambaModel
 
 
-class HfxMambaForConditionalGeneration(HfxForConditionalGeneration, HfxMambaPreTrainedModel):
+class HfxMambaForConditionalGeneration(ForConditionalGenerationHead, HfxMambaPreTrainedModel):
     """Seq2seq LM: bidirectional encoder and causal decoder stacks of HfxMambaModel, with cross-attention."""
 
     backbone_class = HfxMambaModel

@@ -37,23 +37,24 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import can_return_tuple
 
 from .backbone import (
-    HfxModelOutput,
-    HfxPreTrainedModel,
-    check_input_ids,
+    BackboneOutput,
+    SharedPreTrainedModel,
+    embed_inputs,
     padding_mask,
     pop_cache_kwarg,
     register_family,
 )
 from .configuration_mlp_mixer import MlpMixerConfig
-from .heads import HfxForCausalLM, HfxForSequenceClassification, HfxForTokenClassification
+from .heads import ForCausalLMHead, ForSequenceClassificationHead, ForTokenClassificationHead
 from .norms import build_norm
 
 
 @dataclass
-class MlpMixerModelOutput(HfxModelOutput):
-    """`HfxModelOutput` plus `pooler_output`: the mean over patches of the final hidden states (image mode)."""
+class MlpMixerModelOutput(BackboneOutput):
+    """`BackboneOutput` plus `pooler_output`: the mean over patches of the final hidden states (image mode)."""
 
     pooler_output: torch.Tensor | None = None
 
@@ -135,7 +136,7 @@ class MixerBlock(GradientCheckpointingLayer):
 
     def __init__(self, config: MlpMixerConfig, layer_idx: int = 0):
         super().__init__()
-        norm_args = (config.norm_type, config.hidden_size, config.layer_norm_eps, config.dyt_alpha_init)
+        norm_args = (config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
         self.norm1 = build_norm(*norm_args)
         self.mlp_tokens = TokenMixingMlp(
             config.num_tokens, config.tokens_mlp_dim, config.hidden_act, config.hidden_dropout,
@@ -176,7 +177,7 @@ class MixerPatchEmbed(nn.Module):
         return self.proj(pixel_values.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
 
 
-class MlpMixerPreTrainedModel(HfxPreTrainedModel):
+class MlpMixerPreTrainedModel(SharedPreTrainedModel):
     config_class = MlpMixerConfig
     config: MlpMixerConfig
     base_model_prefix = "model"
@@ -209,31 +210,16 @@ class MlpMixerModel(MlpMixerPreTrainedModel):
         super().__init__(config)
         if config.modality == "image":
             self.stem = MixerPatchEmbed(config)
-            self.embed_tokens = None
+            self._input_embed_layer = "stem"  # what transformers' embedding accessors return: the patch embedding
         else:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-            self.stem = None
         self.blocks = nn.ModuleList(MixerBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = build_norm(config.norm_type, config.hidden_size, config.layer_norm_eps, config.dyt_alpha_init)
+        self.norm = build_norm(config.norm_type, config.hidden_size, config.norm_eps, config.dyt_alpha_init)
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens if self.embed_tokens is not None else self.stem.proj
-
-    def set_input_embeddings(self, value):
-        if self.embed_tokens is None:
-            raise ValueError("an image-mode MLP-Mixer has no token embeddings (set `stem.proj` instead)")
-        self.embed_tokens = value
-
     def _text_embeddings(self, input_ids, inputs_embeds):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, self.config.vocab_size)
         seq_len, window = inputs_embeds.shape[1], self.config.max_position_embeddings
         if seq_len > window:
             raise ValueError(
@@ -244,6 +230,7 @@ class MlpMixerModel(MlpMixerPreTrainedModel):
             )
         return inputs_embeds
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -253,10 +240,11 @@ class MlpMixerModel(MlpMixerPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         pixel_values: torch.Tensor | None = None,
         **kwargs,
     ) -> MlpMixerModelOutput:
+        # hidden states are collected here, not by `capture_outputs` hooks: in text mode they are put back in the
+        # caller's token order after the stack, which a hook on each block cannot do
         pop_cache_kwarg(cache, kwargs)  # no cache: accepted under any name, never used
         image_mode = self.config.modality == "image"
         if image_mode:
@@ -330,15 +318,12 @@ class MlpMixerForImageClassification(MlpMixerPreTrainedModel):
         self.head = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.stem.proj
-
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
         outputs = self.model(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
@@ -363,7 +348,7 @@ class _MlpMixerTextHead(MlpMixerPreTrainedModel):
         super()._build_backbone(config)
 
 
-class MlpMixerForCausalLM(_MlpMixerTextHead, HfxForCausalLM):
+class MlpMixerForCausalLM(_MlpMixerTextHead, ForCausalLMHead):
     """Causal LM: the token-mixing MLPs are masked lower-triangular, so no position sees a later one.
 
     `generate()` works without a cache: every step recomputes the whole (fixed, small) window, and the total length
@@ -377,11 +362,11 @@ class MlpMixerForCausalLM(_MlpMixerTextHead, HfxForCausalLM):
         return super().prepare_inputs_for_generation(input_ids, next_sequence_length=None, **kwargs)
 
 
-class MlpMixerForSequenceClassification(_MlpMixerTextHead, HfxForSequenceClassification):
+class MlpMixerForSequenceClassification(_MlpMixerTextHead, ForSequenceClassificationHead):
     """Sequence classification on a text-mode Mixer (padded positions never influence real ones)."""
 
 
-class MlpMixerForTokenClassification(_MlpMixerTextHead, HfxForTokenClassification):
+class MlpMixerForTokenClassification(_MlpMixerTextHead, ForTokenClassificationHead):
     """Token classification on a text-mode Mixer (padded positions never influence real ones)."""
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .backbone import HfxModel, HfxPreTrainedModel, register_family
+from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_retnet import RetNetConfig
 from .heads import (
-    HfxForCausalLM,
-    HfxForMaskedLM,
-    HfxForQuestionAnswering,
-    HfxForSequenceClassification,
-    HfxForTokenClassification,
+    ForCausalLMHead,
+    ForMaskedLMHead,
+    ForQuestionAnsweringHead,
+    ForSequenceClassificationHead,
+    ForTokenClassificationHead,
 )
 from .retention_mixer import RetentionMixer
-from .seq2seq import HfxForConditionalGeneration
+from .seq2seq import ForConditionalGenerationHead
 
 
 def retnet_log_decay(num_heads: int, device=None) -> torch.Tensor:
@@ -27,44 +27,44 @@ class MultiScaleRetention(RetentionMixer):
     """Multi-scale retention: rotary q/k, fixed per-head decay, per-head RMS group norm, swish gate."""
 
     def __init__(self, config: RetNetConfig, layer_idx: int):
-        super().__init__(config, layer_idx, use_rotary=True)
+        super().__init__(config, layer_idx)
 
     def log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return retnet_log_decay(self.num_heads, hidden_states.device)
 
 
-class RetNetPreTrainedModel(HfxPreTrainedModel):
+class RetNetPreTrainedModel(SharedPreTrainedModel):
     config_class = RetNetConfig
     config: RetNetConfig
 
 
-class RetNetModel(RetNetPreTrainedModel, HfxModel):
+class RetNetModel(RetNetPreTrainedModel, SequenceBackbone):
     """The bare RetNet backbone: embeddings, retention blocks, final norm."""
 
     mixer_class = MultiScaleRetention
 
 
-class RetNetForCausalLM(RetNetPreTrainedModel, HfxForCausalLM):
+class RetNetForCausalLM(RetNetPreTrainedModel, ForCausalLMHead):
     backbone_class = RetNetModel
 
 
-class RetNetForMaskedLM(RetNetPreTrainedModel, HfxForMaskedLM):
+class RetNetForMaskedLM(RetNetPreTrainedModel, ForMaskedLMHead):
     backbone_class = RetNetModel
 
 
-class RetNetForSequenceClassification(RetNetPreTrainedModel, HfxForSequenceClassification):
+class RetNetForSequenceClassification(RetNetPreTrainedModel, ForSequenceClassificationHead):
     backbone_class = RetNetModel
 
 
-class RetNetForTokenClassification(RetNetPreTrainedModel, HfxForTokenClassification):
+class RetNetForTokenClassification(RetNetPreTrainedModel, ForTokenClassificationHead):
     backbone_class = RetNetModel
 
 
-class RetNetForQuestionAnswering(RetNetPreTrainedModel, HfxForQuestionAnswering):
+class RetNetForQuestionAnswering(RetNetPreTrainedModel, ForQuestionAnsweringHead):
     backbone_class = RetNetModel
 
 
-class RetNetForConditionalGeneration(HfxForConditionalGeneration, RetNetPreTrainedModel):
+class RetNetForConditionalGeneration(ForConditionalGenerationHead, RetNetPreTrainedModel):
     """Seq2seq LM: bidirectional encoder and causal decoder stacks of RetNetModel, with cross-attention."""
 
     backbone_class = RetNetModel

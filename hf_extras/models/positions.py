@@ -27,8 +27,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` of shape `(batch, heads, seq, dim)` by tables of shape `(batch, seq, dim)`."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """Rotate `x` of shape `(batch, heads, seq, dim)` by tables of shape `(batch, seq, dim)` (cast to `x`'s dtype)."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 

@@ -1,6 +1,7 @@
 """The retention token mixer shared by RetNet and gated retention.
 
-q/k/v projections (optionally through a short causal conv and a feature map), rotary positions (optional), a decay
+q/k/v projections (optionally through a short causal conv and a feature map), rotary positions (tables from the
+backbone, when the config has them), a decay
 that the family defines (`log_decay`), the shared `retention_ops` kernel, a per-head RMS group norm and a swish
 output gate. Families differ only in `log_decay`.
 """
@@ -12,7 +13,7 @@ from torch import nn
 from .conv_ops import causal_depthwise_conv
 from .fla_dispatch import fla_decayed_linear_attention
 from .norms import RMSNorm
-from .positions import apply_rotary, rotary_cos_sin
+from .positions import apply_rotary
 from .retention_ops import decayed_linear_attention, pick_mode
 
 FEATURE_MAPS = {
@@ -25,9 +26,7 @@ FEATURE_MAPS = {
 class RetentionMixer(nn.Module):
     """Decayed linear attention with gated, group-normed output; subclasses say how the state decays."""
 
-    def __init__(
-        self, config, layer_idx: int, use_rotary: bool = True, conv_size: int = 0, feature_map: str = "identity"
-    ):
+    def __init__(self, config, layer_idx: int, conv_size: int = 0, feature_map: str = "identity"):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads
@@ -36,8 +35,6 @@ class RetentionMixer(nn.Module):
         self.bidirectional = config.bidirectional
         self.forward_mode = config.forward_mode
         self.chunk_size = config.chunk_size
-        self.use_rotary = use_rotary
-        self.rope_theta = getattr(config, "rope_theta", 10000.0)
         self.feature_map = FEATURE_MAPS[feature_map]
         value_width = self.num_heads * self.value_dim
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
@@ -62,21 +59,22 @@ class RetentionMixer(nn.Module):
             if attention_mask is not None:  # padded inputs must not reach real tokens through the conv
                 qkv = qkv * attention_mask[..., None].to(qkv.dtype)
             tail = cache.read_conv(self.layer_idx) if cache is not None else None
-            mixed, new_tail = causal_depthwise_conv(qkv.transpose(1, 2), self.conv1d.weight, None, tail)
+            mixed, new_tail = causal_depthwise_conv(qkv, self.conv1d.weight, None, tail)
             if cache is not None:
                 cache.write_conv(self.layer_idx, new_tail, self.conv_size - 1)
-            q, k, v = F.silu(mixed.transpose(1, 2)).split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+            q, k, v = F.silu(mixed).split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
         return q, k, v
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
+        """`position_embeddings`: the rotary `(cos, sin)` tables the backbone computed once for every layer (`None`
+        without rotary positions, `config.rotary_positions`)."""
         batch, seq_len, _ = hidden_states.shape
         q, k, v = self._project(hidden_states, attention_mask, cache)
         q = self.feature_map(q.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2))
         k = self.feature_map(k.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2))
         v = v.view(batch, seq_len, self.num_heads, self.value_dim).transpose(1, 2)
-        if self.use_rotary:
-            cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if position_embeddings is not None:
+            q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
         k = k * (self.head_dim**-0.5)
         if attention_mask is not None:  # padded tokens write nothing into the state
             keep = attention_mask[:, None, :, None].to(k.dtype)

@@ -1,9 +1,9 @@
 """The seq2seq head, written once for every sequence family: an encoder-decoder of the family's own mixer.
 
-A family's head is `class RetNetForConditionalGeneration(HfxForConditionalGeneration, RetNetPreTrainedModel):
+A family's head is `class RetNetForConditionalGeneration(ForConditionalGenerationHead, RetNetPreTrainedModel):
 backbone_class = RetNetModel`. The encoder is the family backbone built bidirectional (`num_hidden_layers` blocks),
 the decoder the same backbone built causal (`num_decoder_layers` blocks) with a softmax cross-attention over the
-encoder output in every block (`config.add_cross_attention`, see `backbone.HfxBlock`); both read one shared
+encoder output in every block (`config.add_cross_attention`, see `backbone.SequenceBlock`); both read one shared
 embedding, tied to the LM head. Labels are shifted right behind `decoder_start_token_id` exactly as transformers'
 BART/T5 do, so `Seq2SeqTrainer`, `DataCollatorForSeq2Seq` and `generate()` work as for them.
 
@@ -22,16 +22,18 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.bart.modeling_bart import shift_tokens_right
+from transformers.utils import can_return_tuple
 
-from .backbone import HfxPreTrainedModel, pop_cache_kwarg
+from .backbone import SharedPreTrainedModel, pop_cache_kwarg
 from .heads import scaled_aux_loss
 
 
-class HfxForConditionalGeneration(HfxPreTrainedModel, GenerationMixin):
+class ForConditionalGenerationHead(SharedPreTrainedModel, GenerationMixin):
     """Encoder-decoder LM of a family's mixer: `get_encoder()`, `get_decoder()`, `encoder_outputs`,
     `decoder_input_ids` / `decoder_attention_mask`, labels shifted right, `Seq2SeqLMOutput`."""
 
     backbone_class: type[nn.Module]
+    _input_embed_layer = "shared"
     _tied_weights_keys = {
         "encoder.embed_tokens.weight": "shared.weight",
         "decoder.embed_tokens.weight": "shared.weight",
@@ -58,17 +60,9 @@ class HfxForConditionalGeneration(HfxPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.shared
-
     def set_input_embeddings(self, value):
+        # the encoder and decoder stacks read the shared table too (the getter and `lm_head` are transformers' own)
         self.shared = self.encoder.embed_tokens = self.decoder.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
 
     def get_encoder(self, modality: str | None = None):
         return self.encoder
@@ -92,6 +86,7 @@ class HfxForConditionalGeneration(HfxPreTrainedModel, GenerationMixin):
             )
         return cache
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
