@@ -30,8 +30,10 @@ from hf_extras import (
 )
 from hf_extras.convert import (
     convert_timm_mixer_state_dict,
+    import_timm_mixer,
     load_timm_mixer,
     mlp_mixer_config_from_timm,
+    timm_mixer_image_processor,
     timm_mixer_key_to_hf,
 )
 from hf_extras.models.norms import DyT
@@ -690,6 +692,67 @@ def test_converted_weights_give_identical_logits_to_a_timm_style_reference():
     pixels = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=pixels).logits, reference(pixels), rtol=0, atol=1e-6)
+
+
+def timm_eval_transform(image, img_size, crop_pct=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """timm's evaluation transform (`transforms_imagenet_eval`, crop_mode "center"), written out with PIL and torch:
+    torchvision's `Resize(floor(img_size / crop_pct), BICUBIC)` on the short side, `CenterCrop(img_size)` (offsets
+    `int(round((size - crop) / 2))`), `ToTensor()`, `Normalize(mean, std)`."""
+    import math
+
+    from PIL import Image
+
+    scale = math.floor(img_size / crop_pct)
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = scale, int(scale * height / width)
+    else:
+        new_width, new_height = int(scale * width / height), scale
+    image = image.resize((new_width, new_height), Image.BICUBIC)
+    top, left = int(round((new_height - img_size) / 2.0)), int(round((new_width - img_size) / 2.0))
+    image = image.crop((left, top, left + img_size, top + img_size))
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)
+    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+@pytest.mark.parametrize("size", [(20, 26), (26, 20), (37, 23)])  # (width, height): odd crop margins, both ways
+def test_timm_processor_equals_timm_eval_transform(size):
+    """The converter's processor reproduces timm's eval transform (resize short side to img/crop_pct, centre crop)."""
+    image = _rgb_image(height=size[1], width=size[0], seed=sum(size))
+    processor = timm_mixer_image_processor({"input_size": (3, 16, 16)})
+    ours = processor(image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(ours, timm_eval_transform(image, 16), rtol=0, atol=1e-6)
+    # resizing straight to the model size (the processor a config alone gives) is not what timm's weights saw
+    plain = MlpMixerImageProcessor(size={"height": 16, "width": 16})(image, return_tensors="pt")["pixel_values"][0]
+    assert (plain - ours).abs().max() > 0.05
+
+
+def test_timm_processor_follows_the_data_config():
+    image = _rgb_image(height=40, width=50, seed=3)
+    data_config = {"input_size": (3, 32, 32), "crop_pct": 0.9, "mean": (0.485, 0.456, 0.406), "std": (0.2, 0.3, 0.4)}
+    ours = timm_mixer_image_processor(data_config)(image, return_tensors="pt")["pixel_values"][0]
+    expected = timm_eval_transform(image, 32, crop_pct=0.9, mean=data_config["mean"], std=data_config["std"])
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="crop_mode"):
+        timm_mixer_image_processor({"crop_mode": "border"})
+    with pytest.raises(ValueError, match="interpolation"):
+        timm_mixer_image_processor({"interpolation": "cubic-ish"})
+
+
+def test_import_timm_mixer_saves_a_processor_with_timm_logits(tmp_path):
+    """Converted weights + saved processor give the logits of timm's model on timm's preprocessing."""
+    reference = _randomise(RefMlpMixer())  # 32 px, patch 8
+    model, processor = import_timm_mixer(reference.state_dict(), {"input_size": (3, 32, 32)}, tmp_path)
+    image = _rgb_image(height=45, width=61, seed=7)
+    with torch.no_grad():
+        expected = reference(timm_eval_transform(image, 32)[None])
+        reloaded = AutoImageProcessor.from_pretrained(tmp_path)
+        assert type(reloaded) is MlpMixerImageProcessor and reloaded.to_dict() == processor.to_dict()
+        logits = MlpMixerForImageClassification.from_pretrained(tmp_path)(**reloaded(image, return_tensors="pt"))
+    torch.testing.assert_close(logits.logits, expected, rtol=0, atol=1e-5)
+    assert model.config.image_size == 32
+    with pytest.raises(ValueError, match="does not match the checkpoint"):
+        import_timm_mixer(reference.state_dict(), {"input_size": (3, 224, 224)})
 
 
 def _import_timm():

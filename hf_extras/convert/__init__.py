@@ -9,9 +9,12 @@ from .mamba import (
     mamba_state_dict_to_hfx,
 )
 from .timm_mixer import (
+    TIMM_MIXER_DATA_CONFIG,
     convert_timm_mixer_state_dict,
+    import_timm_mixer,
     load_timm_mixer,
     mlp_mixer_config_from_timm,
+    timm_mixer_image_processor,
     timm_mixer_key_to_hf,
     timm_mixer_shapes,
 )
@@ -28,4 +31,7 @@ __all__ = [
     "mlp_mixer_config_from_timm",
     "timm_mixer_key_to_hf",
     "timm_mixer_shapes",
+    "TIMM_MIXER_DATA_CONFIG",
+    "timm_mixer_image_processor",
+    "import_timm_mixer",
 ]

@@ -1,16 +1,8 @@
 """Import transformers' `MambaForCausalLM` into `HfxMambaForCausalLM` (identical logits), and export back.
 
-The mixer's parameters have transformers' names and shapes, so the conversion is a pure key rename (one to one, no
-reshapes) plus a config mapping::
-
-    transformers MambaForCausalLM            hf_extras HfxMambaForCausalLM
-    backbone.embeddings.weight               model.embed_tokens.weight
-    backbone.layers.N.norm.weight            model.layers.N.mixer_norm.weight
-    backbone.layers.N.mixer.<p>              model.layers.N.mixer.<p>
-        (<p>: in_proj.{weight,bias}, conv1d.{weight,bias}, x_proj.weight, dt_proj.{weight,bias}, A_log, D,
-         out_proj.{weight,bias})
-    backbone.norm_f.weight                   model.norm.weight
-    lm_head.weight                           lm_head.weight
+The mixer's parameters have transformers' names and shapes, so the conversion is a pure key rename (one table,
+`KEY_TABLE`: one to one, no reshapes; `backbone.embeddings` -> `model.embed_tokens`, `backbone.layers.N.norm` ->
+`model.layers.N.mixer_norm`, `backbone.norm_f` -> `model.norm`, mixer parameters unchanged) plus a config mapping.
 
 Once imported, a Mamba checkpoint gets every hf_extras head (classification, token classification, QA, masked LM
 with a bidirectional scan) and PEFT:
@@ -36,6 +28,7 @@ from ..models.modeling_mamba import HfxMambaForCausalLM
 
 __all__ = [
     "MAMBA_MIXER_PARAMS",
+    "KEY_TABLE",
     "mamba_key_to_hfx",
     "hfx_key_to_mamba",
     "hfx_config_from_mamba",
@@ -87,29 +80,33 @@ _SAME_FIELDS = (
     "eos_token_id",
 )
 
-_TO_HFX = [
-    (re.compile(r"^backbone\.embeddings?\.weight$"), "model.embed_tokens.weight"),
-    (re.compile(r"^backbone\.layers\.(\d+)\.norm\.weight$"), r"model.layers.\1.mixer_norm.weight"),
-    (re.compile(r"^backbone\.layers\.(\d+)\.mixer\.(.+)$"), r"model.layers.\1.mixer.\2"),
-    (re.compile(r"^backbone\.norm_f\.weight$"), "model.norm.weight"),
-    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
-]
-_TO_MAMBA = [
-    (re.compile(r"^model\.embed_tokens\.weight$"), "backbone.embeddings.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.mixer_norm\.weight$"), r"backbone.layers.\1.norm.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.mixer\.(.+)$"), r"backbone.layers.\1.mixer.\2"),
-    (re.compile(r"^model\.norm\.weight$"), "backbone.norm_f.weight"),
-    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
-]
+# the one key-rename table, (transformers' MambaForCausalLM, HfxMambaForCausalLM); {layer} is a block index, {param}
+# a mixer parameter (MAMBA_MIXER_PARAMS). Both directions are built from it.
+KEY_TABLE = (
+    ("backbone.embeddings.weight", "model.embed_tokens.weight"),
+    ("backbone.layers.{layer}.norm.weight", "model.layers.{layer}.mixer_norm.weight"),
+    ("backbone.layers.{layer}.mixer.{param}", "model.layers.{layer}.mixer.{param}"),
+    ("backbone.norm_f.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+)
+_PARAM = "|".join(map(re.escape, MAMBA_MIXER_PARAMS))
+
+
+def _pattern(template: str) -> re.Pattern:
+    body = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{param\}", rf"(?P<param>{_PARAM})")
+    return re.compile(f"^{body}$")
+
+
+_TO_HFX = [(_pattern(mamba), hfx) for mamba, hfx in KEY_TABLE]
+_TO_MAMBA = [(_pattern(hfx), mamba) for mamba, hfx in KEY_TABLE]
+_TO_HFX.append((re.compile(r"^backbone\.embedding\.weight$"), "model.embed_tokens.weight"))  # older checkpoints
 
 
 def _rename(key: str, rules, what: str) -> str:
-    for pattern, replacement in rules:
-        if pattern.match(key):
-            new = pattern.sub(replacement, key)
-            if ".mixer." in new and new.split(".mixer.", 1)[1] not in MAMBA_MIXER_PARAMS:
-                break
-            return new
+    for pattern, template in rules:
+        match = pattern.match(key)
+        if match:
+            return template.format(**match.groupdict())
     raise KeyError(f"{key!r} is not a parameter of {what}; is this the right model?")
 
 

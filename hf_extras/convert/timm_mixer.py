@@ -1,33 +1,30 @@
 """Import timm `mixer_*` weights (`timm.models.mlp_mixer.MlpMixer`) into `MlpMixerForImageClassification`.
 
-The hf_extras Mixer uses timm's module names under the base-model prefix `model`, so the conversion is a pure key
-map plus shape checks, and the converted model gives the same logits as timm's:
+The hf_extras Mixer uses timm's module names under the base-model prefix `model` (the classifier `head` stays at the
+top), so the conversion is that prefix plus shape checks against one table (`_BLOCK_SHAPES`), and the converted model
+gives the same logits as timm's.
 
-    timm                                  hf_extras
-    stem.proj.{weight,bias}               model.stem.proj.{weight,bias}
-    blocks.N.norm1.{weight,bias}          model.blocks.N.norm1.{weight,bias}
-    blocks.N.mlp_tokens.fc1.{weight,bias} model.blocks.N.mlp_tokens.fc1.{weight,bias}    (and fc2)
-    blocks.N.norm2.{weight,bias}          model.blocks.N.norm2.{weight,bias}
-    blocks.N.mlp_channels.fc1/fc2...      model.blocks.N.mlp_channels.fc1/fc2...
-    norm.{weight,bias}                    model.norm.{weight,bias}
-    head.{weight,bias}                    head.{weight,bias}
+timm is not needed: pass a state dict (`timm_model.state_dict()` or `torch.load` of a timm checkpoint).
+`import_timm_mixer` also returns (and saves) the image processor that reproduces timm's evaluation transform for the
+pretrained weights (short side to `image_size / crop_pct`, bicubic, centre crop, mean = std = 0.5 by default; pass
+the checkpoint's `pretrained_cfg` / `resolve_data_config` dict when it differs), so logits match timm's:
 
-timm is not needed: pass a state dict (`timm_model.state_dict()` or `torch.load` of a timm checkpoint). Use the
-image processor with timm's preprocessing for the pretrained weights (mean = std = 0.5, bicubic).
-
-    >>> from hf_extras.convert import load_timm_mixer
-    >>> model = load_timm_mixer(timm.create_model("mixer_b16_224", pretrained=True).state_dict())
+    >>> from hf_extras.convert import import_timm_mixer
+    >>> timm_model = timm.create_model("mixer_b16_224", pretrained=True)
+    >>> model, processor = import_timm_mixer(timm_model.state_dict(), timm_model.pretrained_cfg, "mixer-b16-hf")
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 
 import torch
 
 from ..models.configuration_mlp_mixer import MlpMixerConfig
+from ..models.image_processing_mlp_mixer import MlpMixerImageProcessor
 from ..models.modeling_mlp_mixer import MlpMixerForImageClassification
 
 __all__ = [
@@ -36,14 +33,32 @@ __all__ = [
     "mlp_mixer_config_from_timm",
     "convert_timm_mixer_state_dict",
     "load_timm_mixer",
+    "TIMM_MIXER_DATA_CONFIG",
+    "timm_mixer_image_processor",
+    "import_timm_mixer",
 ]
 
-_BLOCK_PARAMS = (
-    "norm1.weight", "norm1.bias",
-    "mlp_tokens.fc1.weight", "mlp_tokens.fc1.bias", "mlp_tokens.fc2.weight", "mlp_tokens.fc2.bias",
-    "norm2.weight", "norm2.bias",
-    "mlp_channels.fc1.weight", "mlp_channels.fc1.bias", "mlp_channels.fc2.weight", "mlp_channels.fc2.bias",
-)  # fmt: skip
+# timm's data config of its `mixer_*` ImageNet checkpoints (`timm.models.mlp_mixer._cfg`)
+TIMM_MIXER_DATA_CONFIG = {
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+_RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1, "box": 4, "hamming": 5}  # PIL's codes
+
+# the one table of a timm Mixer block's parameters and their shapes, in the sizes c (width), t (patches),
+# ds (token-MLP width), dc (channel-MLP width); keys are the same in hf_extras under `model.`
+_BLOCK_SHAPES = {
+    "norm1.weight": ("c",), "norm1.bias": ("c",),
+    "mlp_tokens.fc1.weight": ("ds", "t"), "mlp_tokens.fc1.bias": ("ds",),
+    "mlp_tokens.fc2.weight": ("t", "ds"), "mlp_tokens.fc2.bias": ("t",),
+    "norm2.weight": ("c",), "norm2.bias": ("c",),
+    "mlp_channels.fc1.weight": ("dc", "c"), "mlp_channels.fc1.bias": ("dc",),
+    "mlp_channels.fc2.weight": ("c", "dc"), "mlp_channels.fc2.bias": ("c",),
+}  # fmt: skip
+_BLOCK_PARAMS = tuple(_BLOCK_SHAPES)
 _BLOCK_KEY = "|".join(map(re.escape, _BLOCK_PARAMS))
 _KEY = re.compile(rf"^(stem\.proj\.(weight|bias)|blocks\.\d+\.({_BLOCK_KEY})|norm\.(weight|bias)|head\.(weight|bias))$")
 
@@ -57,18 +72,11 @@ def timm_mixer_key_to_hf(key: str) -> str:
 
 def timm_mixer_shapes(config: MlpMixerConfig) -> dict[str, tuple[int, ...]]:
     """Every key of a timm `MlpMixer` state dict with this config's sizes, and its shape (timm's names)."""
-    c, t = config.hidden_size, config.num_patches
-    ds, dc, p = config.tokens_mlp_dim, config.channels_mlp_dim, config.patch_size
+    c, p = config.hidden_size, config.patch_size
+    sizes = {"c": c, "t": config.num_patches, "ds": config.tokens_mlp_dim, "dc": config.channels_mlp_dim}
+    block = {name: tuple(sizes[d] for d in dims) for name, dims in _BLOCK_SHAPES.items()}
     shapes: dict[str, tuple[int, ...]] = {"stem.proj.weight": (c, config.num_channels, p, p), "stem.proj.bias": (c,)}
     for i in range(config.num_hidden_layers):
-        block = {
-            "norm1.weight": (c,), "norm1.bias": (c,),
-            "mlp_tokens.fc1.weight": (ds, t), "mlp_tokens.fc1.bias": (ds,),
-            "mlp_tokens.fc2.weight": (t, ds), "mlp_tokens.fc2.bias": (t,),
-            "norm2.weight": (c,), "norm2.bias": (c,),
-            "mlp_channels.fc1.weight": (dc, c), "mlp_channels.fc1.bias": (dc,),
-            "mlp_channels.fc2.weight": (c, dc), "mlp_channels.fc2.bias": (c,),
-        }  # fmt: skip
         shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
     shapes.update({"norm.weight": (c,), "norm.bias": (c,)})
     shapes.update({"head.weight": (config.num_labels, c), "head.bias": (config.num_labels,)})
@@ -145,7 +153,11 @@ def convert_timm_mixer_state_dict(
 def load_timm_mixer(
     state_dict: Mapping[str, torch.Tensor], config: MlpMixerConfig | None = None, **config_overrides
 ) -> MlpMixerForImageClassification:
-    """`MlpMixerForImageClassification` with a timm Mixer's weights (config read off the state dict if not given)."""
+    """`MlpMixerForImageClassification` with a timm Mixer's weights (config read off the state dict if not given).
+
+    For the image processor that matches timm's preprocessing, use `import_timm_mixer` (or
+    `timm_mixer_image_processor`): resizing straight to `image_size` is not what the pretrained weights saw.
+    """
     if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):  # a timm model itself
         state_dict = state_dict.state_dict()
     if config is None:
@@ -154,3 +166,62 @@ def load_timm_mixer(
     model = MlpMixerForImageClassification(config)
     model.load_state_dict(converted, strict=True)
     return model.eval()
+
+
+def timm_mixer_image_processor(data_config: Mapping | None = None, image_size: int = 224) -> MlpMixerImageProcessor:
+    """The image processor that reproduces timm's evaluation transform for a data config.
+
+    `data_config` is timm's (`model.pretrained_cfg`, or `timm.data.resolve_data_config(model=model)`): keys
+    `input_size` (C, H, W), `interpolation`, `mean`, `std`, `crop_pct`, `crop_mode` (`"center"` or `"squash"`);
+    missing keys take the values of timm's Mixer checkpoints (`TIMM_MIXER_DATA_CONFIG`) and `image_size`. As in timm,
+    the image is resized to `floor(image_size / crop_pct)` (the short side for `"center"`, both sides for
+    `"squash"`), then centre-cropped to `image_size`.
+    """
+    cfg = {**TIMM_MIXER_DATA_CONFIG, **(data_config or {})}
+    channels, height, width = cfg.get("input_size", (len(cfg["mean"]), image_size, image_size))
+    if height != width:
+        raise ValueError(f"`input_size` {cfg['input_size']} is not square: the Mixer's image size is one number.")
+    interpolation = cfg["interpolation"]
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"`interpolation` {interpolation!r} is not one of {sorted(_RESAMPLE)} (timm's names).")
+    crop_pct = cfg["crop_pct"] if cfg["crop_pct"] is not None else TIMM_MIXER_DATA_CONFIG["crop_pct"]
+    scale = math.floor(height / crop_pct)
+    if cfg["crop_mode"] == "center":
+        size = {"shortest_edge": scale}
+    elif cfg["crop_mode"] == "squash":
+        size = {"height": scale, "width": scale}
+    else:
+        raise ValueError(f"`crop_mode` {cfg['crop_mode']!r} is not supported: use 'center' or 'squash'.")
+    return MlpMixerImageProcessor(
+        size=size,
+        do_center_crop=True,
+        crop_size={"height": height, "width": width},
+        resample=_RESAMPLE[interpolation],
+        image_mean=tuple(float(m) for m in cfg["mean"]),
+        image_std=tuple(float(s) for s in cfg["std"]),
+        num_channels=channels,
+    )
+
+
+def import_timm_mixer(
+    state_dict: Mapping[str, torch.Tensor],
+    data_config: Mapping | None = None,
+    save_directory: str | os.PathLike | None = None,
+    config: MlpMixerConfig | None = None,
+    **config_overrides,
+) -> tuple[MlpMixerForImageClassification, MlpMixerImageProcessor]:
+    """A timm Mixer as `(model, image processor)`: the weights (`load_timm_mixer`) and the processor of timm's
+    evaluation transform for `data_config` (`timm_mixer_image_processor`); both saved to `save_directory` if given,
+    so `pipeline("image-classification", model=save_directory)` preprocesses as timm does."""
+    model = load_timm_mixer(state_dict, config, **config_overrides)
+    processor = timm_mixer_image_processor(data_config, model.config.image_size)
+    if processor.crop_size.height != model.config.image_size or processor.num_channels != model.config.num_channels:
+        raise ValueError(
+            f"the data config's input size ({processor.num_channels}, {processor.crop_size.height}, "
+            f"{processor.crop_size.width}) does not match the checkpoint ({model.config.num_channels}, "
+            f"{model.config.image_size}, {model.config.image_size})."
+        )
+    if save_directory is not None:
+        model.save_pretrained(save_directory)
+        processor.save_pretrained(save_directory)
+    return model, processor

@@ -1,4 +1,5 @@
-"""Image processor of the MLP-Mixer family: resize to the model's fixed size, rescale, normalize, channels first."""
+"""Image processor of the MLP-Mixer family: resize (to the model's fixed size, or the short side then a centre crop, as
+timm's evaluation transform), rescale, normalize, channels first."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ class MlpMixerImageProcessor(PilBackend):
     normalize with `image_mean`/`image_std` (0.5 per channel: pixels land in [-1, 1], timm's Mixer convention),
     channels first. Returns `pixel_values` of shape (batch, num_channels, height, width).
 
+    timm's evaluation transform instead resizes the short side to `image_size / crop_pct` (256 for 224 at
+    crop_pct 0.875) and centre-crops `image_size`: `size={"shortest_edge": 256}, do_center_crop=True,
+    crop_size={"height": 224, "width": 224}` (what `hf_extras.convert.import_timm_mixer` saves). The crop offset
+    rounds as torchvision's `CenterCrop` does, so the pixels equal timm's.
+
     PIL/NumPy based (no torchvision). `MlpMixerImageProcessor.from_model_config(config)` matches a model config.
 
     Example:
@@ -38,6 +44,8 @@ class MlpMixerImageProcessor(PilBackend):
     image_mean = (0.5, 0.5, 0.5)
     image_std = (0.5, 0.5, 0.5)
     do_resize = True
+    do_center_crop = False
+    crop_size = None
     do_rescale = True
     do_normalize = True
 
@@ -55,6 +63,15 @@ class MlpMixerImageProcessor(PilBackend):
         """The processor for an image-mode `MlpMixerConfig` (its `image_size` and `num_channels`)."""
         size = {"height": config.image_size, "width": config.image_size}
         return cls(**{"size": size, "num_channels": config.num_channels, **kwargs})
+
+    def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:
+        """Centre crop of a channels-first image, offsets rounded as torchvision's `CenterCrop`
+        (`round((height - crop) / 2)`; transformers' own crop floors, one pixel off for some sizes)."""
+        height, width = image.shape[-2:]
+        if size.height is None or size.width is None or size.height > height or size.width > width:
+            return super().center_crop(image, size, **kwargs)  # padding case (and the error for a bad size)
+        top, left = int(round((height - size.height) / 2.0)), int(round((width - size.width) / 2.0))
+        return image[..., top : top + size.height, left : left + size.width]
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, num_channels=None, **kwargs):
         channels = num_channels or self.num_channels
