@@ -68,8 +68,7 @@ class DyTConfig(SequenceConfig):
             sqrt(hidden_size); the original Transformer multiplies by a fixed sqrt(d_model)). `None`: on for
             `norm_type="dyt"` and for `dyt_init="paper_llm"`, off otherwise. DyT needs it: embeddings start at std
             `initializer_range` (0.02), where `tanh(alpha * x)` is tiny and linear, and without the scale a small DyT
-            LM barely learns (a 2-layer model on a copy task: loss 4.16 -> 3.21 in 60 steps at lr 3e-3 without it,
-            -> 0.09 with it; LayerNorm: -> 0.005).
+            LM barely learns (measurements: benchmarks/results/NOTES.md).
         embedding_scale_init (`float`, *optional*): initial value of that scalar; `None` means sqrt(hidden_size).
         prefix_lm (`bool`): a prefix LM (one stack for seq2seq): the causal LM takes a `prefix_mask` (1 on source
             tokens) and the source attends both ways while the target stays causal (the two masks joined).

@@ -14,9 +14,8 @@ def causal_depthwise_conv(
     input's `(batch, time, channels)` layout.
 
     Written as `kernel` shifted multiply-adds in the channels-last layout: the same numbers as
-    `F.conv1d(..., groups=channels)` (to float rounding), without two transposes, and without the depthwise `conv1d`
-    weight-gradient kernel, which with 2 intra-op threads runs about 200x slower than with 1 on CPU (torch 2.13; see
-    benchmarks/results/NOTES.md).
+    `F.conv1d(..., groups=channels)` (to float rounding), without two transposes and without the depthwise `conv1d`
+    weight-gradient kernel, which is very slow on multi-threaded CPUs (measurements: benchmarks/results/NOTES.md).
     """
     kernel, seq_len = weight.shape[-1], x.shape[1]
     if tail is None:

@@ -222,20 +222,25 @@ def last_token_index(input_ids, attention_mask, pad_token_id, batch_size: int, s
 
 
 class _ClassifierHead(BackboneHead):
+    """A backbone, dropout and a linear `score` over `num_labels` (sequence and token classification)."""
+
     # the generic transformers losses below do not divide by num_items_in_batch: let Trainer scale for accumulation
     accepts_loss_kwargs = False
-
-
-class ForSequenceClassificationHead(_ClassifierHead):
-    """Sequence classification: last real token (causal) or mean of real tokens (bidirectional), then `score`."""
+    score_bias: bool
 
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = config.num_labels
         self._build_backbone(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=self.score_bias)
         self.post_init()
+
+
+class ForSequenceClassificationHead(_ClassifierHead):
+    """Sequence classification: last real token (causal) or mean of real tokens (bidirectional), then `score`."""
+
+    score_bias = False
 
     def pool(self, features, input_ids, attention_mask) -> torch.Tensor:
         mode = self.config.classifier_pooling
@@ -281,13 +286,7 @@ class ForSequenceClassificationHead(_ClassifierHead):
 class ForTokenClassificationHead(_ClassifierHead):
     """Per-token classification (`score` on every position)."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self._build_backbone(config)
-        self.dropout = nn.Dropout(config.hidden_dropout)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+    score_bias = True
 
     @can_return_tuple
     def forward(
@@ -313,8 +312,10 @@ class ForTokenClassificationHead(_ClassifierHead):
         )
 
 
-class ForQuestionAnsweringHead(_ClassifierHead):
+class ForQuestionAnsweringHead(BackboneHead):
     """Extractive QA: start and end logits for every token (`qa_outputs`)."""
+
+    accepts_loss_kwargs = False  # transformers' QA loss is a mean: let Trainer scale for accumulation
 
     def __init__(self, config):
         super().__init__(config)

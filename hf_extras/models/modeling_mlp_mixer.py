@@ -44,7 +44,6 @@ from .backbone import (
     SharedPreTrainedModel,
     embed_inputs,
     padding_mask,
-    pop_cache_kwarg,
     register_family,
 )
 from .configuration_mlp_mixer import MlpMixerConfig
@@ -202,8 +201,9 @@ class MlpMixerModel(MlpMixerPreTrainedModel):
 
     Image mode takes `pixel_values` (a floating tensor passed first is taken as `pixel_values`) and also returns
     `pooler_output`, the mean over patches. Text mode takes `input_ids` (or `inputs_embeds`) and an optional 2-D
-    `attention_mask`; `position_ids` and `cache` are accepted for API compatibility and ignored (positions are the
-    window's, after packing the real tokens to the front).
+    `attention_mask`. What the shared heads and `generate()` also pass (`position_ids`, a cache, `use_cache`) lands in
+    `**kwargs` and is ignored: positions are the window's, after packing the real tokens to the front, and there is
+    no cache.
     """
 
     def __init__(self, config: MlpMixerConfig):
@@ -235,17 +235,13 @@ class MlpMixerModel(MlpMixerPreTrainedModel):
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache=None,
         inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         pixel_values: torch.Tensor | None = None,
         **kwargs,
     ) -> MlpMixerModelOutput:
         # hidden states are collected here, not by `capture_outputs` hooks: in text mode they are put back in the
         # caller's token order after the stack, which a hook on each block cannot do
-        pop_cache_kwarg(cache, kwargs)  # no cache: accepted under any name, never used
         image_mode = self.config.modality == "image"
         if image_mode:
             if pixel_values is None and input_ids is not None and input_ids.is_floating_point():
