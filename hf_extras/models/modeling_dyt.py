@@ -176,13 +176,4 @@ AUTO_CLASSES = {
 }
 register_family(DyTConfig, AUTO_CLASSES)
 
-__all__ = [
-    "DyTPreTrainedModel",
-    "DyTModel",
-    "DyTForCausalLM",
-    "DyTForMaskedLM",
-    "DyTForSequenceClassification",
-    "DyTForTokenClassification",
-    "DyTForQuestionAnswering",
-    "DyTForConditionalGeneration",
-]
+__all__ = [cls.__name__ for cls in AUTO_CLASSES.values()] + ["DyTPreTrainedModel"]

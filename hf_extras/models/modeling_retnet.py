@@ -81,13 +81,4 @@ AUTO_CLASSES = {
 }
 register_family(RetNetConfig, AUTO_CLASSES)
 
-__all__ = [
-    "RetNetPreTrainedModel",
-    "RetNetModel",
-    "RetNetForCausalLM",
-    "RetNetForMaskedLM",
-    "RetNetForSequenceClassification",
-    "RetNetForTokenClassification",
-    "RetNetForQuestionAnswering",
-    "RetNetForConditionalGeneration",
-]
+__all__ = [cls.__name__ for cls in AUTO_CLASSES.values()] + ["RetNetPreTrainedModel"]
