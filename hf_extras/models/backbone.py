@@ -135,8 +135,8 @@ class SequenceBlock(GradientCheckpointingLayer):
         cross_cache=None,
         **kwargs,
     ):
-        """`attention_mask` is what the mixer gets (see `SequenceBackbone.mixer_attention_mask`); `padding_mask`, the 2-D mask
-        of the new tokens for the FFN (MoE statistics over real tokens), defaults to `attention_mask`;
+        """`attention_mask` is what the mixer gets (see `SequenceBackbone.mixer_attention_mask`); `padding_mask`, the
+        2-D mask of the new tokens for the FFN (MoE statistics over real tokens), defaults to `attention_mask`;
         `position_embeddings` the rotary `(cos, sin)` tables the backbone computed once for every layer (or `None`).
         `encoder_*` and `cross_cache` (an `EncoderDecoderCache`) feed the cross-attention of a decoder block."""
         dtype = self.mixer_norm.weight.dtype

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 def causal_depthwise_conv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tail: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convolve `x` `(batch, time, channels)` causally with a depthwise `weight` `(channels, 1, kernel)` (`nn.Conv1d`'s).
+    """Convolve `x` `(batch, time, channels)` causally with a depthwise `weight` `(channels, 1, kernel)`
+    (`nn.Conv1d`'s).
 
     `tail` holds the previous `kernel - 1` inputs `(batch, channels, kernel - 1)` (zeros at the start of a sequence),
     so a prefill followed by one-token steps gives the same outputs as one pass. Returns `(y, new_tail)`, `y` in the
