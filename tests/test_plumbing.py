@@ -202,3 +202,21 @@ def test_field_validators_name_the_field(config_class, overrides, field):
 
     with pytest.raises(StrictDataclassError, match=field):
         config_class(**overrides)
+
+
+def test_seq2seq_takes_encoder_outputs_as_a_tuple_with_moe():
+    """A tuple from `encoder(..., return_dict=False)` of an MoE model holds the aux loss at position 1: it must not be
+    read as the encoder's hidden states (the decoder output equals the one from computing the encoder inside)."""
+    family = FAMILIES[0]
+    model = family.cls("ForConditionalGeneration")(family.config(ffn_type="moe", num_experts=2, num_experts_per_tok=1))
+    model.eval()
+    ids = torch.randint(3, 96, (2, 7))
+    decoder_ids = torch.randint(3, 96, (2, 5))
+    encoder_tuple = model.get_encoder()(ids, return_dict=False)
+    assert not isinstance(encoder_tuple[1], tuple)  # the aux loss, not hidden states
+    with torch.no_grad():
+        expected = model(ids, decoder_input_ids=decoder_ids).logits
+        got = model(encoder_outputs=encoder_tuple, decoder_input_ids=decoder_ids).logits
+        got_dict = model(encoder_outputs=model.get_encoder()(ids), decoder_input_ids=decoder_ids).logits
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_dict, expected)

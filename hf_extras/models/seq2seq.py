@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.bart.modeling_bart import shift_tokens_right
-from transformers.utils import can_return_tuple
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .backbone import SharedPreTrainedModel, pop_cache_kwarg
 from .heads import scaled_aux_loss
@@ -111,10 +111,10 @@ class ForConditionalGenerationHead(SharedPreTrainedModel, GenerationMixin):
                 inputs_embeds=inputs_embeds,
                 output_hidden_states=output_hidden_states,
             )
-        elif not isinstance(encoder_outputs, BaseModelOutput):
+        elif not isinstance(encoder_outputs, ModelOutput):  # a tuple: (last_hidden_state, [hidden_states], ...)
+            hidden = encoder_outputs[1] if len(encoder_outputs) > 1 else None
             encoder_outputs = BaseModelOutput(
-                last_hidden_state=encoder_outputs[0],
-                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                last_hidden_state=encoder_outputs[0], hidden_states=hidden if isinstance(hidden, tuple) else None
             )
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
