@@ -206,7 +206,7 @@ def test_field_validators_name_the_field(config_class, overrides, field):
 
 def test_seq2seq_takes_encoder_outputs_as_a_tuple_with_moe():
     """A tuple from `encoder(..., return_dict=False)` of an MoE model holds the aux loss at position 1: it must not be
-    read as the encoder's hidden states (the decoder output equals the one from computing the encoder inside)."""
+    read as the encoder's hidden states (the output equals the one from computing the encoder inside)."""
     family = FAMILIES[0]
     model = family.cls("ForConditionalGeneration")(family.config(ffn_type="moe", num_experts=2, num_experts_per_tok=1))
     model.eval()
@@ -216,7 +216,8 @@ def test_seq2seq_takes_encoder_outputs_as_a_tuple_with_moe():
     assert not isinstance(encoder_tuple[1], tuple)  # the aux loss, not hidden states
     with torch.no_grad():
         expected = model(ids, decoder_input_ids=decoder_ids).logits
-        got = model(encoder_outputs=encoder_tuple, decoder_input_ids=decoder_ids).logits
-        got_dict = model(encoder_outputs=model.get_encoder()(ids), decoder_input_ids=decoder_ids).logits
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(got_dict, expected)
+        from_tuple = model(encoder_outputs=encoder_tuple, decoder_input_ids=decoder_ids)
+        from_dict = model(encoder_outputs=model.get_encoder()(ids), decoder_input_ids=decoder_ids)
+    for out in (from_tuple, from_dict):
+        torch.testing.assert_close(out.logits, expected)
+        assert out.encoder_hidden_states is None  # not the aux loss
