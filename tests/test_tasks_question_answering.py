@@ -14,7 +14,7 @@ from datasets import Dataset
 
 from hf_extras.cli import main
 from hf_extras.data import build_byte_tokenizer
-from hf_extras.tasks.qa_spans import answer_token_positions, best_spans, default_max_answer_length, tokenize_qa_windows
+from hf_extras.data.qa_spans import answer_token_positions, best_spans, default_max_answer_length, tokenize_qa_windows
 from hf_extras.tasks.question_answering import (
     QuestionAnsweringArguments,
     fix_answer_starts,
