@@ -274,10 +274,10 @@ def _train(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    """`hf-extras bench`: the speed tables and plots of `hf_extras.benchmark` (see `--help`)."""
-    from . import benchmark
+    """`hf-extras bench`: the speed tables and plots of `hf_extras.bench` (see `--help`)."""
+    from .bench.cli import main as bench_main
 
-    return benchmark.main(argv)
+    return bench_main(argv)
 
 
 COMMANDS = {"train": _train, "bench": _bench}

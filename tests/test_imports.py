@@ -1,8 +1,8 @@
 """The package's import graph: one way only, no circle, and `import hf_extras` stays light.
 
 Layers, bottom to top: `errors` <- `models` <- `data` <- the integrations (`registration`, `peft_maps`, `pipelines`,
-`adapters`, `finetune`, `convert`, `model_card`, `dyt`, the package root) <- `tasks` <- `training` <- `cli` <-
-`bench`. A module may import its own layer and the layers below; `models/` imports only `models/` (saved checkpoints
+`adapters`, `finetune`, `convert`, `model_card`, `dyt`, the package root) <- `tasks` <- `training` and `bench` (the
+benchmark harness) <- `cli`. A module may import its own layer and the layers below; `models/` imports only `models/` (saved checkpoints
 copy it as remote code). Every `import` statement counts, at module level or inside a function.
 """
 
@@ -19,7 +19,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_extras"
 
 # first dotted part below hf_extras -> layer (higher may import lower); "" is the package root
-LAYERS = {"errors": 0, "models": 1, "data": 2, "tasks": 4, "training": 5, "cli": 6, "bench": 7}
+LAYERS = {"errors": 0, "models": 1, "data": 2, "tasks": 4, "training": 5, "bench": 5, "cli": 6}
 INTEGRATION = 3  # every other module: registration, peft_maps, pipelines, adapters, finetune, convert, ...
 
 
