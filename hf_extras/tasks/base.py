@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from ..data.corpus import load_text_dataset
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -85,8 +86,6 @@ class Task:
 
     def load_data(self, data_args: DataArguments, seed: int) -> DatasetDict:
         """Raw `train`/`validation` splits (default: text data through `hf_extras.data.load_text_dataset`)."""
-        from ..data import load_text_dataset
-
         return load_text_dataset(
             data_args.dataset_name,
             text_column=data_args.text_column,
