@@ -1,6 +1,6 @@
 """Peak memory of one training step with and without activation checkpointing, every sequence family.
 
-Each measurement runs in a fresh process (`hf_extras.benchmark`'s isolated runner): build the causal LM, optionally
+Each measurement runs in a fresh process (`hf_extras.bench.run_isolated`): build the causal LM, optionally
 `activation_checkpointing_enable()`, then one forward + backward + AdamW step on a random batch; the figure is the
 rise of peak RSS over that step (activations, gradients, optimizer state; not the weights or the interpreter).
 
@@ -28,11 +28,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from family_models import FAMILY_NAMES, causal_lm  # noqa: E402
-
-from hf_extras.benchmark import _max_rss_mb, _run_isolated, _Trainer  # noqa: E402
+from hf_extras.bench import FAMILY_NAMES, TrainStep, family_causal_lm, process_memory_mb, run_isolated
 
 
 def _step_memory(name: str, checkpointing: bool, seq_len: int, batch_size: int, threads: int) -> dict[str, float]:
@@ -40,14 +36,14 @@ def _step_memory(name: str, checkpointing: bool, seq_len: int, batch_size: int, 
     import time
 
     torch.set_num_threads(threads)
-    model = causal_lm(name)
+    model = family_causal_lm(name)
     if checkpointing:
         model.activation_checkpointing_enable()
-    trainer = _Trainer(model, seq_len, batch_size)
-    before = _max_rss_mb()
+    trainer = TrainStep(model, seq_len, batch_size)
+    before = process_memory_mb("peak")
     start = time.perf_counter()
     trainer.step()
-    return {"peak_mb": _max_rss_mb() - before, "step_s": time.perf_counter() - start}
+    return {"peak_mb": process_memory_mb("peak") - before, "step_s": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| family | plain MB | checkpointed MB | ratio | plain s | checkpointed s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name in args.families:
-        plain = _run_isolated(_step_memory, name, False, args.seq_len, args.batch_size, args.threads)
-        ckpt = _run_isolated(_step_memory, name, True, args.seq_len, args.batch_size, args.threads)
+        plain = run_isolated(_step_memory, name, False, args.seq_len, args.batch_size, args.threads)
+        ckpt = run_isolated(_step_memory, name, True, args.seq_len, args.batch_size, args.threads)
         print(
             f"| {name} | {plain['peak_mb']:.0f} | {ckpt['peak_mb']:.0f} | {ckpt['peak_mb'] / plain['peak_mb']:.2f} | "
             f"{plain['step_s']:.1f} | {ckpt['step_s']:.1f} |",

@@ -2,7 +2,7 @@
 
 Both versions of a model live in one process and are stepped round-robin (eager, compiled, eager, compiled, ...)
 after the compile warm-up, so machine load hits both alike; the figure is the median step time of each and their
-ratio. A step is forward + backward + AdamW on a fixed random batch (the same `_Trainer` as `hf-extras bench`).
+ratio. A step is forward + backward + AdamW on a fixed random batch (`hf_extras.bench.TrainStep`, as in `hf-extras bench`).
 
     python benchmarks/compile_speed.py [--seq-len 1024] [--batch-size 2] [--rounds 5] [--families retnet gla ...]
 
@@ -26,12 +26,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from family_models import FAMILY_NAMES, causal_lm  # noqa: E402
-
-from hf_extras.benchmark import _Trainer  # noqa: E402
-from hf_extras.models.retention_ops import chunkwise_retention  # noqa: E402
+from hf_extras.bench import FAMILY_NAMES, TrainStep, family_causal_lm
+from hf_extras.models.retention_ops import chunkwise_retention
 
 
 def _round_robin(steps: dict[str, callable], rounds: int) -> dict[str, float]:
@@ -46,8 +42,8 @@ def _round_robin(steps: dict[str, callable], rounds: int) -> dict[str, float]:
 
 
 def bench_model(name: str, seq_len: int, batch_size: int, rounds: int) -> dict[str, float]:
-    eager = _Trainer(causal_lm(name), seq_len, batch_size)
-    compiled = _Trainer(causal_lm(name), seq_len, batch_size)
+    eager = TrainStep(family_causal_lm(name), seq_len, batch_size)
+    compiled = TrainStep(family_causal_lm(name), seq_len, batch_size)
     compiled.model = torch.compile(compiled.model)
     start = time.perf_counter()
     compiled.step()  # compile (forward and backward graphs)

@@ -25,10 +25,20 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from hf_extras.models.fla_dispatch import _kernels, fla_decayed_linear_attention
+from hf_extras.models.fla_dispatch import fla_decayed_linear_attention
 from hf_extras.models.retention_ops import chunkwise_retention
 
 DECAYS = ("none", "fixed", "head", "key")
+
+
+def fla_installed() -> bool:
+    """Whether flash-linear-attention's GLA kernels import (what hf_extras dispatches to on CUDA)."""
+    try:
+        from fla.ops.gla import chunk_gla  # noqa: F401
+        from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
+    except Exception:  # not installed, or no working Triton
+        return False
+    return True
 
 
 def _decay(kind: str, B: int, H: int, T: int, D: int, device):
@@ -58,7 +68,7 @@ def _time(fn, backward: bool, warmup: int = 3, repeats: int = 10) -> float:
 
 def bench(lengths, batch: int, heads: int, head_dim: int) -> list[dict]:
     device = torch.device("cuda")
-    have_fla = _kernels() is not None
+    have_fla = fla_installed()
     rows = []
     for T in lengths:
         q, k, v = (
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name()
     rows = bench(args.lengths, args.batch, args.heads, args.head_dim)
     os.makedirs(args.out, exist_ok=True)
-    meta = {"device": device_name, "torch": torch.__version__, "fla": _kernels() is not None}
+    meta = {"device": device_name, "torch": torch.__version__, "fla": fla_installed()}
     with open(os.path.join(args.out, "gpu_kernels.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     table = to_markdown(rows, device_name)

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from hf_extras.benchmark import process_memory_mb
+from hf_extras.bench import process_memory_mb
 
 VOCAB, HIDDEN, LAYERS, STATE = 1024, 256, 4, 16
 

@@ -1,9 +1,12 @@
 """hf_extras: post-Transformer architectures as first-class Hugging Face transformers models.
 
-`import hf_extras` registers every family with the Auto classes.
+`import hf_extras` registers every family with the Auto classes, their default PEFT target modules and the
+question-answering pipeline. It loads nothing of the data/training stack (`datasets`, task recipes, the CLI, the
+benchmark harness): `tests/test_imports.py` checks it.
 """
 
 from .dyt import convert_norms_to_dyt, load_dyt_model
+from .errors import ConfigError
 from .models.cache import RecurrentCache
 from .models.configuration_dyt import DyTConfig
 from .models.configuration_gated_retention import GatedRetentionConfig
@@ -62,6 +65,7 @@ register_all()
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigError",
     "DyT",
     "RecurrentCache",
     "RetNetConfig",

@@ -26,17 +26,10 @@ from typing import Any, Literal, Union
 import yaml
 from transformers import HfArgumentParser, PreTrainedConfig
 
+from .errors import ConfigError
 from .finetune import FinetuneArguments
-from .training import (
-    DEFAULT_TASK,
-    ConfigError,
-    DataArguments,
-    RunArguments,
-    build_config,
-    config_class_for,
-    get_task,
-    load_checkpoint_config,
-)
+from .tasks.base import DEFAULT_TASK, DataArguments, get_task
+from .training import RunArguments, build_config, config_class_for, load_checkpoint_config
 
 __all__ = ["build_parser", "main", "model_arguments_class", "parse_train_args", "yaml_to_args"]
 
@@ -208,7 +201,15 @@ def _read_yaml(config_path: str | None) -> dict[str, Any]:
     path = Path(config_path)
     if not path.is_file():
         raise ConfigError(f"config file {config_path!r} not found")
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:  # one line naming the file and the place, not the parser's traceback
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {config_path!r} is not valid YAML: {problem}{where}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {config_path!r} is not UTF-8 text: {error}") from error
 
 
 def _selector(name: str, mapping: dict[str, Any], cli_args: Sequence[str], default: str) -> str:
@@ -273,10 +274,10 @@ def _train(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    """`hf-extras bench`: the speed tables and plots of `hf_extras.benchmark` (see `--help`)."""
-    from . import benchmark
+    """`hf-extras bench`: the speed tables and plots of `hf_extras.bench` (see `--help`)."""
+    from .bench.cli import main as bench_main
 
-    return benchmark.main(argv)
+    return bench_main(argv)
 
 
 COMMANDS = {"train": _train, "bench": _bench}

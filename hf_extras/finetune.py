@@ -26,8 +26,8 @@ from .adapters import (
     set_trainable_modules,
     train_adapter,
 )
+from .errors import ConfigError
 from .peft_maps import head_module_names
-from .training import ConfigError
 
 __all__ = [
     "FinetuneArguments",

@@ -4,7 +4,7 @@
 `REMOVED_TASKS` (checked before the registry) and registers `QuestionAnsweringPipeline` through
 `PIPELINE_REGISTRY.register_pipeline`. It serves any `AutoModelForQuestionAnswering` model (hf_extras' families and
 transformers' own, e.g. BERT) with a fast tokenizer, and windows and decodes exactly as the `question_answering`
-recipe does (`hf_extras.tasks.qa_spans`): a long context is split into windows that overlap by `doc_stride` tokens,
+recipe does (`hf_extras.data.qa_spans`): a long context is split into windows that overlap by `doc_stride` tokens,
 and the best span over all windows is returned with character offsets into the context.
 
     qa = pipeline("question-answering", model=model, tokenizer=tokenizer)
@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForQuestionAnswering
 from transformers.pipelines.base import ChunkPipeline
 
-from .tasks.qa_spans import best_spans, default_max_answer_length, tokenize_qa_windows
+from .data.qa_spans import best_spans, default_max_answer_length, tokenize_qa_windows
 
 __all__ = ["QuestionAnsweringPipeline", "register_qa_pipeline"]
 

@@ -1,37 +1,40 @@
-"""One training run behind `hf-extras train`: task registry, argument dataclasses and the run itself.
+"""One training run behind `hf-extras train`: the run's arguments, its building blocks and the run itself.
 
 The run is the same for every task and every `model_type`: tokenizer -> data -> config -> model -> evaluate the
 untrained model -> HF `Trainer` -> evaluate -> write a run folder (model + remote code, tokenizer, `metrics.json`,
 `loss_curve.png`, model card `README.md`) that `AutoModel*.from_pretrained` and `AutoTokenizer.from_pretrained`
 load. What differs per task (data preparation, collator, head, derived metrics, a qualitative sample) sits behind
-the small `Task` interface; tasks are looked up by name in `TASKS`, so a new task is one module plus one entry.
+the small `Task` interface of `hf_extras.tasks.base`, where tasks are registered by name (`TASKS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
-import math
+import re
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from datasets import Dataset, DatasetDict
+from datasets import DatasetDict
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedConfig,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
     set_seed,
 )
 
+from .errors import ConfigError
+from .tasks.base import DEFAULT_TASK, TASKS, DataArguments, Task, did_you_mean, get_task
+from .tasks.causal_lm import CausalLMArguments, CausalLMTask
+
 __all__ = [
+    "DEFAULT_TASK",
     "TASKS",
     "CausalLMArguments",
     "CausalLMTask",
@@ -42,76 +45,17 @@ __all__ = [
     "build_config",
     "get_task",
     "load_tokenizer",
+    "check_output_dir",
+    "last_complete_checkpoint",
     "plot_loss_curve",
+    "resolve_resume_checkpoint",
     "run",
-]
-
-
-DEFAULT_TASK = "causal_lm"
-
-
-class ConfigError(ValueError):
-    """A bad key or value in a run configuration (YAML or command line); the message names it."""
+]  # Task, TASKS, get_task, DataArguments and CausalLM*: defined in hf_extras.tasks, kept importable from here
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataArguments:
-    """Which task to run, on which data and tokenizer (shared by every task)."""
-
-    _argument_group_name = "task and data"
-
-    task: str = field(default=DEFAULT_TASK, metadata={"help": "Task to train (see hf_extras.training.TASKS)."})
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "datasets Hub name, builder name, local file or folder; unset = embedded offline corpus."},
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "datasets config name."})
-    data_files: list[str] | None = field(default=None, metadata={"help": "data_files for datasets.load_dataset."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the input text."})
-    validation_fraction: float = field(
-        default=0.02, metadata={"help": "Share of documents held out when the data has no validation split."}
-    )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Keep this many training examples (after preprocessing; seeded subset)."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Keep this many validation examples (after preprocessing; seeded subset)."}
-    )
-    tokenizer_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "AutoTokenizer name or path; unset = the checkpoint's tokenizer (model_name_or_path) or else "
-            "hf_extras' offline byte tokenizer."
-        },
-    )
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Fine-tune from this saved model folder (e.g. a `hf-extras train` run): its weights load into the "
-            "task's head (new head weights are initialised), model keys set here override its config; unset = train "
-            "from scratch."
-        },
-    )
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
-
-
-@dataclass
-class CausalLMArguments:
-    """Options of the `causal_lm` task."""
-
-    _argument_group_name = "causal_lm task"
-
-    block_size: int = field(default=256, metadata={"help": "Tokens per packed training block."})
-    sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the sample printed after training."})
-    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the sample (0 = no sample)."})
-    sample_temperature: float = field(
-        default=0.8, metadata={"help": "Sampling temperature of the sample (0 = greedy); seeded with `seed`."}
-    )
 
 
 @dataclass
@@ -124,153 +68,6 @@ class RunArguments:
     model_overrides: dict[str, Any]  # config fields set explicitly in YAML or on the command line
     training: TrainingArguments
     finetune: Any = None  # hf_extras.finetune.FinetuneArguments; None = full fine-tuning
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tasks
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class Task:
-    """What a task adds to the generic run. Subclass, then add `"name": "module:Class"` to `TASKS`.
-
-    A task module under `hf_extras/tasks/` holds the preprocessing, collator and metrics; its `Task` subclass
-    only wires them into the run.
-    """
-
-    name: ClassVar[str]
-    arguments: ClassVar[type]  # dataclass of the task's own options, parsed with the others
-    auto_model: ClassVar[type]  # e.g. AutoModelForCausalLM
-    pipeline_tag: ClassVar[str]  # Hub pipeline tag for the model card
-    training_defaults: ClassVar[dict[str, Any]] = {}  # TrainingArguments defaults; YAML and CLI override them
-    trainer_class: ClassVar[type] = Trainer  # e.g. Seq2SeqTrainer (generation during evaluation)
-    training_arguments_class: ClassVar[type] = TrainingArguments  # parsed from YAML/CLI; e.g. Seq2SeqTrainingArguments
-    result_metrics: ClassVar[tuple[tuple[str, str], ...]] = (("eval loss", "eval_loss"),)  # (label, key) for card
-
-    def load_data(self, data_args: DataArguments, seed: int) -> DatasetDict:
-        """Raw `train`/`validation` splits (default: text data through `hf_extras.data.load_text_dataset`)."""
-        from .data import load_text_dataset
-
-        return load_text_dataset(
-            data_args.dataset_name,
-            text_column=data_args.text_column,
-            validation_fraction=data_args.validation_fraction,
-            data_files=data_args.data_files,
-            config_name=data_args.dataset_config_name,
-            seed=seed,
-        )
-
-    def config_defaults(self, task_args: Any, tokenizer: PreTrainedTokenizerBase, raw: DatasetDict) -> dict[str, Any]:
-        """Config values the task derives from its data (e.g. `num_labels`); explicit settings still win."""
-        return {}
-
-    def prepare(
-        self, task_args: Any, tokenizer: PreTrainedTokenizerBase, raw: DatasetDict, num_proc: int | None
-    ) -> DatasetDict:
-        """Model-ready splits."""
-        raise NotImplementedError
-
-    def collator(self, task_args: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
-        """The `Trainer` data collator."""
-        raise NotImplementedError
-
-    compute_metrics: ClassVar[Any] = None  # optional `Trainer(compute_metrics=...)`
-    preprocess_logits_for_metrics: ClassVar[Any] = None  # optional: shrink logits (e.g. to arg-max ids) per batch
-
-    def metrics_function(self, task_args: Any, eval_dataset: Dataset) -> Any:
-        """`Trainer(compute_metrics=...)` for this evaluation set (default: `compute_metrics`; QA needs the set)."""
-        return self.compute_metrics
-
-    def subset(self, dataset: Dataset, limit: int | None, seed: int) -> Dataset:
-        """`max_train_samples` / `max_eval_samples`: a seeded subset of `limit` prepared examples."""
-        return _subset(dataset, limit, seed)
-
-    def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Add metrics computed from `Trainer.evaluate()`'s output (e.g. perplexity from the loss)."""
-        return metrics
-
-    def processing_class(self, task_args: Any, tokenizer: PreTrainedTokenizerBase, config: PreTrainedConfig) -> Any:
-        """What `Trainer` saves beside the model in the run folder (default: the tokenizer; images: a processor)."""
-        return tokenizer
-
-    def sample(self, task_args: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict | None:
-        """A small qualitative example from the trained model, saved into metrics.json and the card."""
-        return None
-
-
-class CausalLMTask(Task):
-    """Causal language-model pretraining on packed text blocks (`hf_extras.tasks.causal_lm`)."""
-
-    name = "causal_lm"
-    arguments = CausalLMArguments
-    auto_model = AutoModelForCausalLM
-    pipeline_tag = "text-generation"
-    # count tokens for metrics.json (packed blocks: every token is real, so "all" is exact)
-    training_defaults: ClassVar[dict[str, Any]] = {"include_num_input_tokens_seen": True}
-    result_metrics = (("eval loss", "eval_loss"), ("perplexity", "eval_perplexity"))
-
-    def prepare(self, task_args, tokenizer, raw, num_proc):
-        from .tasks.causal_lm import prepare_causal_lm_dataset
-
-        return prepare_causal_lm_dataset(raw, tokenizer, task_args.block_size, num_proc=num_proc)
-
-    def collator(self, task_args, tokenizer):
-        from .tasks.causal_lm import causal_lm_collator
-
-        return causal_lm_collator(tokenizer)
-
-    def derived_metrics(self, metrics):
-        loss = metrics.get("eval_loss")
-        if loss is not None:
-            metrics["eval_perplexity"] = math.exp(min(loss, 700.0))  # exp overflows past ~709
-        return metrics
-
-    def sample(self, task_args, model, tokenizer):
-        if task_args.sample_max_new_tokens <= 0:
-            return None
-        import torch
-
-        inputs = tokenizer(task_args.sample_prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-        sampling = task_args.sample_temperature > 0
-        kwargs = {"do_sample": True, "temperature": task_args.sample_temperature} if sampling else {"do_sample": False}
-        model.eval()
-        with torch.no_grad():
-            out = model.generate(
-                **inputs, max_new_tokens=task_args.sample_max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
-            )
-        completion = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        return {
-            "prompt": task_args.sample_prompt,
-            "completion": completion,
-            "decoding": f"sampling, temperature {task_args.sample_temperature}" if sampling else "greedy",
-        }
-
-
-# name -> "module:attribute" (resolved lazily, so a task's dependencies load only when it runs)
-TASKS: dict[str, str] = {
-    "causal_lm": "hf_extras.training:CausalLMTask",
-    "image_classification": "hf_extras.tasks.image_classification:ImageClassificationTask",
-    "masked_lm": "hf_extras.tasks.masked_lm:MaskedLMTask",
-    "sequence_classification": "hf_extras.tasks.sequence_classification:SequenceClassificationTask",
-    "token_classification": "hf_extras.tasks.token_classification:TokenClassificationTask",
-    "question_answering": "hf_extras.tasks.question_answering:QuestionAnsweringTask",
-    "seq2seq": "hf_extras.tasks.seq2seq:Seq2SeqTask",
-}
-
-
-def get_task(name: str) -> Task:
-    """Instantiate the registered task `name`; unknown names fail with the closest valid one."""
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}{_did_you_mean(name, TASKS)}; available: {', '.join(sorted(TASKS))}")
-    module_name, _, attribute = TASKS[name].partition(":")
-    return getattr(importlib.import_module(module_name), attribute)()
-
-
-def _did_you_mean(key: str, candidates) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,7 +84,7 @@ def config_class_for(model_type: str) -> type[PreTrainedConfig]:
     except KeyError:
         hfx = sorted(k for k in CONFIG_MAPPING if k.startswith("hfx_"))
         raise ConfigError(
-            f"unknown model_type {model_type!r}{_did_you_mean(model_type, CONFIG_MAPPING)}; "
+            f"unknown model_type {model_type!r}{did_you_mean(model_type, CONFIG_MAPPING)}; "
             f"hf_extras families: {', '.join(hfx)}"
         ) from None
 
@@ -306,7 +103,7 @@ def build_config(model_type: str, values: dict[str, Any]) -> PreTrainedConfig:
 def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
     """hf_extras' offline byte tokenizer, or any AutoTokenizer (given a pad token for batching)."""
     if name_or_path is None:
-        from .data import build_byte_tokenizer
+        from .data.tokenizer import build_byte_tokenizer
 
         return build_byte_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -369,11 +166,66 @@ def tokenizer_config_defaults(config_class: type, tokenizer: PreTrainedTokenizer
     return {k: v for k, v in values.items() if k in names}
 
 
-def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
-    """A seeded random subset of `limit` rows (a prefix would only see the first documents of the corpus)."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    return dataset.shuffle(seed=seed).select(range(limit))
+def check_output_dir(output_dir: str | Path) -> None:
+    """Create `output_dir` and write a scratch file there, so an unwritable folder fails before anything loads
+    (otherwise it is found at the final save, after the whole training run)."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"output_dir {str(output_dir)!r} is not writable ({error.strerror or error}): pick another output_dir"
+        ) from error
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _is_complete_checkpoint(folder: Path) -> bool:
+    """`Trainer` writes `trainer_state.json` last (after the weights and the optimizer): a checkpoint a kill cut short
+    lacks it, or lacks the weights."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(p.suffix in _WEIGHT_SUFFIXES or p.name.startswith("pytorch_model_fsdp") for p in folder.iterdir())
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The `checkpoint-N` folder of `output_dir` with the highest N that is complete (see `_is_complete_checkpoint`);
+    None when there is none."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = {int(m.group(1)): p for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))}
+    return next((steps[n] for n in sorted(steps, reverse=True) if _is_complete_checkpoint(steps[n])), None)
+
+
+def resolve_resume_checkpoint(value: str | None, output_dir: str | Path) -> str | None:
+    """`resume_from_checkpoint` as `Trainer.train` takes it: unset or `false` -> None (start fresh); `true` -> the last
+    complete checkpoint in `output_dir`; anything else -> that checkpoint folder, which must exist and be complete."""
+    if value is None or value.strip().lower() in ("", "false", "no", "0", "none"):
+        return None
+    if value.strip().lower() in ("true", "yes", "1"):
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise ConfigError(
+                f"resume_from_checkpoint=true but output_dir {str(output_dir)!r} holds no complete checkpoint-N folder "
+                "(with trainer_state.json and weights): drop resume_from_checkpoint or name a checkpoint folder"
+            )
+        return str(found)
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"resume_from_checkpoint {value!r} does not exist or is not a folder")
+    if not _is_complete_checkpoint(path):
+        raise ConfigError(
+            f"resume_from_checkpoint {value!r} is not a complete Trainer checkpoint (no trainer_state.json or no "
+            "weights: a run killed while saving leaves such a folder); name an earlier checkpoint or use `true`"
+        )
+    return str(path)
 
 
 def plot_loss_curve(log_history: list[dict[str, Any]], path: str | Path) -> None:
@@ -440,6 +292,9 @@ def run(args: RunArguments) -> dict[str, Any]:
     start = time.perf_counter()
     task = get_task(args.data.task)
     training_args = args.training
+    # checked before anything loads: a bad folder must not cost a data load and a training run
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(training_args.output_dir)
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     set_seed(training_args.seed)
 
@@ -500,7 +355,7 @@ def run(args: RunArguments) -> dict[str, Any]:
         preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
     )
     initial = task.derived_metrics(evaluate_before_training(trainer))
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=resume)
     # train() starts a fresh TrainerState: put the untrained evaluation back at step 0 of the history
     trainer.state.log_history.insert(0, {**initial, "step": 0})
     final = task.derived_metrics(trainer.evaluate())

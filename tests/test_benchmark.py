@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from hf_extras import benchmark
+from hf_extras import bench as benchmark
 
 TINY = dict(
     seq_lens=(64,),
@@ -177,3 +177,36 @@ def test_bench_is_an_hf_extras_command(capsys):
         cli.main(["bench", "--help"])
     assert exit_.value.code == 0
     assert "usage: hf-extras bench" in capsys.readouterr().out
+
+
+HELP_DRIVER = """
+import contextlib, io, json, runpy, sys
+report = {}
+for script in sys.argv[1:]:
+    sys.argv = [script, "--help"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(script, run_name="__main__")
+        report[script] = "no --help exit"
+    except SystemExit as exit_:
+        report[script] = "ok" if exit_.code in (0, None) and "usage:" in out.getvalue() else f"exit {exit_.code}"
+    except BaseException as error:
+        report[script] = f"{type(error).__name__}: {error}"
+print(json.dumps(report))
+"""
+
+
+def test_every_benchmark_script_imports_and_has_help():
+    """Each `benchmarks/*.py --help` runs as `__main__` (one fresh interpreter for all): a renamed or private import,
+    or a script without argument parsing, fails here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scripts = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+    assert len(scripts) >= 9
+    result = subprocess.run([sys.executable, "-c", HELP_DRIVER, *scripts], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    failed = {Path(script).name: status for script, status in report.items() if status != "ok"}
+    assert not failed, failed

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_extras.cli import main, parse_train_args
-from hf_extras.training import ConfigError, build_config
+from hf_extras.errors import ConfigError
+from hf_extras.training import build_config
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -181,3 +183,91 @@ def test_every_shipped_config_parses(config, tmp_path):
         assert args.finetune.finetune_method == "lora"
         assert args.finetune.peft_target_modules == ["q_proj", "v_proj", "o_proj", "down_proj"]
         assert args.training.learning_rate == 2e-3
+
+
+# --- defects a new user hit: each is one `hf-extras: error:` line, found before anything is loaded ---------------
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-extras: error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fail the test if the run gets as far as loading the tokenizer (the first thing it loads)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run loaded its tokenizer before the check")
+
+    monkeypatch.setattr("hf_extras.training.load_tokenizer", refuse)
+
+
+def test_unwritable_output_dir_fails_before_loading(tmp_path, capsys, nothing_loads):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["train", str(QUICKSTART), *TINY, f"--output_dir={blocker / 'run'}"]) == 2
+    line = _error_line(capsys)
+    assert "output_dir" in line and "not writable" in line and str(blocker) in line
+
+
+def test_missing_resume_checkpoint_fails_before_loading(tmp_path, capsys, nothing_loads):
+    missing = tmp_path / "no_such_checkpoint"
+    argv = ["train", str(QUICKSTART), *TINY, f"--output_dir={tmp_path / 'run'}"]
+    assert main([*argv, "--resume_from_checkpoint", str(missing)]) == 2
+    assert str(missing) in _error_line(capsys)
+    assert main([*argv, "--resume_from_checkpoint", "true"]) == 2  # nothing to resume from in output_dir
+    assert "no complete checkpoint" in _error_line(capsys)
+
+
+def test_last_complete_checkpoint_skips_a_half_written_one(tmp_path):
+    from hf_extras.training import last_complete_checkpoint, resolve_resume_checkpoint
+
+    for step, files in ((2, ("trainer_state.json", "model.safetensors")), (10, ("model.safetensors",)), (7, ())):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("{}")
+    (tmp_path / "checkpoint-9.tmp").mkdir()  # not a checkpoint name
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert resolve_resume_checkpoint("true", tmp_path) == str(tmp_path / "checkpoint-2")
+    assert resolve_resume_checkpoint(None, tmp_path) is None and resolve_resume_checkpoint("false", tmp_path) is None
+    with pytest.raises(ConfigError, match="not a complete"):
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-10"), tmp_path)
+
+
+def test_resume_from_checkpoint_continues_the_run(tmp_path):
+    """A run killed while saving checkpoint 3 resumes from checkpoint 2: it takes 2 more optimizer steps, not 4."""
+    out = tmp_path / "run"
+    argv = ["train", str(QUICKSTART), *TINY, f"--output_dir={out}", "--save_strategy=steps", "--save_steps=1"]
+    assert main([*argv, "--max_steps=3", "--eval_strategy=no", "--sample_max_new_tokens=0"]) == 0
+    (out / "checkpoint-3" / "trainer_state.json").unlink()  # what a kill during the save leaves
+
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda *args: steps.append(1))
+    try:
+        resumed = ["--max_steps=4", "--eval_strategy=no", "--sample_max_new_tokens=0", "--resume_from_checkpoint=true"]
+        assert main([*argv, *resumed]) == 0
+    finally:
+        handle.remove()
+    assert len(steps) == 2  # steps 3 and 4; a fresh start would take 4
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+
+
+def test_empty_dataset_file_is_one_error_line(tmp_path, capsys):
+    for name in ("empty.jsonl", "empty.txt"):
+        data = tmp_path / name
+        data.write_text("")
+        argv = ["train", str(QUICKSTART), *TINY, f"--output_dir={tmp_path / 'run'}", f"--dataset_name={data}"]
+        assert main(argv) == 2
+        line = _error_line(capsys)
+        assert str(data) in line and "empty" in line
+
+
+def test_malformed_yaml_is_one_error_line(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("task: causal_lm\nmax_steps: [3\nhidden_size: 32\n")
+    assert main(["train", str(config)]) == 2
+    line = _error_line(capsys)
+    assert str(config) in line and "not valid YAML" in line and "line" in line

@@ -10,8 +10,8 @@ import pytest
 import torch
 from families import FAMILIES, HEADS, head_config
 
+from hf_extras.errors import ConfigError
 from hf_extras.finetune import FinetuneArguments, apply_finetune_method, load_finetuned, save_finetuned
-from hf_extras.training import ConfigError
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 TASK_HEADS = ["ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"]

@@ -11,8 +11,8 @@ from transformers import BertConfig, BertForQuestionAnswering, pipeline
 
 import hf_extras
 from hf_extras.data import build_byte_tokenizer
+from hf_extras.data.qa_spans import default_max_answer_length, tokenize_qa_windows
 from hf_extras.pipelines import QuestionAnsweringPipeline
-from hf_extras.tasks.qa_spans import default_max_answer_length, tokenize_qa_windows
 from hf_extras.tasks.question_answering import predict_answers, prepare_qa_features
 
 CONTEXT = (

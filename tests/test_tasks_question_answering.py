@@ -14,7 +14,8 @@ from datasets import Dataset
 
 from hf_extras.cli import main
 from hf_extras.data import build_byte_tokenizer
-from hf_extras.tasks.qa_spans import answer_token_positions, best_spans, default_max_answer_length, tokenize_qa_windows
+from hf_extras.data.qa_spans import answer_token_positions, best_spans, default_max_answer_length, tokenize_qa_windows
+from hf_extras.errors import ConfigError
 from hf_extras.tasks.question_answering import (
     QuestionAnsweringArguments,
     fix_answer_starts,
@@ -24,7 +25,6 @@ from hf_extras.tasks.question_answering import (
     qa_metrics,
     split_by_article,
 )
-from hf_extras.training import ConfigError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "question_answering.yaml"
 TINY = [

@@ -12,8 +12,12 @@ import hashlib
 import os
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from datasets import Dataset, DatasetDict, load_dataset
+from ..errors import ConfigError
+
+if TYPE_CHECKING:  # `datasets` loads on first use: `import hf_extras` (which imports hf_extras.data) stays light
+    from datasets import Dataset, DatasetDict
 
 __all__ = [
     "iter_default_documents", "load_dataset_dict", "load_default_corpus", "load_text_dataset", "rename_validation_alias",
@@ -89,6 +93,8 @@ def load_default_corpus(validation_fraction: float = 0.02, max_documents: int | 
     lowest hash within each split, ``max(1, round(max_documents * validation_fraction))`` of them
     from validation and the rest from train, so both splits stay non-empty.
     """
+    from datasets import Dataset, DatasetDict
+
     _check_fraction(validation_fraction)
     if max_documents is not None and max_documents < 2:
         raise ValueError(f"max_documents must be >= 2 (one per split), got {max_documents}")
@@ -118,18 +124,35 @@ def load_default_corpus(validation_fraction: float = 0.02, max_documents: int | 
     )
 
 
+def _is_blank(path: Path, probe: int = 1 << 16) -> bool:
+    """True for a file with no bytes or only whitespace (files larger than `probe` bytes are never blank here)."""
+    size = path.stat().st_size
+    return size == 0 or (size <= probe and not path.read_bytes().strip())
+
+
 def load_dataset_dict(
     name_or_path: str, data_files: str | list[str] | dict | None, config_name: str | None
 ) -> DatasetDict:
     """``datasets.load_dataset`` for a local file, a local folder or a Hub/builder name."""
+    from datasets import Dataset, DatasetDict, load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
     path = Path(name_or_path).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
         builder = _LOCAL_BUILDERS.get(suffix)
         if builder is None:
-            raise ValueError(f"unsupported file type {suffix!r} for {path}; use one of {sorted(_LOCAL_BUILDERS)}")
+            raise ConfigError(f"unsupported file type {suffix!r} for {path}; use one of {sorted(_LOCAL_BUILDERS)}")
+        if _is_blank(path):  # datasets ends in a bare StopIteration (json) or a schema error (text) on these
+            raise ConfigError(f"data file {str(path)!r} is empty: it holds no examples")
         kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        ds = load_dataset(builder, data_files={"train": str(path)}, **kwargs)
+        try:
+            ds = load_dataset(builder, data_files={"train": str(path)}, **kwargs)
+        except (StopIteration, DatasetGenerationError) as error:  # unreadable as `builder`: name the file
+            cause = error.__cause__ or error
+            raise ConfigError(
+                f"data file {str(path)!r} could not be read as {builder}: {type(cause).__name__}: {cause}"
+            ) from error
     else:
         # A folder (builder inferred from its files), a builder name such as "json" with
         # data_files, or a Hub dataset name.
@@ -177,14 +200,16 @@ def load_text_dataset(
 
     rename_validation_alias(ds)
     if "train" not in ds:
-        raise ValueError(f"dataset {name_or_path!r} has no 'train' split (splits: {sorted(ds)})")
+        raise ConfigError(f"dataset {name_or_path!r} has no 'train' split (splits: {sorted(ds)})")
     if "validation" not in ds:
         n = len(ds["train"])
         if n < 2:
-            raise ValueError(f"cannot carve a validation split from {n} training row(s) of {name_or_path!r}")
+            raise ConfigError(f"cannot carve a validation split from {n} training row(s) of {name_or_path!r}")
         n_val = min(n - 1, max(1, round(n * validation_fraction)))
         parts = ds["train"].train_test_split(test_size=n_val, seed=seed, shuffle=True)
         ds["train"], ds["validation"] = parts["train"], parts["test"]
+    from datasets import DatasetDict
+
     order = ["train", "validation"] + [s for s in ds if s not in ("train", "validation")]
     return DatasetDict({s: ds[s] for s in order})
 
@@ -193,7 +218,7 @@ def _with_text_column(split: Dataset, text_column: str, name: str, split_name: s
     """Rename ``text_column`` to ``text``; a clear error when it is missing."""
     columns = split.column_names
     if text_column not in columns:
-        raise ValueError(
+        raise ConfigError(
             f"text column {text_column!r} not found in split {split_name!r} of {name!r}; "
             f"available columns: {columns}. Pass text_column=<one of them>."
         )

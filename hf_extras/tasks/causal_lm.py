@@ -1,4 +1,4 @@
-"""Causal language-model pretraining data: tokenise, separate documents with eos, pack.
+"""Causal language-model pretraining (`task: causal_lm`): tokenise, separate documents with eos, pack; its `Task`.
 
 Why packing: the default corpus is a few hundred long files; padding each to a block would
 waste most compute, so documents are concatenated (each followed by ``eos`` so the model
@@ -9,15 +9,18 @@ shifts them).
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 from datasets import DatasetDict
-from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 from ..data.tokenizer import NUM_SPECIAL_TOKENS, is_byte_tokenizer
+from .base import Task
 
-__all__ = ["prepare_causal_lm_dataset", "causal_lm_collator"]
+__all__ = ["CausalLMArguments", "CausalLMTask", "causal_lm_collator", "prepare_causal_lm_dataset"]
 
 
 def prepare_causal_lm_dataset(
@@ -108,3 +111,61 @@ def causal_lm_collator(
     With the byte tokenizer pad (0) differs from eos (1), so eos stays a training target.
     """
     return DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False, pad_to_multiple_of=pad_to_multiple_of)
+
+
+@dataclass
+class CausalLMArguments:
+    """Options of the `causal_lm` task."""
+
+    _argument_group_name = "causal_lm task"
+
+    block_size: int = field(default=256, metadata={"help": "Tokens per packed training block."})
+    sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the sample printed after training."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the sample (0 = no sample)."})
+    sample_temperature: float = field(
+        default=0.8, metadata={"help": "Sampling temperature of the sample (0 = greedy); seeded with `seed`."}
+    )
+
+
+class CausalLMTask(Task):
+    """Causal language-model pretraining on packed text blocks (`prepare_causal_lm_dataset`, `causal_lm_collator`)."""
+
+    name = "causal_lm"
+    arguments = CausalLMArguments
+    auto_model = AutoModelForCausalLM
+    pipeline_tag = "text-generation"
+    # count tokens for metrics.json (packed blocks: every token is real, so "all" is exact)
+    training_defaults: ClassVar[dict[str, Any]] = {"include_num_input_tokens_seen": True}
+    result_metrics = (("eval loss", "eval_loss"), ("perplexity", "eval_perplexity"))
+
+    def prepare(self, task_args, tokenizer, raw, num_proc):
+        return prepare_causal_lm_dataset(raw, tokenizer, task_args.block_size, num_proc=num_proc)
+
+    def collator(self, task_args, tokenizer):
+        return causal_lm_collator(tokenizer)
+
+    def derived_metrics(self, metrics):
+        loss = metrics.get("eval_loss")
+        if loss is not None:
+            metrics["eval_perplexity"] = math.exp(min(loss, 700.0))  # exp overflows past ~709
+        return metrics
+
+    def sample(self, task_args, model, tokenizer):
+        if task_args.sample_max_new_tokens <= 0:
+            return None
+        import torch
+
+        inputs = tokenizer(task_args.sample_prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        sampling = task_args.sample_temperature > 0
+        kwargs = {"do_sample": True, "temperature": task_args.sample_temperature} if sampling else {"do_sample": False}
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(
+                **inputs, max_new_tokens=task_args.sample_max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
+            )
+        completion = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return {
+            "prompt": task_args.sample_prompt,
+            "completion": completion,
+            "decoding": f"sampling, temperature {task_args.sample_temperature}" if sampling else "greedy",
+        }

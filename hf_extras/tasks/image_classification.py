@@ -6,19 +6,21 @@ values 0..16. The held-out split is a stratified, seeded share of it. Pixels bec
 (`value / 16` in place of `value / 255`, then mean = std = 0.5), so the processor saved beside a trained model
 serves it through `pipeline("image-classification")`.
 
-`hf-extras train configs/mixer_digits.yaml` runs this task (`task: image_classification`); its `Task` wiring,
-`ImageClassificationTask`, is built on first access so that importing the plain functions here does not import
-the CLI's training module.
+`hf-extras train configs/mixer_digits.yaml` runs this task (`task: image_classification`, `ImageClassificationTask`).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoModelForImageClassification
+
+from ..errors import ConfigError
+from ..models.image_processing_mlp_mixer import MlpMixerImageProcessor
+from .base import Task
 
 __all__ = [
     "DIGITS_LABELS",
@@ -29,6 +31,7 @@ __all__ = [
     "image_classification_collator",
     "compute_accuracy",
     "ImageClassificationArguments",
+    "ImageClassificationTask",
 ]
 
 DIGITS_LABELS = [str(i) for i in range(10)]
@@ -117,79 +120,63 @@ class ImageClassificationArguments:
     )
 
 
-@functools.cache
-def _task_class():
-    """`ImageClassificationTask`, built on first use (it subclasses the CLI's `Task`)."""
-    from transformers import AutoModelForImageClassification
+class ImageClassificationTask(Task):
+    """Image classification of scikit-learn's digits (offline) with `AutoModelForImageClassification`."""
 
-    from ..models.image_processing_mlp_mixer import MlpMixerImageProcessor
-    from ..training import ConfigError, Task
+    name = "image_classification"
+    arguments = ImageClassificationArguments
+    auto_model = AutoModelForImageClassification
+    pipeline_tag = "image-classification"
+    result_metrics = (("eval loss", "eval_loss"), ("accuracy", "eval_accuracy"))
+    compute_metrics = staticmethod(compute_accuracy)
 
-    class ImageClassificationTask(Task):
-        """Image classification of scikit-learn's digits (offline) with `AutoModelForImageClassification`."""
+    def load_data(self, data_args, seed):
+        if data_args.dataset_name not in (None, "digits"):
+            raise ConfigError(
+                f"task 'image_classification' reads scikit-learn's bundled digits (dataset_name unset or "
+                f"'digits'), got dataset_name={data_args.dataset_name!r}"
+            )
+        fraction = data_args.validation_fraction
+        if not 0.0 < fraction < 1.0:
+            raise ConfigError(f"validation_fraction must be in (0, 1), got {fraction}")
+        return load_digits_splits(fraction, seed)
 
-        name = "image_classification"
-        arguments = ImageClassificationArguments
-        auto_model = AutoModelForImageClassification
-        pipeline_tag = "image-classification"
-        result_metrics = (("eval loss", "eval_loss"), ("accuracy", "eval_accuracy"))
-        compute_metrics = staticmethod(compute_accuracy)
+    def config_defaults(self, task_args, tokenizer, raw):
+        return {
+            "modality": "image",
+            "image_size": 8,
+            "num_channels": 1,
+            "num_labels": len(DIGITS_LABELS),
+            "id2label": dict(enumerate(DIGITS_LABELS)),
+            "label2id": {label: i for i, label in enumerate(DIGITS_LABELS)},
+        }
 
-        def load_data(self, data_args, seed):
-            if data_args.dataset_name not in (None, "digits"):
-                raise ConfigError(
-                    f"task 'image_classification' reads scikit-learn's bundled digits (dataset_name unset or "
-                    f"'digits'), got dataset_name={data_args.dataset_name!r}"
-                )
-            fraction = data_args.validation_fraction
-            if not 0.0 < fraction < 1.0:
-                raise ConfigError(f"validation_fraction must be in (0, 1), got {fraction}")
-            return load_digits_splits(fraction, seed)
+    def prepare(self, task_args, tokenizer, raw, num_proc):
+        if task_args.torch_threads is not None:
+            if task_args.torch_threads < 1:
+                raise ConfigError(f"torch_threads must be >= 1, got {task_args.torch_threads}")
+            torch.set_num_threads(task_args.torch_threads)
+        self._raw_validation = raw["validation"]
+        return prepare_image_classification_dataset(raw, num_proc)
 
-        def config_defaults(self, task_args, tokenizer, raw):
-            return {
-                "modality": "image",
-                "image_size": 8,
-                "num_channels": 1,
-                "num_labels": len(DIGITS_LABELS),
-                "id2label": dict(enumerate(DIGITS_LABELS)),
-                "label2id": {label: i for i, label in enumerate(DIGITS_LABELS)},
-            }
+    def collator(self, task_args, tokenizer):
+        return image_classification_collator
 
-        def prepare(self, task_args, tokenizer, raw, num_proc):
-            if task_args.torch_threads is not None:
-                if task_args.torch_threads < 1:
-                    raise ConfigError(f"torch_threads must be >= 1, got {task_args.torch_threads}")
-                torch.set_num_threads(task_args.torch_threads)
-            self._raw_validation = raw["validation"]
-            return prepare_image_classification_dataset(raw, num_proc)
+    def processing_class(self, task_args, tokenizer, config):
+        return MlpMixerImageProcessor.from_model_config(config)
 
-        def collator(self, task_args, tokenizer):
-            return image_classification_collator
+    def sample(self, task_args, model, tokenizer):
+        if task_args.sample_images <= 0:
+            return None
+        from transformers import pipeline
 
-        def processing_class(self, task_args, tokenizer, config):
-            return MlpMixerImageProcessor.from_model_config(config)
-
-        def sample(self, task_args, model, tokenizer):
-            if task_args.sample_images <= 0:
-                return None
-            from transformers import pipeline
-
-            processor = MlpMixerImageProcessor.from_model_config(model.config)
-            rows = self._raw_validation.select(range(min(task_args.sample_images, len(self._raw_validation))))
-            classify = pipeline("image-classification", model=model, image_processor=processor, device=model.device)
-            predictions = classify([digits_to_pil(p) for p in rows["pixels"]], top_k=1)
-            pairs = [f"{DIGITS_LABELS[y]}->{p[0]['label']}" for y, p in zip(rows["label"], predictions)]
-            return {
-                "prompt": "held-out digits, true->predicted: ",
-                "completion": " ".join(pairs),
-                "decoding": "pipeline('image-classification') on PIL images",
-            }
-
-    return ImageClassificationTask
-
-
-def __getattr__(name: str):
-    if name == "ImageClassificationTask":
-        return _task_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        processor = MlpMixerImageProcessor.from_model_config(model.config)
+        rows = self._raw_validation.select(range(min(task_args.sample_images, len(self._raw_validation))))
+        classify = pipeline("image-classification", model=model, image_processor=processor, device=model.device)
+        predictions = classify([digits_to_pil(p) for p in rows["pixels"]], top_k=1)
+        pairs = [f"{DIGITS_LABELS[y]}->{p[0]['label']}" for y, p in zip(rows["label"], predictions)]
+        return {
+            "prompt": "held-out digits, true->predicted: ",
+            "completion": " ".join(pairs),
+            "decoding": "pipeline('image-classification') on PIL images",
+        }

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 
 from datasets import ClassLabel, Dataset, DatasetDict, Sequence
 
-from ..training import ConfigError, Task
+from ..errors import ConfigError
+from .base import Task
 from .metrics import classification_metrics
 
 __all__ = ["label_names", "label_config", "label_encoder", "check_columns", "map_labelled_splits", "LabelledTextTask"]

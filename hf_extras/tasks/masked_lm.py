@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
-from ..training import CausalLMTask, ConfigError
+from ..errors import ConfigError
+from .causal_lm import CausalLMTask
 from .metrics import argmax_logits, classification_metrics
 
 __all__ = ["MaskedLMArguments", "MaskedLMTask", "masked_lm_collator", "masked_lm_metrics"]

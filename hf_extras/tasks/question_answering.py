@@ -23,9 +23,10 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from ..data.corpus import load_dataset_dict, rename_validation_alias, stable_fraction
-from ..training import ConfigError, DataArguments, Task
+from ..data.qa_spans import answer_token_positions, best_spans, default_max_answer_length, tokenize_qa_windows
+from ..errors import ConfigError
+from .base import DataArguments, Task
 from .metrics import squad_scores
-from .qa_spans import answer_token_positions, best_spans, default_max_answer_length, tokenize_qa_windows
 
 __all__ = [
     "QuestionAnsweringArguments",

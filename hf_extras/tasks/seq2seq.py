@@ -29,7 +29,8 @@ from transformers import (
     Seq2SeqTrainingArguments,
 )
 
-from ..training import ConfigError, Task
+from ..errors import ConfigError
+from .base import Task
 from .labels import check_columns
 from .stdlib_sets import _split, _summary, stdlib_sources
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 
 from ..data.corpus import stable_fraction
-from ..training import ConfigError  # a ValueError: the CLI reports it as a configuration error
+from ..errors import ConfigError  # a ValueError: the CLI reports it as a configuration error
 
 __all__ = [
     "STDLIB_MODULES",

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from ..data.tokenizer import is_byte_tokenizer
+from .tokenizer import is_byte_tokenizer
 
 __all__ = [
     "answer_token_positions", "best_spans", "default_max_answer_length", "tokenize_qa_windows", "window_offsets",
