@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from families import assert_finite_in_float32_and_bf16
+from test_fla_dispatch import fake_fla  # noqa: F401  (the stand-in fla, a fixture)
 from transformers import Mamba2Config, Mamba2ForCausalLM
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
@@ -442,3 +443,32 @@ def test_causal_lm_traces_as_one_graph(mode):
     family = next(f for f in FAMILIES if f.name == "mamba2")
     loss, inputs, _ = _model_loss_fn(family, forward_mode=mode)
     _compare(loss, inputs, "aot_eager", fullgraph=True, rtol=1e-4)
+
+
+def test_fla_dispatch_gets_the_per_head_decay_and_matches(fake_fla, monkeypatch):  # noqa: F811
+    """On CUDA with flash-linear-attention, the SSD scan goes to `chunk_simple_gla` with `g = dt * A` `(B, T, H)`;
+    checked on CPU against fla's documented conventions (the stand-in of `test_fla_dispatch`)."""
+    fake = fake_fla
+    torch.manual_seed(0)
+    model = HfxMamba2ForCausalLM(HfxMamba2Config(**TINY, forward_mode="chunkwise")).eval()
+    ids = torch.randint(3, 96, (2, 33))
+    with torch.no_grad():
+        monkeypatch.setenv("HF_EXTRAS_FLA", "0")
+        expected = model(ids).logits
+        monkeypatch.delenv("HF_EXTRAS_FLA")
+        got = model(ids).logits
+    assert [name for name, _ in fake.calls] == ["simple_gla"] * 2
+    assert fake.calls[0][1] == dict(shape=(2, 33, 4, 8), g=(2, 33, 4), g_gamma=False, scale=1.0)
+    assert rel_err(got, expected) <= 1e-5
+
+
+def test_bench_rows_build_the_same_model_twice():
+    """`hf-extras bench --models hfx_mamba2 hf_mamba2`: ours and transformers' Mamba-2 of one config (same size)."""
+    from hf_extras import benchmark
+
+    dims = benchmark.Dims()
+    with torch.device("meta"):
+        ours, theirs = (benchmark.MODELS[name].build(dims) for name in ("hfx_mamba2", "hf_mamba2"))
+    assert type(theirs) is Mamba2ForCausalLM and type(ours) is HfxMamba2ForCausalLM
+    assert benchmark.count_parameters(ours) == benchmark.count_parameters(theirs)
+    assert (ours.config.num_heads, ours.config.head_dim, ours.config.state_size) == (8, 64, 128)
