@@ -290,6 +290,10 @@ def test_init_weights_sets_every_custom_parameter_on_load(tmp_path):
     assert len(dropped) == 3 * config.num_hidden_layers
     save_file({k: v for k, v in state.items() if k not in dropped}, tmp_path / "model.safetensors", {"format": "pt"})
     model = HfxMamba2ForCausalLM.from_pretrained(tmp_path)
+    loaded = model.state_dict()
+    for key, value in state.items():  # what the file has is kept (the mixer's init hook must not overwrite it)
+        if key not in dropped:
+            assert torch.equal(loaded[key], value), key
     for layer in model.model.layers:
         mx = layer.mixer
         torch.testing.assert_close(mx.A_log, torch.log(torch.arange(1.0, 5.0)))

@@ -174,7 +174,7 @@ class HfxMamba2Mixer(nn.Module):
         log_decay = dt * -torch.exp(self.A_log.float())[:, None]  # dt * A <= 0
 
         q = self._heads(C, self.ssm_state_size)
-        k = self._heads(B, self.ssm_state_size) * dt[..., None].to(B.dtype)
+        k = self._heads(B, self.ssm_state_size) * dt[..., None]  # float32 dt, as transformers (not bf16)
         v = x.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
         state = cache.read_recurrent(self.layer_idx) if cache is not None else None
