@@ -43,7 +43,7 @@ def mixer(seed=0, **overrides) -> HfxMamba2Mixer:
     torch.manual_seed(seed)
     config = HfxMamba2Config(**{**TINY, **overrides})
     module = HfxMamba2Mixer(config, 0)
-    module.init_hfx_weights(config)
+    module.init_custom_weights(config)
     with torch.no_grad():  # make every parameter matter (D, the norm weight, the conv bias are 1 / 0 at init)
         module.D.uniform_(0.5, 1.5)
         module.norm.weight.uniform_(0.5, 1.5)

@@ -1,15 +1,10 @@
 """Import transformers' `Mamba2ForCausalLM` into `HfxMamba2ForCausalLM` (identical logits), and export back.
 
 The mixer's parameters have transformers' names and shapes (and `in_proj`'s output split order `z, xBC, dt`), so the
-conversion is a pure key rename (one to one, no reshapes) plus a config mapping::
-
-    transformers Mamba2ForCausalLM           hf_extras HfxMamba2ForCausalLM
-    backbone.embeddings.weight               model.embed_tokens.weight
-    backbone.layers.N.norm.weight            model.layers.N.mixer_norm.weight
-    backbone.layers.N.mixer.<p>              model.layers.N.mixer.<p>
-        (<p>: in_proj.{weight,bias}, conv1d.{weight,bias}, dt_bias, A_log, D, norm.weight, out_proj.{weight,bias})
-    backbone.norm_f.weight                   model.norm.weight
-    lm_head.weight                           lm_head.weight
+conversion is a pure key rename (`KEY_TABLE`, the Mamba-1 converter's table: one to one, no reshapes;
+`backbone.embeddings` -> `model.embed_tokens`, `backbone.layers.N.norm` -> `model.layers.N.mixer_norm`,
+`backbone.norm_f` -> `model.norm`, mixer parameters `MAMBA2_MIXER_PARAMS` unchanged: `in_proj`, `conv1d`, `dt_bias`,
+`A_log`, `D`, `norm.weight` (the gated RMS norm), `out_proj`) plus a config mapping.
 
 Config: `Mamba2Config.head_dim` is derived here (`expand * hidden_size / num_heads`), `layer_norm_epsilon` is
 `norm_eps`, `time_step_rank` is unused by Mamba-2 and dropped, `chunk_size` is not copied (it does not change the
@@ -36,9 +31,11 @@ import torch
 
 from ..models.configuration_mamba2 import HfxMamba2Config
 from ..models.modeling_mamba2 import HfxMamba2ForCausalLM
+from .mamba import KEY_TABLE as MAMBA_KEY_TABLE
 
 __all__ = [
     "MAMBA2_MIXER_PARAMS",
+    "KEY_TABLE",
     "mamba2_key_to_hfx",
     "hfx_key_to_mamba2",
     "hfx_config_from_mamba2",
@@ -90,29 +87,27 @@ _SAME_FIELDS = (
 )
 _FLOAT_FIELDS = ("initializer_range", "time_step_min", "time_step_max", "time_step_floor")
 
-_TO_HFX = [
-    (re.compile(r"^backbone\.embeddings?\.weight$"), "model.embed_tokens.weight"),
-    (re.compile(r"^backbone\.layers\.(\d+)\.norm\.weight$"), r"model.layers.\1.mixer_norm.weight"),
-    (re.compile(r"^backbone\.layers\.(\d+)\.mixer\.(.+)$"), r"model.layers.\1.mixer.\2"),
-    (re.compile(r"^backbone\.norm_f\.weight$"), "model.norm.weight"),
-    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
-]
-_TO_MAMBA2 = [
-    (re.compile(r"^model\.embed_tokens\.weight$"), "backbone.embeddings.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.mixer_norm\.weight$"), r"backbone.layers.\1.norm.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.mixer\.(.+)$"), r"backbone.layers.\1.mixer.\2"),
-    (re.compile(r"^model\.norm\.weight$"), "backbone.norm_f.weight"),
-    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
-]
+# the key-rename table is Mamba-1's (`convert.mamba.KEY_TABLE`: same module names around the mixer); only the mixer's
+# parameter list differs. Both directions are built from it.
+KEY_TABLE = MAMBA_KEY_TABLE
+_PARAM = "|".join(map(re.escape, MAMBA2_MIXER_PARAMS))
+
+
+def _pattern(template: str) -> re.Pattern:
+    body = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{param\}", rf"(?P<param>{_PARAM})")
+    return re.compile(f"^{body}$")
+
+
+_TO_HFX = [(_pattern(mamba2), hfx) for mamba2, hfx in KEY_TABLE]
+_TO_MAMBA2 = [(_pattern(hfx), mamba2) for mamba2, hfx in KEY_TABLE]
+_TO_HFX.append((re.compile(r"^backbone\.embedding\.weight$"), "model.embed_tokens.weight"))  # older checkpoints
 
 
 def _rename(key: str, rules, what: str) -> str:
-    for pattern, replacement in rules:
-        if pattern.match(key):
-            new = pattern.sub(replacement, key)
-            if ".mixer." in new and new.split(".mixer.", 1)[1] not in MAMBA2_MIXER_PARAMS:
-                break
-            return new
+    for pattern, template in rules:
+        match = pattern.match(key)
+        if match:
+            return template.format(**match.groupdict())
     raise KeyError(f"{key!r} is not a parameter of {what}; is this the right model?")
 
 

@@ -4,12 +4,13 @@
 import math
 
 from huggingface_hub.dataclasses import strict
+from transformers.utils.type_validators import interval, positive_int_field
 
-from .configuration_common import FfnType, HfxSequenceConfig
+from .configuration_common import FfnType, SequenceConfig, positive
 
 
 @strict
-class HfxMamba2Config(HfxSequenceConfig):
+class HfxMamba2Config(SequenceConfig):
     r"""
     Mamba-2 (Dao & Gu 2024): the selective SSM with one scalar decay per head, `h_t = exp(dt_t A_h) h_{t-1} +
     dt_t B_t x_t^T`, `y_t = C_t h_t + D x_t`. By state-space duality that is decayed linear attention with `q = C`,
@@ -18,7 +19,7 @@ class HfxMamba2Config(HfxSequenceConfig):
     the names and shapes of transformers' `Mamba2Mixer`, so a `Mamba2ForCausalLM` checkpoint maps one to one
     (`hf_extras.convert.mamba2`). transformers owns the `Mamba2*` class names, hence `HfxMamba2*`.
 
-    Args (besides the shared ones in `HfxSequenceConfig`; `Mamba2Config`'s name in brackets where it differs):
+    Args (besides the shared ones in `SequenceConfig`; `Mamba2Config`'s name in brackets where it differs):
         num_heads (`int`): SSM heads; each has its own decay `A_h` and `head_dim = expand * hidden_size / num_heads`
             value channels (`Mamba2Config.head_dim` is derived, not a field).
         state_size (`int`): SSM state size `N` (the key width of the linear attention).
@@ -49,19 +50,19 @@ class HfxMamba2Config(HfxSequenceConfig):
 
     model_type = "hfx_mamba2"
 
-    num_heads: int = 8
+    num_heads: int = positive_int_field(default=8)
     ffn_type: FfnType = "none"
-    norm_eps: float = 1e-5
+    norm_eps: float = positive(1e-5)
     residual_in_fp32: bool = True
-    state_size: int = 128
-    n_groups: int = 1
-    expand: int = 2
-    conv_kernel: int = 4
+    state_size: int = positive_int_field(default=128)
+    n_groups: int = positive_int_field(default=1)
+    expand: int = positive_int_field(default=2)
+    conv_kernel: int = positive_int_field(default=4)
     use_bias: bool = False
     use_conv_bias: bool = True
-    time_step_min: float = 0.001
-    time_step_max: float = 0.1
-    time_step_floor: float = 1e-4
+    time_step_min: float = positive(0.001)
+    time_step_max: float = positive(0.1)
+    time_step_floor: float = interval(min=0.0)(default=1e-4)
     time_step_limit: list[float] | tuple[float, ...] = (0.0, float("inf"))
     rescale_prenorm_residual: bool = False
 
@@ -75,12 +76,8 @@ class HfxMamba2Config(HfxSequenceConfig):
         """Value channels per SSM head (`Mamba2Config.head_dim`)."""
         return self.mixer_intermediate_size // self.num_heads
 
-    def validate_mamba2(self):
-        """SSM sizes must be positive, heads must split the inner width and the groups, dt ranges must be valid."""
-        for name in ("state_size", "n_groups", "expand", "conv_kernel"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    def validate_heads_and_groups(self):
+        """Heads split the mixer width; groups split the heads."""
         if self.mixer_intermediate_size % self.num_heads != 0:
             raise ValueError(
                 f"`num_heads` ({self.num_heads}) must divide the mixer width expand * hidden_size "
@@ -92,13 +89,14 @@ class HfxMamba2Config(HfxSequenceConfig):
                 f"`n_groups` ({self.n_groups}) must divide `num_heads` ({self.num_heads}): each B/C group is shared "
                 "by num_heads / n_groups heads."
             )
-        if not 0 < self.time_step_min <= self.time_step_max:
+
+    def validate_time_step_range(self):
+        """`dt_bias` is initialised from `[time_step_min, time_step_max]`; `dt` is clamped to `time_step_limit`."""
+        if self.time_step_min > self.time_step_max:
             raise ValueError(
                 f"`time_step_min` ({self.time_step_min}) and `time_step_max` ({self.time_step_max}) must satisfy "
                 "0 < time_step_min <= time_step_max."
             )
-        if self.time_step_floor < 0:
-            raise ValueError(f"`time_step_floor` must be >= 0, got {self.time_step_floor}.")
         limit = tuple(self.time_step_limit)
         if len(limit) != 2 or not (0.0 <= limit[0] < limit[1]) or math.isnan(limit[1]):
             raise ValueError(

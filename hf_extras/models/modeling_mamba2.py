@@ -25,19 +25,19 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 
-from .backbone import HfxModel, HfxPreTrainedModel, register_family
+from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_mamba2 import HfxMamba2Config
 from .conv_ops import causal_depthwise_conv, conv_tail_of_real_tokens
 from .fla_dispatch import fla_decayed_linear_attention
 from .heads import (
-    HfxForCausalLM,
-    HfxForMaskedLM,
-    HfxForQuestionAnswering,
-    HfxForSequenceClassification,
-    HfxForTokenClassification,
+    ForCausalLMHead,
+    ForMaskedLMHead,
+    ForQuestionAnsweringHead,
+    ForSequenceClassificationHead,
+    ForTokenClassificationHead,
 )
 from .retention_ops import decayed_linear_attention, pick_mode
-from .seq2seq import HfxForConditionalGeneration
+from .seq2seq import ForConditionalGenerationHead
 
 
 class GatedRMSNorm(nn.Module):
@@ -117,7 +117,7 @@ class HfxMamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
 
     @torch.no_grad()
-    def init_hfx_weights(self, config) -> None:
+    def init_custom_weights(self, config) -> None:
         """transformers' `Mamba2PreTrainedModel._init_weights` for a mixer: `A_h = h` (1..H), `D = 1`, `dt_bias` =
         softplus^-1 of a log-uniform `dt` in `[time_step_min, time_step_max]`, kaiming conv and `out_proj`."""
         A = torch.arange(1, self.num_heads + 1, dtype=torch.float32, device=self.A_log.device)
@@ -145,7 +145,7 @@ class HfxMamba2Mixer(nn.Module):
         per_group = self.num_heads // self.n_groups
         return t.unsqueeze(2).expand(-1, -1, per_group, -1, -1).reshape(batch, self.num_heads, seq_len, width)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
         batch, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype
         z, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
@@ -193,38 +193,38 @@ class HfxMamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y, z).to(dtype))
 
 
-class HfxMamba2PreTrainedModel(HfxPreTrainedModel):
+class HfxMamba2PreTrainedModel(SharedPreTrainedModel):
     config_class = HfxMamba2Config
     config: HfxMamba2Config
 
 
-class HfxMamba2Model(HfxMamba2PreTrainedModel, HfxModel):
+class HfxMamba2Model(HfxMamba2PreTrainedModel, SequenceBackbone):
     """The bare Mamba-2 backbone: embeddings, `x + mixer(norm(x))` blocks, final norm."""
 
     mixer_class = HfxMamba2Mixer
 
 
-class HfxMamba2ForCausalLM(HfxMamba2PreTrainedModel, HfxForCausalLM):
+class HfxMamba2ForCausalLM(HfxMamba2PreTrainedModel, ForCausalLMHead):
     backbone_class = HfxMamba2Model
 
 
-class HfxMamba2ForMaskedLM(HfxMamba2PreTrainedModel, HfxForMaskedLM):
+class HfxMamba2ForMaskedLM(HfxMamba2PreTrainedModel, ForMaskedLMHead):
     backbone_class = HfxMamba2Model
 
 
-class HfxMamba2ForSequenceClassification(HfxMamba2PreTrainedModel, HfxForSequenceClassification):
+class HfxMamba2ForSequenceClassification(HfxMamba2PreTrainedModel, ForSequenceClassificationHead):
     backbone_class = HfxMamba2Model
 
 
-class HfxMamba2ForTokenClassification(HfxMamba2PreTrainedModel, HfxForTokenClassification):
+class HfxMamba2ForTokenClassification(HfxMamba2PreTrainedModel, ForTokenClassificationHead):
     backbone_class = HfxMamba2Model
 
 
-class HfxMamba2ForQuestionAnswering(HfxMamba2PreTrainedModel, HfxForQuestionAnswering):
+class HfxMamba2ForQuestionAnswering(HfxMamba2PreTrainedModel, ForQuestionAnsweringHead):
     backbone_class = HfxMamba2Model
 
 
-class HfxMamba2ForConditionalGeneration(HfxForConditionalGeneration, HfxMamba2PreTrainedModel):
+class HfxMamba2ForConditionalGeneration(ForConditionalGenerationHead, HfxMamba2PreTrainedModel):
     """Seq2seq LM: bidirectional encoder and causal decoder stacks of HfxMamba2Model, with cross-attention."""
 
     backbone_class = HfxMamba2Model
