@@ -11,6 +11,7 @@ from .models.cache import RecurrentCache
 from .models.configuration_dyt import DyTConfig
 from .models.configuration_gated_retention import GatedRetentionConfig
 from .models.configuration_mamba import HfxMambaConfig
+from .models.configuration_mamba2 import HfxMamba2Config
 from .models.configuration_mlp_mixer import MlpMixerConfig
 from .models.configuration_retnet import RetNetConfig
 from .models.image_processing_mlp_mixer import MlpMixerImageProcessor
@@ -40,6 +41,15 @@ from .models.modeling_mamba import (
     HfxMambaForSequenceClassification,
     HfxMambaForTokenClassification,
     HfxMambaModel,
+)
+from .models.modeling_mamba2 import (
+    HfxMamba2ForCausalLM,
+    HfxMamba2ForConditionalGeneration,
+    HfxMamba2ForMaskedLM,
+    HfxMamba2ForQuestionAnswering,
+    HfxMamba2ForSequenceClassification,
+    HfxMamba2ForTokenClassification,
+    HfxMamba2Model,
 )
 from .models.modeling_mlp_mixer import (
     MlpMixerForCausalLM,
@@ -109,4 +119,12 @@ __all__ = [
     "HfxMambaForTokenClassification",
     "HfxMambaForQuestionAnswering",
     "HfxMambaForConditionalGeneration",
+    "HfxMamba2Config",
+    "HfxMamba2Model",
+    "HfxMamba2ForCausalLM",
+    "HfxMamba2ForMaskedLM",
+    "HfxMamba2ForSequenceClassification",
+    "HfxMamba2ForTokenClassification",
+    "HfxMamba2ForQuestionAnswering",
+    "HfxMamba2ForConditionalGeneration",
 ]

@@ -26,6 +26,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "gated linear attention with a data-dependent decay per head (gRetNet) or per key channel (GLA)",
     ),
     "hfx_mamba": ("Mamba-style", "selective state-space (S6) mixer with a depthwise causal conv (Gu & Dao 2023)"),
+    "hfx_mamba2": (
+        "Mamba-2",
+        "state-space duality (SSD): a selective SSM with one decay per head, run as decayed linear attention "
+        "(Dao & Gu 2024)",
+    ),
     "hfx_mlp_mixer": ("MLP-Mixer", "token-mixing and channel-mixing MLPs (Tolstikhin et al. 2021)"),
 }
 

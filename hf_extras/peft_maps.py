@@ -66,6 +66,15 @@ FAMILY_TARGETS: dict[str, FamilyTargets] = {
         norms=("mixer_norm", "ffn_norm", "norm"),
         all_linear=("in_proj", "x_proj", "out_proj", "gate_proj", "up_proj", "down_proj"),
     ),
+    # Mamba-2: the same big projections; `dt_bias`, `A_log`, `D` and the gated norm are vectors
+    "hfx_mamba2": FamilyTargets(
+        lora=("in_proj", "out_proj"),
+        ia3=("in_proj", "out_proj", "down_proj"),
+        ia3_feedforward=("out_proj", "down_proj"),
+        value=("out_proj",),
+        norms=("mixer_norm", "ffn_norm", "norm"),
+        all_linear=("in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"),
+    ),
     # only the channel MLPs: the token-mixing MLP slices and masks its weights (short or causal inputs), which a
     # wrapped `nn.Linear` would silently bypass
     "hfx_mlp_mixer": FamilyTargets(

@@ -34,6 +34,7 @@ FAMILIES = [
     Family("linear_attention", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="none", feature_map="elu")),
     Family("dyt", hf_extras.DyTConfig, "DyT", recurrent=False),
     Family("mamba", hf_extras.HfxMambaConfig, "HfxMamba", dict(state_size=8, num_heads=1)),
+    Family("mamba2", hf_extras.HfxMamba2Config, "HfxMamba2", dict(state_size=8, num_heads=4, n_groups=2)),
 ]
 
 HEADS = {

@@ -208,6 +208,43 @@ def _build_hfx_mamba(dims: Dims):
     return hf_extras.HfxMambaForCausalLM(config)
 
 
+def _mamba2_sizes(dims: Dims) -> dict:
+    """Mamba-2's published shape at the suite's width: expand 2, head_dim 64 (at least one head), state 128, 1 group."""
+    return dict(
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.hidden_size,
+        num_hidden_layers=dims.num_hidden_layers,
+        num_heads=max(1, 2 * dims.hidden_size // 64),
+        state_size=128,
+        n_groups=1,
+        expand=2,
+        conv_kernel=4,
+    )
+
+
+def _build_hfx_mamba2(dims: Dims):
+    """hf_extras' Mamba-2 (SSD on `retention_ops`), the same config as transformers' Mamba2 below."""
+    import hf_extras
+
+    return hf_extras.HfxMamba2ForCausalLM(hf_extras.HfxMamba2Config(**_mamba2_sizes(dims), forward_mode="auto"))
+
+
+def _build_transformers_mamba2(dims: Dims):
+    """transformers' Mamba2ForCausalLM of the same config: its CPU path (chunked SSD in PyTorch, no kernels)."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    sizes = _mamba2_sizes(dims)
+    config = Mamba2Config(
+        **sizes,
+        head_dim=2 * dims.hidden_size // sizes["num_heads"],
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return Mamba2ForCausalLM(config)
+
+
 register_model(
     ModelSpec(
         "llama",
@@ -274,6 +311,23 @@ register_model(
     )
 )
 
+register_model(
+    ModelSpec(
+        "hfx_mamba2",
+        "Mamba-2 (hf_extras)",
+        _build_hfx_mamba2,
+        "hf_extras Mamba-2 (SSD as decayed linear attention; no FFN, expand 2, head_dim 64, state 128, 1 group)",
+    )
+)
+register_model(
+    ModelSpec(
+        "hf_mamba2",
+        "Mamba-2 (transformers)",
+        _build_transformers_mamba2,
+        "transformers Mamba2ForCausalLM, same config as hf_extras' Mamba-2; on CPU its chunked PyTorch SSD",
+    )
+)
+
 BASELINE = "llama"
 DEFAULT_FAMILIES: tuple[str, ...] = ("llama", "retnet", "gla", "gated_retnet", "dyt", "hfx_mamba", "hf_mamba")
 
@@ -287,6 +341,7 @@ FAMILY_VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "linear_attention": ("GatedRetentionConfig", "GatedRetentionForCausalLM", {"gate": "none", "feature_map": "elu"}),
     "dyt": ("DyTConfig", "DyTForCausalLM", {}),
     "mamba": ("HfxMambaConfig", "HfxMambaForCausalLM", {"state_size": 8}),
+    "mamba2": ("HfxMamba2Config", "HfxMamba2ForCausalLM", {"state_size": 16, "n_groups": 1}),
 }
 FAMILY_NAMES: list[str] = list(FAMILY_VARIANTS)
 

@@ -1,4 +1,4 @@
-"""Importers and exporters: transformers' Mamba, timm's MLP-Mixer."""
+"""Importers and exporters: transformers' Mamba and Mamba-2, timm's MLP-Mixer."""
 
 from .mamba import (
     export_to_transformers_mamba,
@@ -7,6 +7,14 @@ from .mamba import (
     import_transformers_mamba,
     mamba_config_from_hfx,
     mamba_state_dict_to_hfx,
+)
+from .mamba2 import (
+    export_to_transformers_mamba2,
+    hfx_config_from_mamba2,
+    hfx_state_dict_to_mamba2,
+    import_transformers_mamba2,
+    mamba2_config_from_hfx,
+    mamba2_state_dict_to_hfx,
 )
 from .timm_mixer import (
     TIMM_MIXER_DATA_CONFIG,
@@ -26,6 +34,12 @@ __all__ = [
     "import_transformers_mamba",
     "mamba_config_from_hfx",
     "mamba_state_dict_to_hfx",
+    "export_to_transformers_mamba2",
+    "hfx_config_from_mamba2",
+    "hfx_state_dict_to_mamba2",
+    "import_transformers_mamba2",
+    "mamba2_config_from_hfx",
+    "mamba2_state_dict_to_hfx",
     "convert_timm_mixer_state_dict",
     "load_timm_mixer",
     "mlp_mixer_config_from_timm",

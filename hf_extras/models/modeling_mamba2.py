@@ -1,0 +1,244 @@
+"""Mamba-2 (SSD) on the shared backbone, with every task head.
+
+State-space duality: Mamba-2's selective SSM with a scalar `A_h` per head,
+
+    h_t = exp(dt_t A_h) h_{t-1} + dt_t B_t x_t^T,        y_t = C_t h_t + D_h x_t,
+
+is decayed linear attention `S_t = a_t S_{t-1} + k_t^T v_t`, `o_t = q_t S_t` with `q = C`, `k = dt * B`, `v = x`
+and the per-head, per-token log decay `log a_t = dt_t A_h <= 0`. So the scan is `retention_ops`'
+`decayed_linear_attention` (parallel / chunkwise / recurrent, bidirectional for encoders), not a second kernel, and
+on CUDA with flash-linear-attention it dispatches to `chunk_simple_gla` as gated retention does.
+
+The mixer's parameters (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`, `norm.weight`, `out_proj`) have the names,
+shapes, split order and initialisation of transformers' `Mamba2Mixer`; only the modules around it are named by the
+shared backbone (`model.embed_tokens`, `model.layers.N.mixer_norm`, `model.norm`). `hf_extras.convert.mamba2` maps
+one to the other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+
+from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
+from .configuration_mamba2 import HfxMamba2Config
+from .conv_ops import causal_depthwise_conv, conv_tail_of_real_tokens
+from .fla_dispatch import fla_decayed_linear_attention
+from .heads import (
+    ForCausalLMHead,
+    ForMaskedLMHead,
+    ForQuestionAnsweringHead,
+    ForSequenceClassificationHead,
+    ForTokenClassificationHead,
+)
+from .retention_ops import decayed_linear_attention, pick_mode
+from .seq2seq import ForConditionalGenerationHead
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: `weight * groupnorm_rms(y * silu(z))`, RMS over each group of `group_size` channels.
+
+    Computed in float32 (as transformers' `MambaRMSNormGated`, gate applied before the norm). The class name contains
+    "RMSNorm", so transformers' default `_init_weights` sets `weight` to ones.
+    """
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        y = hidden_states.float()
+        if gate is not None:
+            y = y * F.silu(gate.float())
+        *prefix, width = y.shape
+        y = y.view(*prefix, width // self.group_size, self.group_size)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.view(*prefix, width).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
+
+
+class HfxMamba2Mixer(nn.Module):
+    """The Mamba-2 block: `in_proj` -> (z, xBC, dt); causal depthwise conv + act on xBC -> (x, B, C);
+    `dt = clamp(softplus(dt + dt_bias), time_step_limit)`; `A = -exp(A_log)`; SSD scan through `retention_ops`
+    with `q = C`, `k = dt * B` (B/C shared by the heads of a group), `v = x`, log decay `dt * A`; `+ D x`;
+    gated RMS norm with z; `out_proj`.
+
+    Padding: xBC is zeroed at padded positions before and after the conv, and `dt = 0` there, so a padded token's
+    contents never reach a real token and it leaves the SSM state untouched (decay `exp(0) = 1`, key `0 * B = 0`):
+    left and right padding leave the real tokens' outputs unchanged, in both directions, and the cached conv tail is
+    the last real inputs, so a right-padded prefill continues as the unpadded one. An interior pad still takes a slot
+    in the next tokens' conv window (read as zeros), as in Mamba-1 and transformers.
+    """
+
+    def __init__(self, config: HfxMamba2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.mixer_intermediate_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.n_groups = config.n_groups
+        self.ssm_state_size = config.state_size
+        self.conv_kernel_size = config.conv_kernel
+        self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
+        self.forward_mode = config.forward_mode
+        self.chunk_size = config.chunk_size
+        self.bidirectional = config.bidirectional
+        low, high = (float(v) for v in config.time_step_limit)
+        self.time_step_limit = (low, high)
+        self.act = ACT2FN[config.hidden_act]
+        self.in_proj = nn.Linear(
+            self.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=config.use_bias
+        )
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=config.conv_kernel,
+            groups=self.conv_dim,
+            padding=config.conv_kernel - 1,
+            bias=config.use_conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = GatedRMSNorm(
+            self.intermediate_size, group_size=self.intermediate_size // self.n_groups, eps=config.norm_eps
+        )
+        self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+
+    @torch.no_grad()
+    def init_custom_weights(self, config) -> None:
+        """transformers' `Mamba2PreTrainedModel._init_weights` for a mixer: `A_h = h` (1..H), `D = 1`, `dt_bias` =
+        softplus^-1 of a log-uniform `dt` in `[time_step_min, time_step_max]`, kaiming conv and `out_proj`."""
+        A = torch.arange(1, self.num_heads + 1, dtype=torch.float32, device=self.A_log.device)
+        init.copy_(self.A_log, torch.log(A))
+        init.ones_(self.D)
+        dt = torch.exp(
+            torch.rand(self.num_heads, device=self.dt_bias.device, dtype=torch.float32)
+            * (math.log(config.time_step_max) - math.log(config.time_step_min))
+            + math.log(config.time_step_min)
+        ).clamp(min=config.time_step_floor)
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        if self.conv1d.bias is not None:
+            init.zeros_(self.conv1d.bias)
+        init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        if config.rescale_prenorm_residual:
+            init.copy_(self.out_proj.weight, self.out_proj.weight / math.sqrt(config.num_hidden_layers))
+
+    def _heads(self, t: torch.Tensor, width: int) -> torch.Tensor:
+        """`(batch, time, groups * width)` -> `(batch, heads, time, width)`, each group repeated for its heads."""
+        batch, seq_len, _ = t.shape
+        t = t.view(batch, seq_len, self.n_groups, width).transpose(1, 2)
+        if self.n_groups == self.num_heads:
+            return t
+        per_group = self.num_heads // self.n_groups
+        return t.unsqueeze(2).expand(-1, -1, per_group, -1, -1).reshape(batch, self.num_heads, seq_len, width)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
+        batch, seq_len, _ = hidden_states.shape
+        dtype = hidden_states.dtype
+        z, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        keep = attention_mask[..., None].to(xBC.dtype) if attention_mask is not None else None
+        if keep is not None:  # a padded token must not reach later tokens through the conv window
+            xBC = xBC * keep
+        tail = cache.read_conv(self.layer_idx) if cache is not None else None
+        conv_in = xBC
+        xBC, new_tail = causal_depthwise_conv(xBC, self.conv1d.weight, self.conv1d.bias, tail)
+        if cache is not None:
+            if attention_mask is not None:  # keep the last real inputs, not trailing pads, for the next token
+                new_tail = conv_tail_of_real_tokens(conv_in, attention_mask, tail, self.conv_kernel_size)
+            cache.write_conv(self.layer_idx, new_tail, self.conv_kernel_size - 1)
+        xBC = self.act(xBC)
+        if keep is not None:
+            xBC = xBC * keep
+        group_width = self.n_groups * self.ssm_state_size
+        x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
+
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (batch, time, heads), float32
+        if self.time_step_limit != (0.0, float("inf")):
+            dt = dt.clamp(min=self.time_step_limit[0], max=self.time_step_limit[1])
+        if keep is not None:  # dt = 0: the state passes a padded token unchanged
+            dt = dt * keep.float()
+        dt = dt.transpose(1, 2)  # (batch, heads, time)
+        log_decay = dt * -torch.exp(self.A_log.float())[:, None]  # dt * A <= 0
+
+        q = self._heads(C, self.ssm_state_size)
+        k = self._heads(B, self.ssm_state_size) * dt[..., None]  # float32 dt, as transformers (not bf16)
+        v = x.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+
+        state = cache.read_recurrent(self.layer_idx) if cache is not None else None
+        mode = self.forward_mode
+        if mode == "auto":
+            mode = pick_mode(seq_len, self.chunk_size, state is not None)
+        kwargs = dict(initial_state=state, output_final_state=cache is not None, bidirectional=self.bidirectional)
+        result = fla_decayed_linear_attention(q, k, v, log_decay, mode=mode, **kwargs)  # None unless CUDA + fla
+        if result is None:
+            result = decayed_linear_attention(q, k, v, log_decay, mode=mode, chunk_size=self.chunk_size, **kwargs)
+        y, new_state = result
+        if cache is not None:
+            cache.write_recurrent(self.layer_idx, new_state)
+        y = y + v * self.D.to(y.dtype)[:, None, None]
+        y = y.transpose(1, 2).reshape(batch, seq_len, self.intermediate_size)
+        return self.out_proj(self.norm(y, z).to(dtype))
+
+
+class HfxMamba2PreTrainedModel(SharedPreTrainedModel):
+    config_class = HfxMamba2Config
+    config: HfxMamba2Config
+
+
+class HfxMamba2Model(HfxMamba2PreTrainedModel, SequenceBackbone):
+    """The bare Mamba-2 backbone: embeddings, `x + mixer(norm(x))` blocks, final norm."""
+
+    mixer_class = HfxMamba2Mixer
+
+
+class HfxMamba2ForCausalLM(HfxMamba2PreTrainedModel, ForCausalLMHead):
+    backbone_class = HfxMamba2Model
+
+
+class HfxMamba2ForMaskedLM(HfxMamba2PreTrainedModel, ForMaskedLMHead):
+    backbone_class = HfxMamba2Model
+
+
+class HfxMamba2ForSequenceClassification(HfxMamba2PreTrainedModel, ForSequenceClassificationHead):
+    backbone_class = HfxMamba2Model
+
+
+class HfxMamba2ForTokenClassification(HfxMamba2PreTrainedModel, ForTokenClassificationHead):
+    backbone_class = HfxMamba2Model
+
+
+class HfxMamba2ForQuestionAnswering(HfxMamba2PreTrainedModel, ForQuestionAnsweringHead):
+    backbone_class = HfxMamba2Model
+
+
+class HfxMamba2ForConditionalGeneration(ForConditionalGenerationHead, HfxMamba2PreTrainedModel):
+    """Seq2seq LM: bidirectional encoder and causal decoder stacks of HfxMamba2Model, with cross-attention."""
+
+    backbone_class = HfxMamba2Model
+
+
+AUTO_CLASSES = {
+    "AutoModel": HfxMamba2Model,
+    "AutoModelForCausalLM": HfxMamba2ForCausalLM,
+    "AutoModelForMaskedLM": HfxMamba2ForMaskedLM,
+    "AutoModelForSequenceClassification": HfxMamba2ForSequenceClassification,
+    "AutoModelForTokenClassification": HfxMamba2ForTokenClassification,
+    "AutoModelForQuestionAnswering": HfxMamba2ForQuestionAnswering,
+    "AutoModelForSeq2SeqLM": HfxMamba2ForConditionalGeneration,
+}
+register_family(HfxMamba2Config, AUTO_CLASSES)
+
+__all__ = [cls.__name__ for cls in AUTO_CLASSES.values()] + ["HfxMamba2PreTrainedModel", "HfxMamba2Mixer"]
