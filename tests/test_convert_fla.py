@@ -234,13 +234,29 @@ def test_leftover_missing_and_misshapen_tensors_raise_naming_them():
         ("gla", "hidden_act", "powlu"),
         ("retnet", "expand_v", 1.5),
         ("gla", "gate_logit_normalizer", 8),
+        ("gla", "share_conv_kernel", True),
     ],
 )
 def test_unsupported_option_raises_naming_it(family, field, value):
     config = (RetNetConfig if family == "retnet" else GLAConfig)(**TINY).to_dict()
     config[field] = value
+    config["use_short_conv"] = field == "share_conv_kernel"  # an older GLA's shared conv matters only with a conv
     with pytest.raises(ValueError, match=f"`{field}="):
         from_fla({}, config)
+
+
+def test_saved_rotary_table_is_checked_and_consumed():
+    fla_model = build_fla("retnet")
+    state, config = dict(fla_model.state_dict()), fla_model.config
+    head_k = 32  # hidden 64 * expand_k 1.0 / 2 heads
+    table = 1.0 / (10000.0 ** (torch.arange(0, head_k, 2, dtype=torch.float32) / head_k))
+    ids = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        plain = from_fla(state, config)(ids).logits
+        with_table = from_fla({**state, "model.layers.1.attn.rotary.inv_freq": table}, config)(ids).logits
+    torch.testing.assert_close(with_table, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rotary table"):
+        from_fla({**state, "model.layers.1.attn.rotary.inv_freq": table * 2}, config)
 
 
 def test_unknown_family_and_missing_config_raise():
@@ -282,12 +298,13 @@ def test_folder_import_and_saved_folder_loads_without_fla_or_hf_extras(tmp_path)
         torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=2e-5)
     ours.save_pretrained(tmp_path / "ours")
     torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    result = run_without_hf_extras(
+    result = run_without_hf_extras(  # a fresh Python: in this one our registered classes would win over remote code
         f"""
         sys.modules["fla"] = None
         from transformers import AutoModelForCausalLM
         ref = torch.load("{tmp_path}/expected.pt")
         model = AutoModelForCausalLM.from_pretrained("{tmp_path}/ours", trust_remote_code=True).eval()
+        assert "transformers_modules" in type(model).__module__, type(model).__module__
         assert model.config.key_factor == 1.0 and model.config.gate_clamp_min == -0.05
         with torch.no_grad():
             torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], rtol=1e-5, atol=2e-5)

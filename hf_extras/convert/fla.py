@@ -33,7 +33,7 @@ Conventions, fla -> ours (every one either maps exactly or is refused with an er
 | MLP `GatedMLP`: `hidden_ratio`, `intermediate_size` (None: 256-rounded `2/3 * ratio * hidden`) | `ffn_type="glu"`, `intermediate_size` computed by fla's rule, `hidden_act="silu"` |
 | pre-norm blocks, final norm, untied `lm_head` by default | the same; `tie_word_embeddings` copied (fla's default is False) |
 | `pad_token_id=None`, `bos_token_id=1`, `eos_token_id=2` | copied (our defaults differ: 0, 2, 1) |
-| `attn` (softmax-attention hybrid layers), `attnres_block_size` (attention residuals) | refused |
+| `attn` (softmax-attention hybrid layers), `attnres_block_size` (attention residuals), older GLA `share_conv_kernel` with a short conv | refused |
 | `attn_mode`, `fuse_swiglu`, `fuse_cross_entropy`, `fuse_linear_cross_entropy`, `use_l2warp`, `max_position_embeddings`, GLA `use_gk`/`use_gv` (unused by fla's GLA model) | ignored: kernel choice or training loss only |
 
 Key table (`KEY_TABLE`), fla -> ours; `{i}` is a block index, every fla tensor is consumed exactly once:
@@ -53,6 +53,7 @@ Key table (`KEY_TABLE`), fla -> ours; `{i}` is a block index, every fla tensor i
     model.layers.{i}.mlp.{gate,up,down}_proj.weight -> model.layers.{i}.ffn.{gate,up,down}_proj.weight
     model.norm.weight                          -> model.norm.weight
     lm_head.weight                             -> lm_head.weight   (with tied embeddings: must equal them, dropped)
+    model.layers.{i}.attn.rotary.inv_freq      -> none: checked to be the table ours computes (older RetNet saves)
 
 A bare `RetNetModel`/`GLAModel` state dict (keys without `model.`) is accepted too.
 """
@@ -185,6 +186,8 @@ def fla_config_to_hfx(config, gate_low_rank_dim: int | None = None, **overrides)
         _refuse("feature_map", feature_map, "our RetNet applies no feature map to q/k.")
     if family == "gla" and feature_map not in (None, "relu"):
         _refuse("feature_map", feature_map, "fla's ACT2FN maps other than relu have no match in our feature maps.")
+    if family == "gla" and cfg.get("use_short_conv") and cfg.get("share_conv_kernel"):
+        _refuse("share_conv_kernel", True, "older fla GLA's one conv before the projections; ours convolves q, k, v.")
     if family == "gla":
         for field, fixed in (("gate_logit_normalizer", _GLA_NORMALIZER), ("gate_low_rank_dim", gate_low_rank_dim)):
             value = cfg.get(field)
@@ -244,6 +247,17 @@ def fla_key_to_hfx(key: str) -> str | None:
     return None
 
 
+_ROTARY_BUFFER = re.compile(r"^model\.layers\.\d+\.attn\.rotary\.inv_freq$")
+
+
+def _check_inv_freq(key: str, value: torch.Tensor, head_dim: int, config) -> None:
+    """A saved rotary `inv_freq` is consumed by checking it is the table ours computes (base `rope_theta`)."""
+    theta = getattr(config, "rope_theta", 10000.0)
+    ours = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if not isinstance(config, RetNetConfig) or value.shape != ours.shape or not torch.allclose(value.float(), ours):
+        raise ValueError(f"fla tensor {key!r} is not the rotary table of base {theta} over {head_dim} dims ours uses.")
+
+
 def _repeat_kv(weight: torch.Tensor, head_size: int, groups: int) -> torch.Tensor:
     """Repeat each of the kv heads (rows of `head_size`) `groups` times in place: fla's `repeat(... h d -> (h g) d)`."""
     if groups == 1:
@@ -269,6 +283,9 @@ def convert_fla_state_dict(
     conv_parts: dict[str, dict[str, torch.Tensor]] = {}
     leftovers, seen_from = [], {}
     for key, value in state.items():
+        if _ROTARY_BUFFER.match(key):  # older saves keep RotaryEmbedding.inv_freq: ours computes the same table
+            _check_inv_freq(key, value, head_k, config)
+            continue
         target = fla_key_to_hfx(key)
         if target is None:
             leftovers.append(key)
