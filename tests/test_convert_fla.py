@@ -282,6 +282,12 @@ def test_heads_get_the_imported_backbone_and_fresh_heads():
         for key, value in lm.model.state_dict().items():
             assert torch.equal(head.model.state_dict()[key], value), key
         assert head.score.weight.abs().max() < 1.0 and head.score.weight.std() > 0  # initialised, not garbage
+    bare = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}  # fla's RetNetModel
+    assert torch.equal(from_fla(bare, config, head="model")(ids).last_hidden_state, hidden)
+    with pytest.raises(ValueError, match=r"missing \['lm_head\.weight'\]"):
+        from_fla(bare, config)  # an untied causal LM needs fla's lm_head
+    masked = from_fla(state, config, head="masked_lm", bidirectional=True)  # a bidirectional encoder from the LM
+    assert masked.config.bidirectional and torch.equal(masked.lm_head.weight, lm.lm_head.weight)
     with pytest.raises(ValueError, match="seq2seq"):
         from_fla(state, config, head="AutoModelForSeq2SeqLM")
     with pytest.raises(ValueError, match="not a head"):

@@ -60,6 +60,7 @@ A bare `RetNetModel`/`GLAModel` state dict (keys without `model.`) is accepted t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -268,11 +269,15 @@ def _repeat_kv(weight: torch.Tensor, head_size: int, groups: int) -> torch.Tenso
 
 
 def convert_fla_state_dict(
-    state_dict: Mapping[str, torch.Tensor], fla_config, config: RetNetConfig | GatedRetentionConfig
+    state_dict: Mapping[str, torch.Tensor],
+    fla_config,
+    config: RetNetConfig | GatedRetentionConfig,
+    require_lm_head: bool = True,
 ) -> dict[str, torch.Tensor]:
     """fla's RetNet/GLA causal-LM state dict -> our causal-LM state dict (`KEY_TABLE`), every tensor used once.
 
     Raises naming the fla tensors no rule consumes, the tensors of ours nothing fills, and any shape mismatch.
+    `require_lm_head=False` accepts a backbone state dict without `lm_head.weight` (for heads that have none).
     """
     cfg = _fla_dict(fla_config)
     state = _strip_prefix(state_dict)
@@ -309,6 +314,8 @@ def convert_fla_state_dict(
         raise ValueError(f"fla tensors with no counterpart in {type(config).__name__} (not consumed): {leftovers}")
 
     expected = _expected_shapes(config)
+    if not require_lm_head and "lm_head.weight" not in out:
+        expected.pop("lm_head.weight", None)
     if config.tie_word_embeddings and "lm_head.weight" in out:
         if not torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"]):
             raise ValueError(
@@ -335,8 +342,10 @@ def convert_fla_state_dict(
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of our causal LM for `config` (built on the meta device: no memory, no init)."""
     causal_lm = _FAMILIES[_family_of(config)][1]["AutoModelForCausalLM"]
+    causal = copy.deepcopy(config)
+    causal.bidirectional = False  # the shapes do not depend on it; the causal-LM head refuses a bidirectional config
     with torch.device("meta"):
-        model = causal_lm(config)
+        model = causal_lm(causal)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
@@ -426,14 +435,16 @@ def from_fla(
     ours = fla_config_to_hfx(
         fla_cfg, gate_low_rank_dim=None if low_rank is None else low_rank.shape[0], **config_overrides
     )
-    converted = convert_fla_state_dict(state, fla_cfg, ours)
-    if dtype is None:
-        dtype = converted["model.embed_tokens.weight"].dtype
     cls = _resolve_head(head, fla_cfg["model_type"])
     with torch.device("meta"):
         own = cls(ours).state_dict()
     bare = not any(k.startswith("model.") for k in own)  # the backbone itself: our keys without `model.`
     wanted = {("model." + k if bare else k) for k in own}
+    # a bare fla backbone state dict (no lm_head) serves every head that has no untied LM head of its own
+    needs_lm_head = "lm_head.weight" in wanted and not ours.tie_word_embeddings
+    converted = convert_fla_state_dict(state, fla_cfg, ours, require_lm_head=needs_lm_head)
+    if dtype is None:
+        dtype = converted["model.embed_tokens.weight"].dtype
     strays = sorted(k for k in converted if k not in wanted and not k.startswith("lm_head."))
     if strays:
         raise ValueError(f"{cls.__name__} has no place for imported tensors {strays}.")
