@@ -1,5 +1,8 @@
-"""Importers and exporters: transformers' Mamba and Mamba-2, timm's MLP-Mixer."""
+"""Importers and exporters: transformers' Mamba and Mamba-2, timm's MLP-Mixer, flash-linear-attention's RetNet and
+GLA."""
 
+from .fla import KEY_TABLE as FLA_KEY_TABLE
+from .fla import convert_fla_state_dict, fla_config_to_hfx, fla_key_to_hfx, from_fla, load_fla_folder
 from .mamba import (
     export_to_transformers_mamba,
     hfx_config_from_mamba,
@@ -28,6 +31,12 @@ from .timm_mixer import (
 )
 
 __all__ = [
+    "FLA_KEY_TABLE",
+    "convert_fla_state_dict",
+    "fla_config_to_hfx",
+    "fla_key_to_hfx",
+    "from_fla",
+    "load_fla_folder",
     "export_to_transformers_mamba",
     "hfx_config_from_mamba",
     "hfx_state_dict_to_mamba",

@@ -25,6 +25,11 @@ class GatedRetentionConfig(SequenceConfig):
         use_short_conv (`bool`), conv_size (`int`): a short causal depthwise conv (then SiLU) on q, k and v.
         value_factor (`int`): value/gate width as a multiple of `hidden_size`.
         use_rotary (`bool`), rope_theta (`float`): rotary positions on q/k (the gates already encode order).
+        key_factor (`float`): q/k (and per-key gate) width as a multiple of `hidden_size` (fla's `expand_k`, 0.5 in
+            GLA); the q/k head dim `hidden_size * key_factor / num_heads` also sets the `1/sqrt(d)` scale.
+        use_output_gate (`bool`): multiply the normed output by `silu(g_proj(x))`; `False` drops `g_proj`.
+        gate_clamp_min (`float`, *optional*): lower bound on every log decay `log a_t` (fla GLA's `clamp_min`);
+            `None` leaves them unbounded.
     """
 
     model_type = "hfx_gated_retention"
@@ -38,10 +43,34 @@ class GatedRetentionConfig(SequenceConfig):
     value_factor: int = positive_int_field(default=1)
     use_rotary: bool = False
     rope_theta: float = positive(10000.0)
+    key_factor: float = positive(1.0)
+    use_output_gate: bool = True
+    gate_clamp_min: float | None = None
 
     @property
     def rotary_positions(self) -> bool:
         return self.use_rotary
+
+    @property
+    def head_dim(self) -> int:
+        """The q/k head dim (also the rotary dim): `hidden_size * key_factor / num_heads`."""
+        return round(self.hidden_size * self.key_factor) // self.num_heads
+
+    def validate_key_width(self):
+        """`hidden_size * key_factor` must be a whole number of channels that splits evenly into heads."""
+        width = self.hidden_size * self.key_factor
+        if abs(width - round(width)) > 1e-6 or round(width) % self.num_heads != 0 or round(width) < self.num_heads:
+            raise ValueError(
+                f"`hidden_size * key_factor` ({self.hidden_size} * {self.key_factor}) must be a whole multiple of "
+                f"`num_heads` ({self.num_heads}): pick a key_factor such as 0.5 or 1.0 that gives one."
+            )
+
+    def validate_gate_clamp(self):
+        """A clamp on log decays must be negative (a log decay is <= 0)."""
+        if self.gate_clamp_min is not None and not self.gate_clamp_min < 0:
+            raise ValueError(
+                f"`gate_clamp_min` must be < 0 (a bound on log decays) or None, got {self.gate_clamp_min}."
+            )
 
     def validate_short_conv_size(self):
         """A short conv needs at least two taps."""

@@ -16,6 +16,10 @@ class RetNetConfig(SequenceConfig):
     Args (besides the shared ones in `SequenceConfig`):
         value_factor (`int`): value/gate width as a multiple of `hidden_size` (2 in the paper).
         rope_theta (`float`): rotary base.
+        key_factor (`float`): q/k width as a multiple of `hidden_size` (1.0 in the paper; fla's `expand_k`); the
+            q/k head dim `hidden_size * key_factor / num_heads` also sets the rotary dim and the `1/sqrt(d)` scale.
+        use_output_gate (`bool`): multiply the normed retention output by `silu(g_proj(x))` (the paper's swish gate);
+            `False` drops `g_proj` (fla's `use_output_gate=False`).
 
     Example:
         >>> from hf_extras import RetNetConfig, RetNetForCausalLM
@@ -26,10 +30,26 @@ class RetNetConfig(SequenceConfig):
 
     value_factor: int = positive_int_field(default=2)
     rope_theta: float = positive(10000.0)
+    key_factor: float = positive(1.0)
+    use_output_gate: bool = True
 
     @property
     def rotary_positions(self) -> bool:
         return True
+
+    @property
+    def head_dim(self) -> int:
+        """The q/k head dim (also the rotary dim): `hidden_size * key_factor / num_heads`."""
+        return round(self.hidden_size * self.key_factor) // self.num_heads
+
+    def validate_key_width(self):
+        """`hidden_size * key_factor` must be a whole number of channels that splits evenly into heads."""
+        width = self.hidden_size * self.key_factor
+        if abs(width - round(width)) > 1e-6 or round(width) % self.num_heads != 0 or round(width) < self.num_heads:
+            raise ValueError(
+                f"`hidden_size * key_factor` ({self.hidden_size} * {self.key_factor}) must be a whole multiple of "
+                f"`num_heads` ({self.num_heads}): pick a key_factor such as 0.5 or 1.0 that gives one."
+            )
 
 
 __all__ = ["RetNetConfig"]

@@ -36,14 +36,17 @@ class GatedRetention(RetentionMixer):
         elif self.gate == "key":
             self.gk_proj = nn.Sequential(
                 nn.Linear(config.hidden_size, config.gate_low_rank_dim, bias=False),
-                nn.Linear(config.gate_low_rank_dim, config.hidden_size, bias=True),
+                nn.Linear(config.gate_low_rank_dim, self.num_heads * self.head_dim, bias=True),
             )
+        self.clamp_min = config.gate_clamp_min
 
     def log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         if self.gate == "none":
             return None
         batch, seq_len, _ = hidden_states.shape
         log_a = F.logsigmoid(self.gk_proj(hidden_states).float()) / self.tau
+        if self.clamp_min is not None:  # fla GLA's clamp_min: decays never below exp(clamp_min)
+            log_a = log_a.clamp_min(self.clamp_min)
         if self.gate == "head":
             return log_a.transpose(1, 2)  # (B, H, T)
         return log_a.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dk)

@@ -3,7 +3,8 @@
 q/k/v projections (optionally through a short causal conv and a feature map), rotary positions (tables from the
 backbone, when the config has them), a decay
 that the family defines (`log_decay`), the shared `retention_ops` kernel, a per-head RMS group norm and a swish
-output gate. Families differ only in `log_decay`.
+output gate. Families differ only in `log_decay`. Optional config fields (absent means the default): `key_factor`
+(q/k width as a multiple of `hidden_size`, 1.0) and `use_output_gate` (True).
 """
 
 import torch
@@ -30,22 +31,26 @@ class RetentionMixer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads
-        self.head_dim = config.hidden_size // config.num_heads
-        self.value_dim = self.head_dim * config.value_factor
+        # q/k width: `hidden_size * key_factor` (fla's expand_k); values: `value_factor` x the hidden head width
+        key_width = round(config.hidden_size * getattr(config, "key_factor", 1.0))
+        self.head_dim = key_width // config.num_heads
+        self.value_dim = (config.hidden_size // config.num_heads) * config.value_factor
         self.bidirectional = config.bidirectional
         self.forward_mode = config.forward_mode
         self.chunk_size = config.chunk_size
         self.feature_map = FEATURE_MAPS[feature_map]
         value_width = self.num_heads * self.value_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, key_width, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, key_width, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, value_width, bias=False)
-        self.g_proj = nn.Linear(config.hidden_size, value_width, bias=False)
+        # without the output gate (fla's use_output_gate=False) the block output is o_proj(g_norm(o))
+        self.use_output_gate = getattr(config, "use_output_gate", True)
+        self.g_proj = nn.Linear(config.hidden_size, value_width, bias=False) if self.use_output_gate else None
         self.o_proj = nn.Linear(value_width, config.hidden_size, bias=False)
         self.g_norm = RMSNorm(self.value_dim, config.norm_eps)
         self.conv_size = conv_size
         if conv_size > 0:  # one depthwise conv over the concatenated q, k, v channels
-            channels = 2 * config.hidden_size + value_width
+            channels = 2 * key_width + value_width
             self.conv1d = nn.Conv1d(channels, channels, conv_size, groups=channels, bias=False)
 
     def log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -93,4 +98,6 @@ class RetentionMixer(nn.Module):
         if cache is not None:
             cache.write_recurrent(self.layer_idx, new_state)
         out = self.g_norm(out.transpose(1, 2)).reshape(batch, seq_len, self.num_heads * self.value_dim)
-        return self.o_proj(F.silu(self.g_proj(hidden_states)) * out)
+        if self.g_proj is not None:
+            out = F.silu(self.g_proj(hidden_states)) * out
+        return self.o_proj(out)
