@@ -126,7 +126,8 @@ def test_bidirectional_and_decoding_steps_are_not_dispatched(fake_fla):
 def test_cpu_tensors_and_missing_fla_fall_back(monkeypatch):
     q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
     assert fla_dispatch.fla_decayed_linear_attention(q, k, v, None, mode="chunkwise") is None  # CPU: never
-    monkeypatch.setitem(sys.modules, "fla", None)  # `import fla` raises ImportError
+    for name in [m for m in sys.modules if m == "fla" or m.startswith("fla.")] or ["fla"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import fla` (and its submodules) raises ImportError
     monkeypatch.setattr(fla_dispatch, "DISPATCH_DEVICE_TYPES", ("cpu",))
     monkeypatch.setattr(fla_dispatch, "_KERNELS", {})
     assert fla_dispatch.fla_decayed_linear_attention(q, k, v, None, mode="chunkwise") is None
