@@ -204,7 +204,7 @@ def _chunkwise(q, k, v, beta, log_decay, initial_state, output_final_state, stri
     out_mask = (idx[:, None] > idx[None, :]) if strict else (idx[:, None] >= idx[None, :])
 
     if g is None:
-        decay_pairs = None
+        lower_w, out_w = lower, out_mask  # the pair weights: masks only
         gamma = gamma_end = eps = None
     else:
         # boundaries: -inf -> 0 in the sums, pairs across a boundary cut by segment ids (never exp(+x), never NaN)
@@ -212,7 +212,8 @@ def _chunkwise(q, k, v, beta, log_decay, initial_state, output_final_state, stri
         seg = torch.cumsum(reset.to(torch.int32), dim=-1)  # segment of each token inside its chunk
         b = torch.cumsum(g.masked_fill(torch.isneginf(g), 0.0).view(B, H, N, C), dim=-1)  # within chunk, <= 0
         same = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # [t, s]: no boundary in (s, t]
-        decay_pairs = torch.exp((b.unsqueeze(-1) - b.unsqueeze(-2)).clamp(max=0.0)) * same  # [t, s] = a_{s+1..t}
+        decay_pairs = torch.exp((b.unsqueeze(-1) - b.unsqueeze(-2)).clamp(max=0.0))  # [t, s] = a_{s+1..t}
+        lower_w, out_w = decay_pairs * (same & lower), decay_pairs * (same & out_mask)
         gamma = (torch.exp(b) * (seg == 0)).unsqueeze(-1)  # chunk start -> t (inclusive), (B, H, N, C, 1)
         b_end, seg_end = b[..., -1:], seg[..., -1:]
         eps = (torch.exp(b_end - b) * (seg == seg_end)).unsqueeze(-1)  # s -> chunk end
@@ -221,11 +222,8 @@ def _chunkwise(q, k, v, beta, log_decay, initial_state, output_final_state, stri
     kb = kc * bc
     A = torch.matmul(kb, kc.transpose(-1, -2))  # [t, s] = beta_t k_t . k_s
     P = torch.matmul(qc, kc.transpose(-1, -2))  # [t, s] = q_t . k_s
-    if decay_pairs is not None:
-        A = A * decay_pairs
-        P = P * decay_pairs
-    A = A * lower  # strictly lower; the solve treats the diagonal as 1
-    P = P * out_mask
+    A = A * lower_w  # strictly lower: the unit diagonal is implicit
+    P = P * out_w
     Tinv = _unit_lower_inverse(A)  # (I + A)^-1
     U0 = torch.matmul(Tinv, vc * bc)  # u = U0 - W S (S = state entering the chunk)
     W = torch.matmul(Tinv, kb if gamma is None else kb * gamma)
