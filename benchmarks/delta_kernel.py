@@ -80,7 +80,7 @@ def main(argv=None) -> None:
             ref = _theirs(*inputs)
             diff = max((fn(*inputs) - ref).abs().max().item() for fn in fns.values())
         times = {name: [] for name in fns}
-        for name, fn in fns.items():  # warm-up
+        for fn in fns.values():  # warm-up
             _once(fn, inputs)
         for _ in range(args.rounds):
             for name, fn in fns.items():
