@@ -6,6 +6,7 @@
 from .dyt import convert_norms_to_dyt, load_dyt_model
 from .models.cache import RecurrentCache
 from .models.configuration_dyt import DyTConfig
+from .models.configuration_gated_deltanet import GatedDeltaNetConfig
 from .models.configuration_gated_retention import GatedRetentionConfig
 from .models.configuration_mamba import HfxMambaConfig
 from .models.configuration_mlp_mixer import MlpMixerConfig
@@ -19,6 +20,15 @@ from .models.modeling_dyt import (
     DyTForSequenceClassification,
     DyTForTokenClassification,
     DyTModel,
+)
+from .models.modeling_gated_deltanet import (
+    GatedDeltaNetForCausalLM,
+    GatedDeltaNetForConditionalGeneration,
+    GatedDeltaNetForMaskedLM,
+    GatedDeltaNetForQuestionAnswering,
+    GatedDeltaNetForSequenceClassification,
+    GatedDeltaNetForTokenClassification,
+    GatedDeltaNetModel,
 )
 from .models.modeling_gated_retention import (
     GatedRetentionForCausalLM,
@@ -105,4 +115,12 @@ __all__ = [
     "HfxMambaForTokenClassification",
     "HfxMambaForQuestionAnswering",
     "HfxMambaForConditionalGeneration",
+    "GatedDeltaNetConfig",
+    "GatedDeltaNetModel",
+    "GatedDeltaNetForCausalLM",
+    "GatedDeltaNetForMaskedLM",
+    "GatedDeltaNetForSequenceClassification",
+    "GatedDeltaNetForTokenClassification",
+    "GatedDeltaNetForQuestionAnswering",
+    "GatedDeltaNetForConditionalGeneration",
 ]

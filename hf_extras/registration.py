@@ -15,7 +15,14 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from .models import modeling_dyt, modeling_gated_retention, modeling_mamba, modeling_mlp_mixer, modeling_retnet
+from .models import (
+    modeling_dyt,
+    modeling_gated_deltanet,
+    modeling_gated_retention,
+    modeling_mamba,
+    modeling_mlp_mixer,
+    modeling_retnet,
+)
 from .models.configuration_mlp_mixer import MlpMixerConfig
 from .models.image_processing_mlp_mixer import MlpMixerImageProcessor
 from .peft_maps import register_peft_target_modules
@@ -32,7 +39,14 @@ AUTO_FACTORIES = {
     "AutoModelForSeq2SeqLM": AutoModelForSeq2SeqLM,
 }
 
-FAMILY_MODULES = [modeling_retnet, modeling_gated_retention, modeling_dyt, modeling_mlp_mixer, modeling_mamba]
+FAMILY_MODULES = [
+    modeling_retnet,
+    modeling_gated_retention,
+    modeling_dyt,
+    modeling_mlp_mixer,
+    modeling_mamba,
+    modeling_gated_deltanet,
+]
 
 # config class -> PIL-backend image processor (registered with AutoImageProcessor)
 IMAGE_PROCESSORS = {MlpMixerConfig: MlpMixerImageProcessor}

@@ -34,6 +34,8 @@ FAMILIES = [
     Family("linear_attention", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="none", feature_map="elu")),
     Family("dyt", hf_extras.DyTConfig, "DyT", recurrent=False),
     Family("mamba", hf_extras.HfxMambaConfig, "HfxMamba", dict(state_size=8, num_heads=1)),
+    Family("gated_deltanet", hf_extras.GatedDeltaNetConfig, "GatedDeltaNet", dict(gate="head")),
+    Family("deltanet", hf_extras.GatedDeltaNetConfig, "GatedDeltaNet", dict(gate="none", num_key_heads=1)),
 ]
 
 HEADS = {

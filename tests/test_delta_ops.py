@@ -248,6 +248,17 @@ def test_long_bf16_finite(kind):
     assert (o.float() - o32).abs().max() <= 0.02 * o32.abs().max()
 
 
+def test_float32_under_bf16_autocast():
+    """Autocast must not turn the kernel's matmuls into bf16 (CPU has no bf16 triangular solve, and the state is
+    float32): the same numbers as without autocast."""
+    q, k, v, beta, ld, s0 = make_inputs("gated", torch.float32, T=40)
+    ref, S_ref = run("chunkwise", q, k, v, beta, ld, s0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for mode in MODES:
+            o, S = run(mode, q, k, v, beta, ld, s0, bidirectional=False)
+            assert o.dtype == torch.float32 and rel_err(o, ref) <= 1e-5 and rel_err(S, S_ref) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # the peer: transformers' Qwen3-Next reference implementations
 # ---------------------------------------------------------------------------------------------

@@ -130,4 +130,5 @@ def test_mixers_form_decays_in_float32_under_fp16_autocast(family):
         logits = model(input_ids=ids).logits
     assert torch.isfinite(logits).all()
     if family.recurrent:
-        assert recorder.dtypes and set(recorder.dtypes) == {torch.float32}
+        assert set(recorder.dtypes) <= {torch.float32}
+        assert recorder.dtypes or family.name == "deltanet"  # DeltaNet forms no decay at all

@@ -209,7 +209,7 @@ def _chunkwise(q, k, v, beta, log_decay, initial_state, output_final_state, stri
     else:
         # boundaries: -inf -> 0 in the sums, pairs across a boundary cut by segment ids (never exp(+x), never NaN)
         reset = torch.isneginf(g).view(B, H, N, C)
-        seg = torch.cumsum(reset.to(torch.int32), dim=-1)  # segment of each token inside its chunk
+        seg = torch.cumsum(reset.to(fdt), dim=-1)  # segment of each token inside its chunk (small exact integers)
         b = torch.cumsum(g.masked_fill(torch.isneginf(g), 0.0).view(B, H, N, C), dim=-1)  # within chunk, <= 0
         same = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # [t, s]: no boundary in (s, t]
         decay_pairs = torch.exp((b.unsqueeze(-1) - b.unsqueeze(-2)).clamp(max=0.0))  # [t, s] = a_{s+1..t}
@@ -335,6 +335,16 @@ def gated_delta_rule(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES + ('auto',)}, got {mode!r}")
     _check(q, k, v, beta, log_decay, initial_state, chunk_size)
+    # float32 throughout, also under autocast (whose bf16 matmuls would undo it; CPU has no bf16 triangular solve)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _gated_delta_rule(
+            q, k, v, beta, log_decay, mode, chunk_size, scale, initial_state, output_final_state, bidirectional
+        )
+
+
+def _gated_delta_rule(
+    q, k, v, beta, log_decay, mode, chunk_size, scale, initial_state, output_final_state, bidirectional
+):
     o, final = _run(mode, q, k, v, beta, log_decay, initial_state, output_final_state, False, scale, chunk_size)
     if bidirectional:
         fl = [2]
