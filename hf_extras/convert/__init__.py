@@ -1,4 +1,4 @@
-"""Importers and exporters: transformers' Mamba, timm's MLP-Mixer."""
+"""Importers and exporters: transformers' Mamba and Qwen3-Next linear layers, timm's MLP-Mixer."""
 
 from .mamba import (
     export_to_transformers_mamba,
@@ -8,6 +8,7 @@ from .mamba import (
     mamba_config_from_hfx,
     mamba_state_dict_to_hfx,
 )
+from .qwen3_next import gated_deltanet_config_from_qwen3_next, hfx_layer_to_qwen3_next, qwen3_next_layer_to_hfx
 from .timm_mixer import (
     convert_timm_mixer_state_dict,
     load_timm_mixer,
@@ -23,6 +24,9 @@ __all__ = [
     "import_transformers_mamba",
     "mamba_config_from_hfx",
     "mamba_state_dict_to_hfx",
+    "gated_deltanet_config_from_qwen3_next",
+    "qwen3_next_layer_to_hfx",
+    "hfx_layer_to_qwen3_next",
     "convert_timm_mixer_state_dict",
     "load_timm_mixer",
     "mlp_mixer_config_from_timm",

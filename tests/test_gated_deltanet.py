@@ -1,0 +1,144 @@
+"""Gated DeltaNet family: the layer against transformers' Qwen3NextGatedDeltaNet, the converter, family specifics.
+
+The generic checks (every head through the Auto classes, save/load, remote code, generation, PEFT, padding, ...) run
+through `tests/families.py` (`gated_deltanet`, `deltanet`)."""
+
+import pytest
+import torch
+
+from hf_extras import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedDeltaNetForMaskedLM
+from hf_extras.convert import gated_deltanet_config_from_qwen3_next, hfx_layer_to_qwen3_next, qwen3_next_layer_to_hfx
+from hf_extras.models.modeling_gated_deltanet import GatedDeltaNetMixer
+
+qwen = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+
+
+def tiny_qwen_layer(grouped: bool, dtype=torch.float32, seed=0):
+    from transformers import Qwen3NextConfig
+
+    torch.manual_seed(seed)
+    config = Qwen3NextConfig(
+        vocab_size=64,
+        hidden_size=48,
+        num_hidden_layers=1,
+        layer_types=["linear_attention"],
+        linear_num_key_heads=2,
+        linear_num_value_heads=4 if grouped else 2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=12,
+        linear_conv_kernel_dim=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+    )
+    layer = qwen.Qwen3NextGatedDeltaNet(config, layer_idx=0).to(dtype).eval()
+    with torch.no_grad():  # away from the init values, so every parameter matters
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return config, layer
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["auto", "chunkwise", "recurrent"])
+def test_layer_matches_qwen3_next(grouped, dtype, mode):
+    qwen_config, layer = tiny_qwen_layer(grouped, dtype)
+    config = gated_deltanet_config_from_qwen3_next(qwen_config, forward_mode=mode, chunk_size=16)
+    ours = GatedDeltaNetMixer(config, 0).to(dtype).eval()
+    ours.load_state_dict(qwen3_next_layer_to_hfx(layer.state_dict(), config))
+    x = torch.randn(2, 37, qwen_config.hidden_size, dtype=dtype)
+    with torch.no_grad():
+        ref = layer(x)
+        out = ours(x)
+    # transformers' kernel computes in float32 whatever the dtype: float32 tolerance for both
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_layer_matches_qwen3_next_left_padded():
+    qwen_config, layer = tiny_qwen_layer(grouped=True)
+    config = gated_deltanet_config_from_qwen3_next(qwen_config, chunk_size=16)
+    ours = GatedDeltaNetMixer(config, 0).eval()
+    ours.load_state_dict(qwen3_next_layer_to_hfx(layer.state_dict(), config))
+    x = torch.randn(2, 20, qwen_config.hidden_size)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, :6] = 0
+    with torch.no_grad():
+        ref = layer(x, attention_mask=mask)
+        out = ours(x, attention_mask=mask)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_converter_round_trip_and_errors(grouped):
+    qwen_config, layer = tiny_qwen_layer(grouped)
+    config = gated_deltanet_config_from_qwen3_next(qwen_config)
+    assert config.num_heads == config.num_value_heads == qwen_config.linear_num_value_heads
+    sd = layer.state_dict()
+    back = hfx_layer_to_qwen3_next(qwen3_next_layer_to_hfx(sd, config), config)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    with pytest.raises(KeyError, match="missing"):
+        qwen3_next_layer_to_hfx({"A_log": sd["A_log"]}, config)
+    with pytest.raises(ValueError, match="gate='head'"):
+        qwen3_next_layer_to_hfx(sd, gated_deltanet_config_from_qwen3_next(qwen_config, gate="none"))
+    with pytest.raises(ValueError, match="in_proj_qkvz has"):
+        qwen3_next_layer_to_hfx(sd, gated_deltanet_config_from_qwen3_next(qwen_config, key_head_dim=4))
+
+
+def tiny(**overrides):
+    kwargs = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_heads=4, num_key_heads=2, chunk_size=8)
+    kwargs.update(overrides)
+    return GatedDeltaNetConfig(**kwargs)
+
+
+def test_config_validation():
+    with pytest.raises(Exception, match="num_key_heads"):
+        tiny(num_key_heads=3)
+    with pytest.raises(Exception, match="conv_size"):
+        tiny(conv_size=1)
+    config = tiny(value_head_dim=16)
+    assert config.key_head_dim == 8 and config.value_head_dim == 16 and config.num_value_heads == 4
+
+
+@pytest.mark.parametrize("gate", ["head", "none"])
+def test_forms_agree_in_the_model(gate):
+    """Whole model: parallel, chunkwise and recurrent forms give the same logits (causal and bidirectional)."""
+    ids = torch.randint(3, 96, (2, 29))
+    for cls, bidirectional in ((GatedDeltaNetForCausalLM, False), (GatedDeltaNetForMaskedLM, True)):
+        torch.manual_seed(0)
+        model = cls(tiny(gate=gate, bidirectional=bidirectional, value_head_dim=12)).eval()
+        logits = {}
+        for mode in ("parallel", "chunkwise", "recurrent"):
+            for layer in model.model.layers:
+                layer.mixer.forward_mode = mode
+            with torch.no_grad():
+                logits[mode] = model(ids).logits
+        torch.testing.assert_close(logits["chunkwise"], logits["recurrent"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits["parallel"], logits["recurrent"], rtol=1e-5, atol=1e-5)
+
+
+def test_pads_leave_the_state_alone():
+    """Interior pads (k = v = 0, log decay 0, conv input zeroed) in a bidirectional model change no real token's
+    output: the row without the pads gives the same numbers."""
+    torch.manual_seed(0)
+    model = GatedDeltaNetForMaskedLM(tiny(bidirectional=True, use_short_conv=False)).eval()
+    ids = torch.randint(3, 96, (1, 20))
+    padded = torch.cat([ids[:, :7], torch.zeros(1, 4, dtype=torch.long), ids[:, 7:]], dim=1)
+    mask = torch.ones_like(padded)
+    mask[:, 7:11] = 0
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = model(padded, attention_mask=mask).logits
+    torch.testing.assert_close(out[:, mask[0].bool()], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_init_on_load_and_decay_range(tmp_path):
+    """A_log / dt_bias are custom parameters: set at init (decays in (0, 1)), kept by save/load."""
+    model = GatedDeltaNetForCausalLM(tiny())
+    mixer = model.model.layers[0].mixer
+    assert torch.isfinite(mixer.A_log).all() and (mixer.A_log.exp() >= 1).all() and (mixer.A_log.exp() <= 16).all()
+    log_a = mixer.log_decay(torch.randn(1, 5, 32))
+    assert (log_a < 0).all() and (log_a > -16).all()
+    model.save_pretrained(tmp_path)
+    loaded = GatedDeltaNetForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.model.layers[0].mixer.A_log, mixer.A_log)
+    assert torch.equal(loaded.model.layers[0].mixer.dt_bias, mixer.dt_bias)
