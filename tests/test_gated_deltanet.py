@@ -142,3 +142,28 @@ def test_init_on_load_and_decay_range(tmp_path):
     loaded = GatedDeltaNetForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(loaded.model.layers[0].mixer.A_log, mixer.A_log)
     assert torch.equal(loaded.model.layers[0].mixer.dt_bias, mixer.dt_bias)
+
+
+def test_cli_trains_gated_deltanet(tmp_path):
+    """`hf-extras train ... --model_type hfx_gated_deltanet`: a run folder whose model (and remote code, kernel
+    included) loads through the Auto classes and names the family in its card."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_extras.cli import main
+
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    out = tmp_path / "run"
+    args = [
+        "--model_type", "hfx_gated_deltanet", "--max_steps", "2", "--hidden_size", "32", "--num_hidden_layers", "1",
+        "--num_heads", "2", "--block_size", "32", "--max_train_samples", "32", "--max_eval_samples", "8",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--eval_steps", "2",
+        "--warmup_steps", "1", "--sample_max_new_tokens", "4", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    assert main(["train", str(quickstart), *args, f"--output_dir={out}"]) == 0
+    for name in ("modeling_gated_deltanet.py", "configuration_gated_deltanet.py", "delta_ops.py"):
+        assert (out / name).is_file(), name
+    assert "Gated DeltaNet" in (out / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "GatedDeltaNetForCausalLM"
