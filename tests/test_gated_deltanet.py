@@ -211,3 +211,76 @@ def test_packed_prefill_then_decode_continues_the_last_document():
         step = model(torch.tensor([[5]]), position_ids=torch.tensor([[6]]), cache=out.cache, use_cache=True).logits
         ref = model(torch.cat([last, torch.tensor([[5]])], dim=1)).logits[:, -1:]
     torch.testing.assert_close(step, ref, rtol=1e-5, atol=1e-5)
+
+
+class FakeFlaDelta:
+    """`fla.ops.gated_delta_rule`'s two kernels with fla's documented conventions (time-first `(B, T, H, D)`, `g` and
+    `beta` `(B, T, H)`, log-space `g`, `scale` on q, `(B, H, K, V)` states) on top of our reference kernel."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _run(self, name, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel):
+        from hf_extras.models.delta_ops import gated_delta_rule
+
+        assert q.shape == k.shape and q.shape[:3] == v.shape[:3] and g.shape == beta.shape == q.shape[:3]
+        assert not use_qk_l2norm_in_kernel and torch.isfinite(g).all()  # boundaries arrive finite
+        self.calls.append(name)
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        o, state = gated_delta_rule(
+            t(q), t(k), t(v), t(beta), t(g), mode="recurrent", scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state,
+        )  # fmt: skip
+        return t(o), state
+
+    def chunk(self, q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, **kwargs):
+        return self._run("chunk", q, k, v, g, beta, scale, initial_state, output_final_state, **kwargs)
+
+    def fused_recurrent(
+        self, q, k, v, g=None, beta=None, scale=None, initial_state=None, output_final_state=False, **kw
+    ):
+        return self._run("recurrent", q, k, v, g, beta, scale, initial_state, output_final_state, **kw)
+
+
+@pytest.fixture
+def fake_fla_delta(monkeypatch):
+    import sys
+    import types
+
+    from hf_extras.models import fla_delta_dispatch
+
+    fake = FakeFlaDelta()
+    modules = {name: types.ModuleType(name) for name in ("fla", "fla.ops", "fla.ops.gated_delta_rule")}
+    modules["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = fake.chunk
+    modules["fla.ops.gated_delta_rule"].fused_recurrent_gated_delta_rule = fake.fused_recurrent
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(fla_delta_dispatch, "DISPATCH_DEVICE_TYPES", ("cpu",))  # the stand-in runs on CPU tensors
+    monkeypatch.setattr(fla_delta_dispatch, "_KERNELS", {})
+    monkeypatch.delenv("HF_EXTRAS_FLA", raising=False)
+    return fake
+
+
+@pytest.mark.parametrize("gate", ["head", "none"])
+def test_fla_dispatch_mapping_with_a_stand_in(fake_fla_delta, gate, monkeypatch):
+    """The model through the fla dispatch (a stand-in with fla's conventions) gives the PyTorch forms' logits,
+    packed documents included; prefill goes to the chunk kernel, decoding to the fused recurrent one; bidirectional
+    passes and HF_EXTRAS_FLA=0 stay in PyTorch."""
+    torch.manual_seed(0)
+    model = GatedDeltaNetForCausalLM(tiny(gate=gate)).eval()
+    ids = torch.randint(3, 96, (2, 21))
+    position_ids = torch.cat([torch.arange(8), torch.arange(13)])[None]
+    with torch.no_grad():
+        out = model(ids, position_ids=position_ids, use_cache=True)
+        model(ids[:, :1], position_ids=torch.tensor([[13]]), cache=out.cache)
+    assert fake_fla_delta.calls == ["chunk"] * 2 + ["recurrent"] * 2  # two layers
+    monkeypatch.setenv("HF_EXTRAS_FLA", "0")
+    with torch.no_grad():
+        ref = model(ids, position_ids=position_ids).logits
+    assert len(fake_fla_delta.calls) == 4
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.delenv("HF_EXTRAS_FLA")
+    masked = GatedDeltaNetForMaskedLM(tiny(gate=gate, bidirectional=True)).eval()
+    with torch.no_grad():
+        masked(ids)
+    assert len(fake_fla_delta.calls) == 4

@@ -3,7 +3,7 @@
 The mixer is the published layer (Yang et al. 2025), as transformers' `Qwen3NextGatedDeltaNet` runs it: q/k/v
 projections through a short causal depthwise conv and SiLU, L2-normalised q and k, `beta = sigmoid(x W_b)`, a
 per-head decay `log a = -exp(A_log) * softplus(x W_a + dt_bias)` (`gate="none"`: DeltaNet, no decay), the
-`delta_ops` kernel, a per-head RMS norm gated by `silu(x W_z)`, and an output projection.
+`delta_ops` kernel (fla's Triton kernels on CUDA when installed), a per-head RMS norm gated by `silu(x W_z)`, and an output projection.
 `hf_extras.convert.qwen3_next` maps Qwen3-Next's fused `in_proj_qkvz` / `in_proj_ba` into these projections and back.
 """
 
@@ -19,6 +19,7 @@ from transformers import initialization as init
 from .backbone import HfxModel, HfxPreTrainedModel, register_family
 from .configuration_gated_deltanet import GatedDeltaNetConfig
 from .delta_ops import gated_delta_rule, pick_mode
+from .fla_delta_dispatch import fla_gated_delta_rule
 from .heads import (
     HfxForCausalLM,
     HfxForMaskedLM,
@@ -192,19 +193,16 @@ class GatedDeltaNetMixer(nn.Module):
         mode = self.forward_mode
         if mode == "auto":
             mode = pick_mode(seq_len, self.chunk_size, state is not None)
-        out, new_state = gated_delta_rule(
-            q,
-            k,
-            v,
-            beta,
-            log_decay,
-            mode=mode,
-            chunk_size=self.chunk_size,
+        kwargs = dict(
             scale=self.key_head_dim**-0.5,
             initial_state=state,
             output_final_state=cache is not None,
             bidirectional=self.bidirectional,
         )
+        result = fla_gated_delta_rule(q, k, v, beta, log_decay, mode=mode, **kwargs)  # None unless CUDA + fla
+        if result is None:
+            result = gated_delta_rule(q, k, v, beta, log_decay, mode=mode, chunk_size=self.chunk_size, **kwargs)
+        out, new_state = result
         if cache is not None:
             cache.write_recurrent(self.layer_idx, new_state)
         out = out.transpose(1, 2)  # (B, T, H, Dv)
