@@ -69,7 +69,7 @@ class _DecayOps(TorchDispatchMode):
         self.dtypes: list[torch.dtype] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.OPS:
+        if func.overloadpacket.__name__ in self.OPS and args[0].dtype.is_floating_point:  # not integer counters
             self.dtypes.append(args[0].dtype)
         return func(*args, **(kwargs or {}))
 
