@@ -271,6 +271,15 @@ register_model(
 )
 register_model(
     ModelSpec(
+        "gated_deltanet",
+        "Gated DeltaNet",
+        _build_hfx("GatedDeltaNetConfig", "GatedDeltaNetForCausalLM", gate="head", forward_mode="auto"),
+        "hf_extras Gated DeltaNet (delta rule, per-head decay, short conv, gated output norm), FFN matched to "
+        "Llama's parameters",
+    )
+)
+register_model(
+    ModelSpec(
         "dyt",
         "DyT",
         _build_hfx("DyTConfig", "DyTForCausalLM", attn_implementation="sdpa"),
