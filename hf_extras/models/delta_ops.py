@@ -182,6 +182,55 @@ def _unit_lower_inverse(A: Tensor) -> Tensor:
     return T[..., :C, :C] if n != C else T
 
 
+class _InterChunk(torch.autograd.Function):
+    """The recurrence across chunks, ``u_n = U_n - W_n S_n``, ``S_{n+1} = g_n S_n + K_n u_n``, with a hand-written
+    backward: two small matmuls per chunk each way, the rest batched over all chunks afterwards (autograd through
+    the loop would add several ops and their bookkeeping per chunk, most of the run time for short chunks).
+
+    Layout chunk-major: W (N, BH, C, Dk), U (N, BH, C, Dv), K (N, BH, Dk, C) (the decayed keys, transposed),
+    g (N, BH, 1, 1) or None (no decay), S0 (BH, Dk, Dv). Returns the state entering each chunk (N, BH, Dk, Dv), the
+    corrected values u (N, BH, C, Dv) and the final state.
+    """
+
+    @staticmethod
+    def forward(ctx, W, U, K, g, S0):
+        N = W.shape[0]
+        states = S0.new_empty((N, *S0.shape))
+        news = torch.empty_like(U)
+        S = S0
+        for n in range(N):
+            states[n] = S
+            u = torch.baddbmm(U[n], W[n], S, alpha=-1.0)
+            news[n] = u
+            S = torch.baddbmm(S if g is None else S * g[n], K[n], u)
+        ctx.save_for_backward(W, K, g, states, news)
+        return states, news, S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_states, d_news, d_final):
+        W, K, g, states, news = ctx.saved_tensors
+        N = W.shape[0]
+        dS = d_final if d_final is not None else torch.zeros_like(states[0])
+        dS_next = torch.empty_like(states)  # gradient of the state leaving each chunk
+        du = torch.empty_like(news)
+        for n in range(N - 1, -1, -1):
+            dS_next[n] = dS
+            if d_news is None:
+                u_grad = torch.bmm(K[n].transpose(-1, -2), dS)
+            else:
+                u_grad = torch.baddbmm(d_news[n], K[n].transpose(-1, -2), dS)
+            du[n] = u_grad
+            carried = dS if g is None else dS * g[n]
+            if d_states is not None:
+                carried = carried + d_states[n]
+            dS = torch.baddbmm(carried, W[n].transpose(-1, -2), u_grad, alpha=-1.0)
+        dW = -torch.matmul(du, states.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
+        dK = torch.matmul(dS_next, news.transpose(-1, -2)) if ctx.needs_input_grad[2] else None
+        dg = (dS_next * states).sum((-1, -2), keepdim=True) if g is not None and ctx.needs_input_grad[3] else None
+        return dW, du, dK, dg, dS
+
+
 def _chunkwise(q, k, v, beta, log_decay, initial_state, output_final_state, strict, scale, chunk_size):
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
@@ -235,26 +284,18 @@ def _chunkwise(q, k, v, beta, log_decay, initial_state, output_final_state, stri
         q_in = qc if gamma is None else qc * gamma  # reads of the entering state
         k_out = kc if eps is None else kc * eps  # writes, decayed to the chunk end
 
-        def chunk_major(x):  # (B, H, N, r, c) -> N tensors (B * H, r, c)
-            return x.movedim(2, 0).reshape(N, B * H, x.shape[-2], x.shape[-1]).unbind(0)
+        def chunk_major(x):  # (B, H, N, r, c) -> (N, B * H, r, c), contiguous
+            return x.movedim(2, 0).reshape(N, B * H, x.shape[-2], x.shape[-1])
 
-        Ws, Us, Ks = chunk_major(W), chunk_major(U0), chunk_major(k_out.transpose(-1, -2))
-        gs = chunk_major(gamma_end) if gamma_end is not None else [None] * N
-        S = initial_state.to(fdt) if initial_state is not None else q.new_zeros(B, H, Dk, Dv)
-        S = S.reshape(B * H, Dk, Dv)
-        # sequential over chunks only, two small matmuls each: u = U0 - W S; S <- gamma_C S + k_out^T u
-        prev, news = [], []
-        for W_n, U_n, K_n, g_n in zip(Ws, Us, Ks, gs):
-            prev.append(S)
-            u = torch.baddbmm(U_n, W_n, S, alpha=-1.0)
-            news.append(u)
-            S = torch.baddbmm(S if g_n is None else S * g_n, K_n, u)
-
-        def head_major(xs):  # N tensors (B * H, r, c) -> (B, H, N, r, c)
-            x = torch.stack(xs, dim=0)
+        def head_major(x):  # (N, B * H, r, c) -> (B, H, N, r, c)
             return x.view(N, B, H, x.shape[-2], x.shape[-1]).movedim(0, 2)
 
-        o = torch.matmul(q_in, head_major(prev)) + torch.matmul(P, head_major(news))
+        S0 = initial_state.to(fdt) if initial_state is not None else q.new_zeros(B, H, Dk, Dv)
+        g_end = chunk_major(gamma_end) if gamma_end is not None else None
+        states, news, S = _InterChunk.apply(
+            chunk_major(W), chunk_major(U0), chunk_major(k_out.transpose(-1, -2)), g_end, S0.reshape(B * H, Dk, Dv)
+        )
+        o = torch.matmul(q_in, head_major(states)) + torch.matmul(P, head_major(news))
         final = S.view(B, H, Dk, Dv) if output_final_state else None
     o = o.reshape(B, H, N * C, Dv)
     if pad:
