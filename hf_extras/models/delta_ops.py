@@ -194,15 +194,14 @@ class _InterChunk(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W, U, K, g, S0):
-        N = W.shape[0]
-        states = S0.new_empty((N, *S0.shape))
-        news = torch.empty_like(U)
+        states, news = [], []
         S = S0
-        for n in range(N):
-            states[n] = S
+        for n in range(W.shape[0]):
+            states.append(S)
             u = torch.baddbmm(U[n], W[n], S, alpha=-1.0)
-            news[n] = u
+            news.append(u)
             S = torch.baddbmm(S if g is None else S * g[n], K[n], u)
+        states, news = torch.stack(states), torch.stack(news)
         ctx.save_for_backward(W, K, g, states, news)
         return states, news, S
 
@@ -212,19 +211,19 @@ class _InterChunk(torch.autograd.Function):
         W, K, g, states, news = ctx.saved_tensors
         N = W.shape[0]
         dS = d_final if d_final is not None else torch.zeros_like(states[0])
-        dS_next = torch.empty_like(states)  # gradient of the state leaving each chunk
-        du = torch.empty_like(news)
+        dS_next, du = [], []  # gradients of the state leaving each chunk and of u, last chunk first
         for n in range(N - 1, -1, -1):
-            dS_next[n] = dS
+            dS_next.append(dS)
             if d_news is None:
                 u_grad = torch.bmm(K[n].transpose(-1, -2), dS)
             else:
                 u_grad = torch.baddbmm(d_news[n], K[n].transpose(-1, -2), dS)
-            du[n] = u_grad
+            du.append(u_grad)
             carried = dS if g is None else dS * g[n]
             if d_states is not None:
                 carried = carried + d_states[n]
             dS = torch.baddbmm(carried, W[n].transpose(-1, -2), u_grad, alpha=-1.0)
+        dS_next, du = torch.stack(dS_next[::-1]), torch.stack(du[::-1])
         dW = -torch.matmul(du, states.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
         dK = torch.matmul(dS_next, news.transpose(-1, -2)) if ctx.needs_input_grad[2] else None
         dg = (dS_next * states).sum((-1, -2), keepdim=True) if g is not None and ctx.needs_input_grad[3] else None
