@@ -16,10 +16,11 @@ space, ``log_decay = log a <= 0``, as ``None`` (DeltaNet, ``a = 1``) or ``(B, H,
 
 Forms (all take and return the state, and agree to float tolerance):
 
-* ``chunkwise`` -- WY / UT representation: per chunk of C tokens one unit-lower-triangular solve
-  ``(I + A) [U0 | W] = [beta v | beta gamma k]`` with ``A_ts = beta_t (k_t . k_s) a_{s+1..t}`` (s < t), matmuls for
-  everything else, and across chunks only the affine state recurrence ``S_{n+1} = M_n S_n + B_n``, whose
-  ``Dk x Dk`` transitions are built for all chunks at once (one batched matmul-add per chunk in the loop). O(T).
+* ``chunkwise`` -- WY / UT representation: per chunk of C tokens one unit-lower-triangular system
+  ``(I + A) [U0 | W] = [beta v | beta gamma k]`` with ``A_ts = beta_t (k_t . k_s) a_{s+1..t}`` (s < t), solved for
+  all chunks at once through a blocked inverse (``_unit_lower_inverse``), matmuls for everything else, and across
+  chunks only ``u_n = U0_n - W_n S_n``, ``S_{n+1} = a_chunk S_n + K_n^T u_n`` (two small matmuls per chunk, with a
+  hand-written backward, ``_InterChunk``); outputs ``o = gamma q S_n + P u`` batched after the loop. O(T).
 * ``parallel``  -- the delta rule has no cheaper whole-sequence form than the triangular system itself, so this is
   the chunkwise form with one chunk spanning the input (quadratic memory; one solve of size T). Short inputs only.
 * ``recurrent`` -- one token at a time; the reference and the decoding step.
