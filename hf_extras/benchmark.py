@@ -306,7 +306,16 @@ register_model(
 )
 
 BASELINE = "llama"
-DEFAULT_FAMILIES: tuple[str, ...] = ("llama", "retnet", "gla", "gated_retnet", "dyt", "hfx_mamba", "hf_mamba")
+DEFAULT_FAMILIES: tuple[str, ...] = (
+    "llama",
+    "retnet",
+    "gla",
+    "gated_retnet",
+    "gated_deltanet",
+    "dyt",
+    "hfx_mamba",
+    "hf_mamba",
+)
 
 TRAIN_KEYS = (
     "kind",
