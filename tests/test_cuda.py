@@ -191,6 +191,13 @@ def test_fla_gated_delta_rule_matches_our_forms(fla_delta, decay, dtype, mode):
         assert result is not None, "not dispatched"
         return result
 
+    if mode == "recurrent":  # decoding: fla's fused recurrent kernel, forward only (it has no backward)
+        with torch.no_grad():
+            o_ref, s_ref = ours(q, k, v, g, state)
+            o, s = theirs(q, k, v, g, state)
+        assert_rel_close(o, o_ref, REL[dtype], "output")
+        assert_rel_close(s, s_ref, REL[dtype], "final state")
+    # with gradients (a recurrent call included) the chunk kernel runs: outputs, states and gradients
     o_ref, s_ref, grads_ref = _run(ours, q, k, v, g, state)
     o, s, grads = _run(theirs, q, k, v, g, state)
     assert_rel_close(o, o_ref, REL[dtype], "output")

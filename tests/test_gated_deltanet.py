@@ -279,7 +279,18 @@ def test_fla_dispatch_mapping_with_a_stand_in(fake_fla_delta, gate, monkeypatch)
         ref = model(ids, position_ids=position_ids).logits
     assert len(fake_fla_delta.calls) == 4
     torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
-    monkeypatch.delenv("HF_EXTRAS_FLA")
+    # with gradients even a one-token step goes to the chunk kernel (fla's fused recurrent one has no backward)
+    from hf_extras.models.fla_delta_dispatch import fla_gated_delta_rule
+
+    monkeypatch.delenv("HF_EXTRAS_FLA", raising=False)
+    q, k = (torch.nn.functional.normalize(torch.randn(1, 2, 1, 8), dim=-1) for _ in range(2))
+    v, beta = torch.randn(1, 2, 1, 8, requires_grad=True), torch.rand(1, 2, 1)
+    fla_gated_delta_rule(q, k, v, beta, None, mode="recurrent")[0].sum().backward()
+    with torch.no_grad():
+        fla_gated_delta_rule(q, k, v, beta, None, mode="recurrent")
+    assert fake_fla_delta.calls[4:] == ["chunk", "recurrent"] and v.grad is not None
+    fake_fla_delta.calls = fake_fla_delta.calls[:4]
+    monkeypatch.delenv("HF_EXTRAS_FLA", raising=False)
     masked = GatedDeltaNetForMaskedLM(tiny(gate=gate, bidirectional=True)).eval()
     with torch.no_grad():
         masked(ids)

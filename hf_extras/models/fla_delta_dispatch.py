@@ -2,7 +2,8 @@
 
 `delta_ops.gated_delta_rule` is the reference; when `fla` is installed, the tensors are on a CUDA device and the call
 is causal (not bidirectional), the same computation runs in `fla.ops.gated_delta_rule.chunk_gated_delta_rule`
-(prefill and training) or `fused_recurrent_gated_delta_rule` (the recurrent form: decoding).
+(prefill and training) or `fused_recurrent_gated_delta_rule` (the recurrent form without gradients: decoding; fla
+gives that kernel no backward).
 
 Conventions mapped here: fla's inputs are time-first `(B, T, H, D)` (ours head-first `(B, H, T, D)`), `g` and `beta`
 are `(B, T, H)` (ours `(B, H, T)`), `g` is a natural-log decay like ours (DeltaNet's absent decay becomes `g = 0`),
@@ -64,7 +65,11 @@ def fla_gated_delta_rule(
         g = torch.zeros(B, T, H, device=q.device, dtype=torch.float32)
     else:
         g = log_decay.float().clamp(min=_BOUNDARY_LOG_DECAY).transpose(1, 2).contiguous()
-    fn = fused_recurrent if mode == "recurrent" else chunk
+    # fla's fused recurrent kernel has no backward: only for decoding without gradients
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, beta, log_decay, initial_state)
+    )
+    fn = fused_recurrent if mode == "recurrent" and not needs_grad else chunk
     o, final = fn(
         q.transpose(1, 2).to(dtype).contiguous(),
         k.transpose(1, 2).to(dtype).contiguous(),
