@@ -295,3 +295,24 @@ def test_fla_dispatch_mapping_with_a_stand_in(fake_fla_delta, gate, monkeypatch)
     with torch.no_grad():
         masked(ids)
     assert len(fake_fla_delta.calls) == 4
+
+
+def test_data_collator_with_flattening_loss_equals_padded_batch():
+    """transformers' padding-free batches (`DataCollatorWithFlattening`: one row, position ids restarting at 0,
+    -100 at each document's first label) give the loss of the right-padded batch of the same documents."""
+    from transformers import DataCollatorWithFlattening
+
+    torch.manual_seed(0)
+    model = GatedDeltaNetForCausalLM(tiny()).eval()
+    docs = [torch.randint(3, 96, (n,)).tolist() for n in (7, 12, 4)]
+    packed = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d} for d in docs])
+    width = max(map(len, docs))
+    ids = torch.zeros(len(docs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)], mask[i, : len(d)] = torch.tensor(d), 1
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        loss_packed = model(packed["input_ids"], position_ids=packed["position_ids"], labels=packed["labels"]).loss
+        loss_padded = model(ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-6)
