@@ -9,6 +9,7 @@ from .dyt import convert_norms_to_dyt, load_dyt_model
 from .errors import ConfigError
 from .models.cache import RecurrentCache
 from .models.configuration_dyt import DyTConfig
+from .models.configuration_gated_deltanet import GatedDeltaNetConfig
 from .models.configuration_gated_retention import GatedRetentionConfig
 from .models.configuration_mamba import HfxMambaConfig
 from .models.configuration_mamba2 import HfxMamba2Config
@@ -23,6 +24,15 @@ from .models.modeling_dyt import (
     DyTForSequenceClassification,
     DyTForTokenClassification,
     DyTModel,
+)
+from .models.modeling_gated_deltanet import (
+    GatedDeltaNetForCausalLM,
+    GatedDeltaNetForConditionalGeneration,
+    GatedDeltaNetForMaskedLM,
+    GatedDeltaNetForQuestionAnswering,
+    GatedDeltaNetForSequenceClassification,
+    GatedDeltaNetForTokenClassification,
+    GatedDeltaNetModel,
 )
 from .models.modeling_gated_retention import (
     GatedRetentionForCausalLM,
@@ -127,4 +137,12 @@ __all__ = [
     "HfxMamba2ForTokenClassification",
     "HfxMamba2ForQuestionAnswering",
     "HfxMamba2ForConditionalGeneration",
+    "GatedDeltaNetConfig",
+    "GatedDeltaNetModel",
+    "GatedDeltaNetForCausalLM",
+    "GatedDeltaNetForMaskedLM",
+    "GatedDeltaNetForSequenceClassification",
+    "GatedDeltaNetForTokenClassification",
+    "GatedDeltaNetForQuestionAnswering",
+    "GatedDeltaNetForConditionalGeneration",
 ]

@@ -32,6 +32,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "(Dao & Gu 2024)",
     ),
     "hfx_mlp_mixer": ("MLP-Mixer", "token-mixing and channel-mixing MLPs (Tolstikhin et al. 2021)"),
+    "hfx_gated_deltanet": (
+        "Gated DeltaNet",
+        "the gated delta rule: a memory corrected per token, with a data-dependent decay (Yang et al. 2025)",
+    ),
 }
 
 # config fields shown in the architecture table, when the config has them

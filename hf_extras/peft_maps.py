@@ -75,6 +75,26 @@ FAMILY_TARGETS: dict[str, FamilyTargets] = {
         norms=("mixer_norm", "ffn_norm", "norm"),
         all_linear=("in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"),
     ),
+    # as for retention: q and v, the projections the delta rule reads and writes with
+    "hfx_gated_deltanet": FamilyTargets(
+        lora=("q_proj", "v_proj"),
+        ia3=("k_proj", "v_proj", "down_proj"),
+        ia3_feedforward=("down_proj",),
+        value=("v_proj",),
+        norms=("mixer_norm", "ffn_norm", "norm"),
+        all_linear=(
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "b_proj",
+            "a_proj",
+            "g_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ),
+    ),
     # only the channel MLPs: the token-mixing MLP slices and masks its weights (short or causal inputs), which a
     # wrapped `nn.Linear` would silently bypass
     "hfx_mlp_mixer": FamilyTargets(

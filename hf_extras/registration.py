@@ -17,6 +17,7 @@ from transformers import (
 
 from .models import (
     modeling_dyt,
+    modeling_gated_deltanet,
     modeling_gated_retention,
     modeling_mamba,
     modeling_mamba2,
@@ -46,6 +47,7 @@ FAMILY_MODULES = [
     modeling_mlp_mixer,
     modeling_mamba,
     modeling_mamba2,
+    modeling_gated_deltanet,
 ]
 
 # config class -> PIL-backend image processor (registered with AutoImageProcessor)

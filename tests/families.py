@@ -35,6 +35,8 @@ FAMILIES = [
     Family("dyt", hf_extras.DyTConfig, "DyT", recurrent=False),
     Family("mamba", hf_extras.HfxMambaConfig, "HfxMamba", dict(state_size=8, num_heads=1)),
     Family("mamba2", hf_extras.HfxMamba2Config, "HfxMamba2", dict(state_size=8, num_heads=4, n_groups=2)),
+    Family("gated_deltanet", hf_extras.GatedDeltaNetConfig, "GatedDeltaNet", dict(gate="head")),
+    Family("deltanet", hf_extras.GatedDeltaNetConfig, "GatedDeltaNet", dict(gate="none", num_key_heads=1)),
 ]
 
 HEADS = {

@@ -69,7 +69,7 @@ class _DecayOps(TorchDispatchMode):
         self.dtypes: list[torch.dtype] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.OPS:
+        if func.overloadpacket.__name__ in self.OPS and args[0].dtype.is_floating_point:  # not integer counters
             self.dtypes.append(args[0].dtype)
         return func(*args, **(kwargs or {}))
 
@@ -130,4 +130,5 @@ def test_mixers_form_decays_in_float32_under_fp16_autocast(family):
         logits = model(input_ids=ids).logits
     assert torch.isfinite(logits).all()
     if family.recurrent:
-        assert recorder.dtypes and set(recorder.dtypes) == {torch.float32}
+        assert set(recorder.dtypes) <= {torch.float32}
+        assert recorder.dtypes or family.name == "deltanet"  # DeltaNet forms no decay at all

@@ -284,6 +284,16 @@ register_model(
 
 register_model(
     ModelSpec(
+        "gated_deltanet",
+        "Gated DeltaNet",
+        _build_hfx("GatedDeltaNetConfig", "GatedDeltaNetForCausalLM", gate="head", forward_mode="auto"),
+        "hf_extras Gated DeltaNet (delta rule, per-head decay, short conv, gated output norm), FFN matched to "
+        "Llama's parameters",
+    )
+)
+
+register_model(
+    ModelSpec(
         "dyt",
         "DyT",
         _build_hfx("DyTConfig", "DyTForCausalLM", attn_implementation="sdpa"),
@@ -329,7 +339,16 @@ register_model(
 )
 
 BASELINE = "llama"
-DEFAULT_FAMILIES: tuple[str, ...] = ("llama", "retnet", "gla", "gated_retnet", "dyt", "hfx_mamba", "hf_mamba")
+DEFAULT_FAMILIES: tuple[str, ...] = (
+    "llama",
+    "retnet",
+    "gla",
+    "gated_retnet",
+    "gated_deltanet",
+    "dyt",
+    "hfx_mamba",
+    "hf_mamba",
+)
 
 
 # every sequence family at one fixed size, as (config class, causal-LM class, options) of the `hf_extras` namespace
@@ -341,6 +360,7 @@ FAMILY_VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "linear_attention": ("GatedRetentionConfig", "GatedRetentionForCausalLM", {"gate": "none", "feature_map": "elu"}),
     "dyt": ("DyTConfig", "DyTForCausalLM", {}),
     "mamba": ("HfxMambaConfig", "HfxMambaForCausalLM", {"state_size": 8}),
+    "gated_deltanet": ("GatedDeltaNetConfig", "GatedDeltaNetForCausalLM", {"gate": "head"}),
     "mamba2": ("HfxMamba2Config", "HfxMamba2ForCausalLM", {"state_size": 16, "n_groups": 1}),
 }
 FAMILY_NAMES: list[str] = list(FAMILY_VARIANTS)

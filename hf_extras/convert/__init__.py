@@ -1,5 +1,5 @@
-"""Importers and exporters: transformers' Mamba and Mamba-2, timm's MLP-Mixer, flash-linear-attention's RetNet and
-GLA."""
+"""Importers and exporters: transformers' Mamba, Mamba-2 and Qwen3-Next linear layers, timm's MLP-Mixer,
+flash-linear-attention's RetNet and GLA."""
 
 from .fla import KEY_TABLE as FLA_KEY_TABLE
 from .fla import convert_fla_state_dict, fla_config_to_hfx, fla_key_to_hfx, from_fla, load_fla_folder
@@ -19,6 +19,7 @@ from .mamba2 import (
     mamba2_config_from_hfx,
     mamba2_state_dict_to_hfx,
 )
+from .qwen3_next import gated_deltanet_config_from_qwen3_next, hfx_layer_to_qwen3_next, qwen3_next_layer_to_hfx
 from .timm_mixer import (
     TIMM_MIXER_DATA_CONFIG,
     convert_timm_mixer_state_dict,
@@ -49,6 +50,9 @@ __all__ = [
     "import_transformers_mamba2",
     "mamba2_config_from_hfx",
     "mamba2_state_dict_to_hfx",
+    "gated_deltanet_config_from_qwen3_next",
+    "qwen3_next_layer_to_hfx",
+    "hfx_layer_to_qwen3_next",
     "convert_timm_mixer_state_dict",
     "load_timm_mixer",
     "mlp_mixer_config_from_timm",

@@ -1,0 +1,264 @@
+"""Gated DeltaNet and DeltaNet on the shared backbone, with every task head.
+
+The mixer is the published layer (Yang et al. 2025), as transformers' `Qwen3NextGatedDeltaNet` runs it: q/k/v
+projections through a short causal depthwise conv and SiLU, L2-normalised q and k, `beta = sigmoid(x W_b)`, a
+per-head decay `log a = -exp(A_log) * softplus(x W_a + dt_bias)` (`gate="none"`: DeltaNet, no decay), the
+`delta_ops` kernel (fla's Triton kernels on CUDA when installed), a per-head RMS norm gated by `silu(x W_z)`, and an output projection.
+`hf_extras.convert.qwen3_next` maps Qwen3-Next's fused `in_proj_qkvz` / `in_proj_ba` into these projections and back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
+from .configuration_gated_deltanet import GatedDeltaNetConfig
+from .delta_ops import gated_delta_rule, pick_mode
+from .fla_delta_dispatch import fla_gated_delta_rule
+from .heads import (
+    ForCausalLMHead,
+    ForMaskedLMHead,
+    ForQuestionAnsweringHead,
+    ForSequenceClassificationHead,
+    ForTokenClassificationHead,
+)
+from .seq2seq import ForConditionalGenerationHead
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`x / sqrt(|x|^2 + eps)` over the last dim (fla's and transformers' Qwen3-Next `l2norm`)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def document_starts(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, seq_len: int):
+    """`(B, T)` bool: the first token of every document after the first column of a packed row (position ids that
+    restart at 0, as transformers' `DataCollatorWithFlattening` writes them), real tokens only; `None` without ids."""
+    if position_ids is None:
+        return None
+    starts = (position_ids == 0) & (torch.arange(seq_len, device=position_ids.device) > 0)
+    if attention_mask is not None:
+        starts = starts & attention_mask.bool()
+    return starts
+
+
+def causal_conv_within_documents(
+    x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None, starts: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv of `x` `(B, T, C)` with `weight` `(C, 1, K)` whose window stops at document starts.
+
+    `tail` `(B, C, K - 1)`: the previous inputs (a cache; zeros when `None`). Written as K shifted multiply-adds
+    (channels last) so each tap can be masked where it would reach into an earlier document; the returned tail
+    keeps only the last document's inputs, so decoding continues that document alone. Returns `(y, new_tail)`.
+    """
+    K, T = weight.shape[-1], x.shape[1]
+    if tail is None:
+        padded = F.pad(x, (0, 0, K - 1, 0))
+    else:
+        padded = torch.cat([tail.transpose(1, 2).to(x.dtype), x], dim=1)
+    seg = None
+    if starts is not None:
+        seg = torch.cumsum(starts.to(torch.int32), dim=1)  # document index within the row
+        seg_padded = F.pad(seg, (K - 1, 0))  # the tail belongs to the row's first document
+    taps = weight[:, 0, :].t().to(x.dtype)  # (K, C); tap i reads padded[t + i], i.e. x[t - (K - 1 - i)]
+    y = None
+    for i in range(K):
+        term = padded[:, i : i + T] * taps[i]
+        if seg is not None and i < K - 1:
+            term = term * (seg_padded[:, i : i + T] == seg)[..., None].to(x.dtype)
+        y = term if y is None else y + term
+    new_tail = padded[:, padded.shape[1] - (K - 1) :]
+    if seg is not None:
+        new_tail = new_tail * (seg_padded[:, -(K - 1) :] == seg[:, -1:])[..., None].to(x.dtype)
+    return y, new_tail.transpose(1, 2)
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMS norm of the output, then times `silu(gate)` (Qwen3-Next's `RMSNormGated`; no gate: plain)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x = self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        if gate is not None:
+            x = x * F.silu(gate.float())
+        return x.to(dtype)
+
+
+class GatedDeltaNetMixer(nn.Module):
+    """The Gated DeltaNet token mixer (see the module docstring); grouped key heads, cacheable conv and state.
+
+    Padding: at a padded token the conv input is zeroed (nothing reaches later tokens through the conv window),
+    k = v = 0 and the log decay is 0, so the state passes it unchanged, in either direction.
+    Packed documents (position ids restarting at 0): the log decay is `-inf` at each document's first token (the
+    state resets, in both directions) and the conv window stops there, so each document gets its outputs alone.
+    """
+
+    def __init__(self, config: GatedDeltaNetConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads  # value heads
+        self.num_key_heads = config.num_key_heads
+        self.key_head_dim = config.key_head_dim
+        self.value_head_dim = config.value_head_dim
+        self.key_dim = self.num_key_heads * self.key_head_dim
+        self.value_dim = self.num_heads * self.value_head_dim
+        self.gate = config.gate
+        self.bidirectional = config.bidirectional
+        self.forward_mode = config.forward_mode
+        self.chunk_size = config.chunk_size
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.value_dim, bias=False)
+        self.b_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        if self.gate == "head":
+            self.a_proj = nn.Linear(hidden, self.num_heads, bias=False)
+            self.A_log = nn.Parameter(torch.empty(self.num_heads))
+            self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.g_proj = nn.Linear(hidden, self.value_dim, bias=False) if config.use_output_gate else None
+        self.conv_size = config.conv_size if config.use_short_conv else 0
+        if self.conv_size > 0:  # one depthwise conv over the concatenated q, k, v channels (Qwen3-Next's order)
+            channels = 2 * self.key_dim + self.value_dim
+            self.conv1d = nn.Conv1d(channels, channels, self.conv_size, groups=channels, bias=False)
+        self.o_norm = GatedRMSNorm(self.value_head_dim, config.norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, hidden, bias=False)
+
+    @torch.no_grad()
+    def init_custom_weights(self, config) -> None:
+        """The published initialisation of the decay: `A ~ U(1, 16)`, `dt ~ logU(1e-3, 0.1)`, `dt_bias = softplus^-1(dt)`
+        (custom parameters, so `from_pretrained` re-initialises only what a checkpoint lacks)."""
+        if self.gate != "head":
+            return
+        A = torch.empty(self.num_heads, device=self.A_log.device, dtype=torch.float32).uniform_(1.0, 16.0)
+        init.copy_(self.A_log, torch.log(A))
+        dt = torch.exp(
+            torch.rand(self.num_heads, device=self.dt_bias.device, dtype=torch.float32)
+            * (math.log(0.1) - math.log(1e-3))
+            + math.log(1e-3)
+        ).clamp(min=1e-4)
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+
+    def log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """`(B, H, T)` log decays (float32), or `None` for DeltaNet."""
+        if self.gate == "none":
+            return None
+        a = self.a_proj(hidden_states).float() + self.dt_bias.float()
+        return (-torch.exp(self.A_log.float()) * F.softplus(a)).transpose(1, 2)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
+        batch, seq_len, _ = hidden_states.shape
+        keep = attention_mask[..., None].to(hidden_states.dtype) if attention_mask is not None else None
+        starts = document_starts(position_ids, attention_mask, seq_len)
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self.conv_size > 0:
+            qkv = torch.cat([q, k, v], dim=-1)
+            if keep is not None:  # padded inputs must not reach real tokens through the conv
+                qkv = qkv * keep
+            tail = cache.read_conv(self.layer_idx) if cache is not None else None
+            mixed, new_tail = causal_conv_within_documents(qkv, self.conv1d.weight, tail, starts)
+            if cache is not None:
+                cache.write_conv(self.layer_idx, new_tail, self.conv_size - 1)
+            q, k, v = F.silu(mixed).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2_normalize(q.view(batch, seq_len, self.num_key_heads, self.key_head_dim).float())
+        k = l2_normalize(k.view(batch, seq_len, self.num_key_heads, self.key_head_dim).float())
+        v = v.view(batch, seq_len, self.num_heads, self.value_head_dim)
+        group = self.num_heads // self.num_key_heads
+        if group > 1:  # each key head serves `group` consecutive value heads
+            q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
+        q, k, v = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), v.transpose(1, 2)
+        beta = torch.sigmoid(self.b_proj(hidden_states).float()).transpose(1, 2)
+        log_decay = self.log_decay(hidden_states)
+        if keep is not None:  # a padded token writes nothing and keeps the state: k = v = 0, log decay 0
+            keep_t = attention_mask[:, None, :]
+            k = k * keep_t[..., None].to(k.dtype)
+            v = v * keep_t[..., None].to(v.dtype)
+            if log_decay is not None:
+                log_decay = log_decay * keep_t.to(log_decay.dtype)
+        if starts is not None:  # a document's first token resets the state (log decay -inf: a = 0)
+            if log_decay is None:
+                log_decay = torch.zeros(batch, self.num_heads, seq_len, device=hidden_states.device)
+            log_decay = log_decay.masked_fill(starts[:, None, :], float("-inf"))
+
+        state = cache.read_recurrent(self.layer_idx) if cache is not None else None
+        mode = self.forward_mode
+        if mode == "auto":
+            mode = pick_mode(seq_len, self.chunk_size, state is not None)
+        kwargs = dict(
+            scale=self.key_head_dim**-0.5,
+            initial_state=state,
+            output_final_state=cache is not None,
+            bidirectional=self.bidirectional,
+        )
+        result = fla_gated_delta_rule(q, k, v, beta, log_decay, mode=mode, **kwargs)  # None unless CUDA + fla
+        if result is None:
+            result = gated_delta_rule(q, k, v, beta, log_decay, mode=mode, chunk_size=self.chunk_size, **kwargs)
+        out, new_state = result
+        if cache is not None:
+            cache.write_recurrent(self.layer_idx, new_state)
+        out = out.transpose(1, 2)  # (B, T, H, Dv)
+        gate = None
+        if self.g_proj is not None:
+            gate = self.g_proj(hidden_states).view(batch, seq_len, self.num_heads, self.value_head_dim)
+        out = self.o_norm(out, gate).reshape(batch, seq_len, self.value_dim)
+        return self.o_proj(out.to(hidden_states.dtype))
+
+
+class GatedDeltaNetPreTrainedModel(SharedPreTrainedModel):
+    config_class = GatedDeltaNetConfig
+    config: GatedDeltaNetConfig
+
+
+class GatedDeltaNetModel(GatedDeltaNetPreTrainedModel, SequenceBackbone):
+    """The bare Gated DeltaNet backbone."""
+
+    mixer_class = GatedDeltaNetMixer
+
+
+class GatedDeltaNetForCausalLM(GatedDeltaNetPreTrainedModel, ForCausalLMHead):
+    backbone_class = GatedDeltaNetModel
+
+
+class GatedDeltaNetForMaskedLM(GatedDeltaNetPreTrainedModel, ForMaskedLMHead):
+    backbone_class = GatedDeltaNetModel
+
+
+class GatedDeltaNetForSequenceClassification(GatedDeltaNetPreTrainedModel, ForSequenceClassificationHead):
+    backbone_class = GatedDeltaNetModel
+
+
+class GatedDeltaNetForTokenClassification(GatedDeltaNetPreTrainedModel, ForTokenClassificationHead):
+    backbone_class = GatedDeltaNetModel
+
+
+class GatedDeltaNetForQuestionAnswering(GatedDeltaNetPreTrainedModel, ForQuestionAnsweringHead):
+    backbone_class = GatedDeltaNetModel
+
+
+class GatedDeltaNetForConditionalGeneration(ForConditionalGenerationHead, GatedDeltaNetPreTrainedModel):
+    """Seq2seq LM: bidirectional encoder and causal decoder stacks of GatedDeltaNetModel, with cross-attention."""
+
+    backbone_class = GatedDeltaNetModel
+
+
+AUTO_CLASSES = {
+    "AutoModel": GatedDeltaNetModel,
+    "AutoModelForCausalLM": GatedDeltaNetForCausalLM,
+    "AutoModelForMaskedLM": GatedDeltaNetForMaskedLM,
+    "AutoModelForSequenceClassification": GatedDeltaNetForSequenceClassification,
+    "AutoModelForTokenClassification": GatedDeltaNetForTokenClassification,
+    "AutoModelForQuestionAnswering": GatedDeltaNetForQuestionAnswering,
+    "AutoModelForSeq2SeqLM": GatedDeltaNetForConditionalGeneration,
+}
+register_family(GatedDeltaNetConfig, AUTO_CLASSES)
+
+__all__ = [cls.__name__ for cls in AUTO_CLASSES.values()] + ["GatedDeltaNetPreTrainedModel", "GatedDeltaNetMixer"]
