@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from .attention import CrossAttention
 from .cache import RecurrentCache, as_recurrent_cache
 from .ffn import build_ffn
+from .input_checks import check_attention_mask_values, check_position_ids, check_token_inputs
 from .norms import DyT, build_norm
 from .positions import positions_from_mask
 
@@ -61,6 +62,7 @@ def padding_mask(attention_mask, batch_size: int, seq_len: int, past_len: int) -
             f"seq_len={seq_len}) with {past_len} cached tokens: expected ({batch_size}, {seq_len}) or "
             f"({batch_size}, {past_len + seq_len})."
         )
+    check_attention_mask_values(attention_mask)
     return attention_mask
 
 
@@ -247,12 +249,13 @@ class HfxModel(HfxPreTrainedModel):
             )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        check_token_inputs(input_ids, inputs_embeds, self.config.hidden_size)
         if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
             check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
+        if position_ids is not None:
+            check_position_ids(position_ids, batch_size, seq_len)
 
         if self.config.bidirectional or (self.gradient_checkpointing and self.training):
             use_cache = False

@@ -11,11 +11,21 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 NormType = Literal["rmsnorm", "layernorm", "dyt"]
 FfnType = Literal["mlp", "glu", "moe", "none"]
 ForwardMode = Literal["auto", "parallel", "chunkwise", "recurrent"]
 Pooling = Literal["auto", "last", "mean", "first"]
+
+
+def check_hidden_act(hidden_act: str) -> None:
+    """`hidden_act` must name one of transformers' activations (`ACT2FN`), checked when the config is built."""
+    if hidden_act not in ACT2FN:
+        raise ValueError(
+            f"`hidden_act` {hidden_act!r} is not an activation transformers knows: use one of "
+            f"{', '.join(sorted(ACT2FN))}."
+        )
 
 
 @strict
@@ -141,6 +151,18 @@ class HfxSequenceConfig(PreTrainedConfig):
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_heads` ({self.num_heads}): "
                 f"pick a hidden size that is a multiple of {self.num_heads}, or another head count."
+            )
+
+    def validate_hidden_act(self):
+        """The FFN activation must exist (an unknown name would fail only when the model is built or run)."""
+        check_hidden_act(self.hidden_act)
+
+    def validate_pad_token_id(self):
+        """The pad id indexes the embedding (`padding_idx`) and the tokenizer's padding: it must be in the vocabulary."""
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"`pad_token_id` ({self.pad_token_id}) must be a token id in [0, vocab_size={self.vocab_size}) or "
+                "None: use the tokenizer's pad id, or raise `vocab_size` to cover the tokenizer."
             )
 
     def validate_seq2seq(self):

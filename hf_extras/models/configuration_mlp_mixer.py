@@ -6,6 +6,8 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .configuration_common import check_hidden_act
+
 # The paper's sizes (Tolstikhin et al. 2021, Table 1): width, depth, token-MLP width, channel-MLP width, patch.
 # Parameter counts with a 1,000-class head at 224 px: S/32 19.1M, S/16 18.5M, B/32 60.3M, B/16 59.9M,
 # L/32 206.9M, L/16 208.2M (`tests/test_mlp_mixer.py` checks them).
@@ -137,6 +139,10 @@ class MlpMixerConfig(PreTrainedConfig):
                 f"`image_size` ({self.image_size}) must be divisible by `patch_size` ({self.patch_size}): patches "
                 f"must tile the image; pick an image size that is a multiple of {self.patch_size} or another patch size."
             )
+
+    def validate_hidden_act(self):
+        """The MLP activation must exist (an unknown name would fail only when the model is built or run)."""
+        check_hidden_act(self.hidden_act)
 
     def validate_regularisation(self):
         """Dropout in [0, 1); positive epsilon; a valid pad id in text mode."""

@@ -24,6 +24,7 @@ from transformers.modeling_outputs import (
 )
 
 from .backbone import HfxPreTrainedModel, pop_cache_kwarg
+from .input_checks import check_labels, check_sequence_labels, check_span_positions, input_shape
 
 
 class LayerFeatures(nn.Module):
@@ -150,6 +151,7 @@ class HfxForCausalLM(_HfxHead, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`prefix_mask` (prefix LMs, e.g. DyT with `prefix_lm=True`): 1 on source tokens, which attend both ways."""
+        check_labels(labels, input_shape(input_ids, inputs_embeds))
         features, outputs = self._run_backbone(
             input_ids,
             attention_mask,
@@ -206,6 +208,7 @@ class HfxForMaskedLM(_HfxHead):
         output_hidden_states=None,
         **kwargs,
     ) -> MaskedLMOutput:
+        check_labels(labels, input_shape(input_ids, inputs_embeds))
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
         )
@@ -274,6 +277,8 @@ class HfxForSequenceClassification(_ClassifierHead):
         output_hidden_states=None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
+        shape = input_shape(input_ids, inputs_embeds)
+        check_sequence_labels(labels, shape and shape[0], self.config.num_labels)
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
         )
@@ -308,6 +313,7 @@ class HfxForTokenClassification(_ClassifierHead):
         output_hidden_states=None,
         **kwargs,
     ) -> TokenClassifierOutput:
+        check_labels(labels, input_shape(input_ids, inputs_embeds))
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
         )
@@ -341,6 +347,9 @@ class HfxForQuestionAnswering(_ClassifierHead):
         output_hidden_states=None,
         **kwargs,
     ) -> QuestionAnsweringModelOutput:
+        shape = input_shape(input_ids, inputs_embeds)
+        check_span_positions(start_positions, shape and shape[0], "start_positions")
+        check_span_positions(end_positions, shape and shape[0], "end_positions")
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
         )

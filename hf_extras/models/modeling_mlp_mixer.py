@@ -48,6 +48,7 @@ from .backbone import (
 )
 from .configuration_mlp_mixer import MlpMixerConfig
 from .heads import HfxForCausalLM, HfxForSequenceClassification, HfxForTokenClassification
+from .input_checks import check_sequence_labels, check_token_inputs
 from .norms import build_norm
 
 
@@ -229,9 +230,8 @@ class MlpMixerModel(MlpMixerPreTrainedModel):
     def _text_embeddings(self, input_ids, inputs_embeds):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        check_token_inputs(input_ids, inputs_embeds, self.config.hidden_size)
         if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
             check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         seq_len, window = inputs_embeds.shape[1], self.config.max_position_embeddings
@@ -341,6 +341,8 @@ class MlpMixerForImageClassification(MlpMixerPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
+        if pixel_values is not None:
+            check_sequence_labels(labels, pixel_values.shape[0], self.config.num_labels)
         outputs = self.model(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
         logits = self.head(self.head_drop(outputs.pooler_output))
         loss = None

@@ -34,6 +34,7 @@ from transformers.utils import logging
 
 from .backbone import HfxPreTrainedModel, pop_cache_kwarg
 from .heads import scaled_aux_loss
+from .input_checks import check_seq2seq_inputs
 
 logger = logging.get_logger(__name__)
 
@@ -206,6 +207,10 @@ class HfxForConditionalGeneration(HfxPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Seq2SeqLMOutput:
         cache = pop_cache_kwarg(cache, kwargs)
+        check_seq2seq_inputs(
+            self.config.hidden_size, input_ids if encoder_outputs is None else None, inputs_embeds, attention_mask,
+            decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask, labels,
+        )  # fmt: skip
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
                 input_ids,
