@@ -287,6 +287,7 @@ def evaluate_before_training(trainer: Trainer) -> dict[str, float]:
 
 def run(args: RunArguments) -> dict[str, Any]:
     """Train one model and write its run folder to `args.training.output_dir`; returns the metrics."""
+    from .data.tokenizer import tokenizer_for_task
     from .model_card import ModelCardInfo, write_model_card
 
     start = time.perf_counter()
@@ -300,6 +301,7 @@ def run(args: RunArguments) -> dict[str, Any]:
 
     pretrained = args.data.model_name_or_path
     tokenizer = load_tokenizer(args.data.tokenizer_name or pretrained)
+    tokenizer = tokenizer_for_task(tokenizer, task.name)  # byte tokenizer: cls/sep for encoder tasks only
     config_class = config_class_for(args.model_type)
     raw = task.load_data(args.data, data_seed)
     base = pretrained_config_values(pretrained, args.model_type) if pretrained else {}

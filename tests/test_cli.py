@@ -52,7 +52,7 @@ def test_end_to_end_run_folder(tmp_path):
     assert metrics["final_eval_perplexity"] == pytest.approx(
         torch.tensor(metrics["final_eval_loss"]).exp().item(), rel=1e-4
     )
-    assert metrics["sample"]["prompt"] == "def "
+    assert metrics["sample"]["prompt"] == yaml.safe_load(QUICKSTART.read_text())["sample_prompt"]
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     card = (out / "README.md").read_text()

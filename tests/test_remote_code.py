@@ -39,6 +39,16 @@ def test_remote_code_load_without_hf_extras(family, tmp_path):
         assert torch.equal(model.generate(ref["ids"], max_new_tokens=5, do_sample=False, pad_token_id=0), ref["generated"])
         clf = AutoModelForSequenceClassification.from_pretrained("{tmp_path}/ckpt", trust_remote_code=True, num_labels=3)
         assert clf(ref["ids"]).logits.shape == (1, 3)
+        # warm start: the encoder-decoder built from the causal LM's folder, through the folder's own code
+        from transformers import AutoModelForSeq2SeqLM
+        s2s = AutoModelForSeq2SeqLM.from_pretrained("{tmp_path}/ckpt", trust_remote_code=True)
+        assert type(s2s).__name__.endswith("ForConditionalGeneration") and "hf_extras" not in type(s2s).__module__
+        assert torch.equal(s2s.shared.weight, model.model.embed_tokens.weight)
+        for stack in (s2s.encoder, s2s.decoder):
+            state = stack.state_dict()
+            for key, value in model.model.state_dict().items():
+                assert torch.equal(state[key], value), key
+        assert s2s.generate(ref["ids"], max_new_tokens=3, min_new_tokens=3).shape == (1, 4)
         print("REMOTE_OK", type(model).__name__)
         """,
         cwd=str(tmp_path),

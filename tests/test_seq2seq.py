@@ -192,6 +192,74 @@ def test_save_and_load(family, tmp_path):
         )
 
 
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_warm_start_from_a_pretrained_causal_lm(family, tmp_path):
+    """AutoModelForSeq2SeqLM on a causal-LM folder: encoder and decoder stacks and the shared embedding / LM head are
+    the causal LM's weights; cross-attention (and decoder blocks beyond the source's depth) are new and initialised."""
+    causal = family.cls("ForCausalLM")(family.config()).eval()
+    with torch.no_grad():  # trained-looking weights, so a copy cannot pass for a fresh initialisation
+        for p in causal.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    causal.save_pretrained(tmp_path / "causal")
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "causal", num_decoder_layers=3)
+    assert type(model) is family.cls("ForConditionalGeneration") and model.config.is_encoder_decoder
+    assert all(not t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    source = causal.model.state_dict()
+    torch.testing.assert_close(model.shared.weight, source["embed_tokens.weight"], rtol=0, atol=0)
+    assert model.lm_head.weight is model.shared.weight
+    for name in ("encoder", "decoder"):
+        stack = getattr(model, name).state_dict()
+        for key, value in source.items():
+            torch.testing.assert_close(stack[key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+    # the new parts: initialised as from scratch (finite, std of the initializer range; norms at their constants)
+    fresh = seq2seq(family, num_decoder_layers=3).decoder.state_dict()
+    new = {k: v for k, v in model.decoder.state_dict().items() if k not in source}
+    assert any(".cross_attn." in k for k in new) and any(k.startswith("layers.2.") for k in new)
+    for key, value in new.items():
+        assert torch.isfinite(value).all(), key
+        if ".cross_attn." in key and value.dim() == 2:
+            assert 0.5 < value.std().item() / model.config.initializer_range < 1.5, key
+        elif ".cross_norm." in key:
+            torch.testing.assert_close(value, fresh[key], msg=key)
+    src, mask = padded_source()
+    target = torch.randint(7, 96, (2, 5))
+    loss = model.train()(src, attention_mask=mask, labels=target).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval().zero_grad()
+    generated = model.generate(src, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    model.save_pretrained(tmp_path / "seq2seq")  # saved as an encoder-decoder, it reloads as one
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "seq2seq")
+    assert torch.equal(reloaded.generate(src, attention_mask=mask, max_new_tokens=4, min_new_tokens=4), generated)
+
+
+def test_warm_start_copies_an_untied_lm_head():
+    family = FAMILIES[0]
+    causal = family.cls("ForCausalLM")(family.config(tie_word_embeddings=False))
+    model = family.cls("ForConditionalGeneration").warm_start_from(causal)
+    torch.testing.assert_close(model.lm_head.weight, causal.lm_head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.shared.weight, causal.model.embed_tokens.weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="own family"):
+        hf_extras.DyTForConditionalGeneration.warm_start_from(causal)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_resize_token_embeddings_reaches_both_stacks(family, tmp_path):
+    model = seq2seq(family)
+    model.resize_token_embeddings(120)
+    assert model.config.vocab_size == model.encoder.config.vocab_size == model.decoder.config.vocab_size == 120
+    src = torch.tensor([[7, 100, 119, 8]])
+    target = torch.tensor([[110, 9, 119]])
+    out = model(src, labels=target)
+    assert out.logits.shape == (1, 3, 120) and torch.isfinite(out.loss)
+    generated = model.generate(src, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.vocab_size == reloaded.encoder.config.vocab_size == reloaded.decoder.config.vocab_size
+    assert reloaded.shared.weight.shape == (120, 32)
+    assert torch.equal(reloaded.generate(src, max_new_tokens=3, min_new_tokens=3, do_sample=False), generated)
+
+
 def test_remote_code_generation_from_saved_folders(tmp_path):
     """AutoModelForSeq2SeqLM + AutoTokenizer alone, in a Python that cannot import hf_extras (one family per
     modeling file, one subprocess for all)."""

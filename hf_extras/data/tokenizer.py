@@ -6,10 +6,16 @@ pairs). ``ByT5Tokenizer`` is slow and has none of these, so we build the equival
 ``tokenizers`` library: the 256 GPT-2 ByteLevel characters as vocabulary, no merges, a
 ByteLevel pre-tokenizer/decoder and a template post-processor. Every Unicode string encodes
 losslessly (never ``<unk>``) and offsets point into the original text.
+
+The cls/sep template is what encoder tasks (masked LM, classification, QA) read; generation tasks (causal LM,
+seq2seq) train on plain text, so their run folders save the tokenizer without it (``tokenizer_for_task``): then
+``pipeline("text-generation")``, which calls the tokenizer with its defaults, feeds the prompt ``generate()`` was
+trained on.
 """
 
 from __future__ import annotations
 
+import copy
 from functools import cache
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -30,6 +36,8 @@ __all__ = [
     "byte_to_unicode",
     "build_byte_tokenizer",
     "is_byte_tokenizer",
+    "tokenizer_for_task",
+    "PLAIN_TEXT_TASKS",
 ]
 
 # Fixed ids 0..6, in this order; the byte alphabet follows at 7..262 (byte b -> id 7 + b).
@@ -66,7 +74,23 @@ def byte_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def _build_backend() -> Tokenizer:
+# tasks whose models read plain text (no cls/sep): the tokenizer in their run folders adds no special tokens
+PLAIN_TEXT_TASKS = frozenset({"causal_lm", "seq2seq"})
+
+
+def _post_processor(cls_sep: bool) -> processors.TemplateProcessing:
+    """``<cls> A <sep>`` / ``<cls> A <sep> B <sep>`` (token types 0/1), or plain ``A`` / ``A B``."""
+    if not cls_sep:
+        return processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
+    cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
+    return processors.TemplateProcessing(
+        single=f"{cls} $A {sep}",
+        pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, CLS_TOKEN_ID), (sep, SEP_TOKEN_ID)],
+    )
+
+
+def _build_backend(cls_sep: bool = True) -> Tokenizer:
     """The raw ``tokenizers.Tokenizer``: specials 0..6, bytes 7..262, no merges."""
     specials = list(SPECIAL_TOKENS.values())
     vocab = _reference_vocab()
@@ -78,26 +102,21 @@ def _build_backend() -> Tokenizer:
     # use_regex=True splits into GPT-2 "words": these become word_ids().
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}",
-        pair=f"{cls} $A {sep} $B:1 {sep}:1",
-        special_tokens=[(cls, CLS_TOKEN_ID), (sep, SEP_TOKEN_ID)],
-    )
+    tok.post_processor = _post_processor(cls_sep)
     return tok
 
 
-def build_byte_tokenizer(model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+def build_byte_tokenizer(model_max_length: int = 2048, cls_sep: bool = True) -> PreTrainedTokenizerFast:
     """Build the offline byte-level fast tokenizer (``len == VOCAB_SIZE == 263``).
 
-    Single sequences get ``<cls> A <sep>``, pairs ``<cls> A <sep> B <sep>`` with
-    token_type_ids 0/1 (request them with ``return_token_type_ids=True``). Causal-LM
-    pretraining should pass ``add_special_tokens=False``. Padding is on the right; generation
-    callers switch ``padding_side`` to ``"left"`` themselves. The result round-trips through
+    With ``cls_sep`` (the default, for encoder tasks) single sequences get ``<cls> A <sep>``, pairs
+    ``<cls> A <sep> B <sep>`` with token_type_ids 0/1 (request them with ``return_token_type_ids=True``);
+    without it a call adds no special tokens (plain text, as causal-LM pretraining reads it). Padding is on the
+    right; generation callers switch ``padding_side`` to ``"left"`` themselves. The result round-trips through
     ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` with no network access.
     """
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_build_backend(),
+        tokenizer_object=_build_backend(cls_sep),
         model_max_length=model_max_length,
         padding_side="right",
         truncation_side="right",
@@ -123,6 +142,23 @@ def is_byte_tokenizer(tokenizer: object) -> bool:
         return False
     # the length first: a GPT-2-style ByteLevel BPE (50k entries) is refused without building its vocabulary dict
     return len(tokenizer) == VOCAB_SIZE and tokenizer.get_vocab() == _reference_vocab()
+
+
+def tokenizer_for_task(tokenizer: PreTrainedTokenizerFast, task: str) -> PreTrainedTokenizerFast:
+    """The byte tokenizer set up for ``task``: no special tokens by default for plain-text tasks
+    (``PLAIN_TEXT_TASKS``), the cls/sep template for the others. Other tokenizers are returned unchanged.
+
+    A copy when the template changes, so one loaded from a causal-LM run folder gets cls/sep back for fine-tuning a
+    classifier or QA head, and a causal-LM run saves one whose plain calls match ``generate()``'s training input.
+    """
+    if not is_byte_tokenizer(tokenizer):
+        return tokenizer
+    cls_sep = task not in PLAIN_TEXT_TASKS
+    if (tokenizer("a").input_ids[0] == CLS_TOKEN_ID) == cls_sep:
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.backend_tokenizer.post_processor = _post_processor(cls_sep)
+    return tokenizer
 
 
 @cache

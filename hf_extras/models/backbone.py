@@ -21,6 +21,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .attention import CrossAttention
 from .cache import RecurrentCache, as_recurrent_cache
 from .ffn import build_ffn
+from .input_checks import check_attention_mask_values, check_position_ids, check_token_inputs
 from .norms import DyT, build_norm
 from .positions import positions_from_mask, rotary_cos_sin
 
@@ -62,6 +63,7 @@ def padding_mask(attention_mask, batch_size: int, seq_len: int, past_len: int) -
             f"seq_len={seq_len}) with {past_len} cached tokens: expected ({batch_size}, {seq_len}) or "
             f"({batch_size}, {past_len + seq_len})."
         )
+    check_attention_mask_values(attention_mask)
     return attention_mask
 
 
@@ -70,10 +72,9 @@ def embed_inputs(embed_tokens: nn.Embedding, input_ids, inputs_embeds, vocab_siz
     `embed_tokens`) or `inputs_embeds` (returned as given); shared by every family's backbone."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+    check_token_inputs(input_ids, inputs_embeds, embed_tokens.embedding_dim)
     if input_ids is None:
         return inputs_embeds
-    if input_ids.dim() != 2:
-        raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
     check_input_ids(input_ids, vocab_size)
     return embed_tokens(input_ids)
 
@@ -265,6 +266,8 @@ class SequenceBackbone(SharedPreTrainedModel):
             )
         inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, self.config.vocab_size)
         batch_size, seq_len = inputs_embeds.shape[:2]
+        if position_ids is not None:
+            check_position_ids(position_ids, batch_size, seq_len)
 
         if self.config.bidirectional or (self.gradient_checkpointing and self.training):
             use_cache = False

@@ -14,6 +14,7 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import as_validated_field, strict
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.utils.type_validators import interval, positive_int_field
 
 NormType = Literal["rmsnorm", "layernorm", "dyt"]
@@ -37,6 +38,15 @@ def positive(default: float):
 def dropout(default: float = 0.0):
     """A dropout probability in [0, 1)."""
     return interval(min=0.0, max=1.0, exclude_max=True)(default=default)
+
+
+def check_hidden_act(hidden_act: str) -> None:
+    """`hidden_act` must name one of transformers' activations (`ACT2FN`), checked when the config is built."""
+    if hidden_act not in ACT2FN:
+        raise ValueError(
+            f"`hidden_act` {hidden_act!r} is not an activation transformers knows: use one of "
+            f"{', '.join(sorted(ACT2FN))}."
+        )
 
 
 @strict
@@ -76,6 +86,18 @@ class CommonConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     bos_token_id: int | None = 2
+
+    def validate_hidden_act(self):
+        """The FFN activation must exist (an unknown name would fail only when the model is built or run)."""
+        check_hidden_act(self.hidden_act)
+
+    def validate_pad_token_id(self):
+        """The pad id indexes the embedding (`padding_idx`) and the tokenizer's padding: it must be in the vocabulary."""
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"`pad_token_id` ({self.pad_token_id}) must be a token id in [0, vocab_size={self.vocab_size}) or "
+                "None: use the tokenizer's pad id, or raise `vocab_size` to cover the tokenizer."
+            )
 
 
 @strict

@@ -128,12 +128,5 @@ class MlpMixerConfig(CommonConfig):
                 f"must tile the image; pick an image size that is a multiple of {self.patch_size} or another patch size."
             )
 
-    def validate_pad_token_in_vocabulary(self):
-        """A pad id must be a token of the text vocabulary."""
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(
-                f"`pad_token_id` ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size}) or None."
-            )
-
 
 __all__ = ["MlpMixerConfig", "PRESETS"]

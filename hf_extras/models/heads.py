@@ -26,6 +26,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 
 from .backbone import SharedPreTrainedModel, pop_cache_kwarg
+from .input_checks import check_labels, check_sequence_labels, check_span_positions, input_shape
 
 
 class LayerFeatures(nn.Module):
@@ -161,6 +162,7 @@ class ForCausalLMHead(LMHeadBase, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`prefix_mask` (prefix LMs, e.g. DyT with `prefix_lm=True`): 1 on source tokens, which attend both ways."""
+        check_labels(labels, input_shape(input_ids, inputs_embeds))
         features, outputs = self._run_backbone(
             input_ids,
             attention_mask,
@@ -198,6 +200,7 @@ class ForMaskedLMHead(LMHeadBase):
         output_hidden_states=None,
         **kwargs,
     ) -> MaskedLMOutput:
+        check_labels(labels, input_shape(input_ids, inputs_embeds))
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
         )
@@ -270,6 +273,8 @@ class ForSequenceClassificationHead(_ClassifierHead):
         output_hidden_states=None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
+        shape = input_shape(input_ids, inputs_embeds)
+        check_sequence_labels(labels, shape and shape[0], self.config.num_labels)
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
         )
@@ -299,6 +304,7 @@ class ForTokenClassificationHead(_ClassifierHead):
         output_hidden_states=None,
         **kwargs,
     ) -> TokenClassifierOutput:
+        check_labels(labels, input_shape(input_ids, inputs_embeds))
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
         )
@@ -335,6 +341,9 @@ class ForQuestionAnsweringHead(BackboneHead):
         output_hidden_states=None,
         **kwargs,
     ) -> QuestionAnsweringModelOutput:
+        shape = input_shape(input_ids, inputs_embeds)
+        check_span_positions(start_positions, shape and shape[0], "start_positions")
+        check_span_positions(end_positions, shape and shape[0], "end_positions")
         features, outputs = self._run_backbone(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states, kwargs
         )

@@ -48,6 +48,7 @@ from .backbone import (
 )
 from .configuration_mlp_mixer import MlpMixerConfig
 from .heads import ForCausalLMHead, ForSequenceClassificationHead, ForTokenClassificationHead
+from .input_checks import check_sequence_labels
 from .norms import build_norm
 
 
@@ -322,6 +323,8 @@ class MlpMixerForImageClassification(MlpMixerPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
+        if pixel_values is not None:
+            check_sequence_labels(labels, pixel_values.shape[0], self.config.num_labels)
         outputs = self.model(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
         logits = self.head(self.head_drop(outputs.pooler_output))
         loss = None

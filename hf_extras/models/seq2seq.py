@@ -11,21 +11,42 @@ Generation: the cache is transformers' `EncoderDecoderCache(self-state cache, Dy
 the family's own (the fixed-size `RecurrentCache`, or DyT's KV cache) sized for the decoder's depth, which is why
 the head builds it itself instead of letting `generate()` build one from the config; the cross part holds the
 encoder keys/values, projected once on the first decoder step. Beam search reorders both.
+
+Warm start: `from_pretrained` on a folder saved by another head of the family (a pretrained causal LM, the usual
+case) builds the encoder-decoder from it (`warm_start_from`): the shared embedding / LM head, the encoder stack and
+the decoder stack all start from the pretrained backbone; only the cross-attention (and its norm) is new.
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import sys
+
 import torch
 from torch import nn
-from transformers import GenerationMixin
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.bart.modeling_bart import shift_tokens_right
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .backbone import SharedPreTrainedModel, pop_cache_kwarg
 from .heads import scaled_aux_loss
+from .input_checks import check_seq2seq_inputs
+
+logger = logging.get_logger(__name__)
+
+# hub arguments that locate a folder's config.json (everything else `from_pretrained` takes is for the model)
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+
+
+def saved_as_encoder_decoder(pretrained_model_name_or_path, kwargs: dict) -> bool:
+    """Whether the folder's (or Hub repo's) config.json was saved by an encoder-decoder head."""
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)
+    return bool(config_dict.get("is_encoder_decoder", False))
 
 
 class ForConditionalGenerationHead(SharedPreTrainedModel, GenerationMixin):
@@ -60,9 +81,85 @@ class ForConditionalGenerationHead(SharedPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`, except that a folder saved by another head of the family (a causal LM,
+        masked LM, classifier, ...) warm-starts the encoder-decoder from it (`warm_start_from`)."""
+        if (
+            pretrained_model_name_or_path is not None
+            and not isinstance(pretrained_model_name_or_path, PreTrainedModel)
+            and kwargs.get("state_dict") is None
+            and not kwargs.get("gguf_file")
+            and not saved_as_encoder_decoder(pretrained_model_name_or_path, kwargs)
+        ):
+            return cls.warm_start_from(pretrained_model_name_or_path, *model_args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def warm_start_from(cls, source: PreTrainedModel | str | os.PathLike, *model_args, **kwargs):
+        """An encoder-decoder initialised from a pretrained model of the same family (normally its causal LM).
+
+        `source` is the model or its folder / Hub id (loaded with `from_pretrained(source, **kwargs)` as the head it
+        was saved from). Encoder and decoder stacks both start from its backbone (decoder blocks beyond its depth,
+        and every cross-attention with its norm, are new and initialised as in training from scratch); the shared
+        embedding and the tied LM head are its embedding (an untied LM head of the source is copied too).
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        if not isinstance(source, PreTrainedModel):
+            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            config_dict, _ = PreTrainedConfig.get_config_dict(source, **hub)
+            module = sys.modules[cls.__module__]  # the family's modeling file, also under trust_remote_code
+            saved_as = next(iter(config_dict.get("architectures") or []), None)
+            source_class = getattr(module, saved_as, None) if saved_as else None
+            if not (isinstance(source_class, type) and issubclass(source_class, SharedPreTrainedModel)):
+                source_class = cls.backbone_class
+            source = source_class.from_pretrained(source, *model_args, **kwargs)
+        base = source.base_model
+        if not isinstance(base, cls.backbone_class):
+            raise ValueError(
+                f"{cls.__name__} warm-starts from a model of its own family ({cls.backbone_class.__name__}); "
+                f"got {type(source).__name__}."
+            )
+        config = copy.deepcopy(source.config)
+        config.bidirectional = False  # the encoder stack is made bidirectional by `stack_config`
+        config.architectures = [cls.__name__]
+        if getattr(config, "prefix_lm", False):
+            config.prefix_lm = False
+        model = cls(config).to(device=source.device, dtype=source.dtype)
+        state = {k: v for k, v in base.state_dict().items() if not k.startswith("embed_tokens.")}
+        new_keys = []
+        with torch.no_grad():
+            model.shared.weight.copy_(base.get_input_embeddings().weight)
+            for name in ("encoder", "decoder"):
+                missing, _ = getattr(model, name).load_state_dict(state, strict=False)
+                new_keys += [f"{name}.{k}" for k in missing if not k.startswith("embed_tokens.")]
+            source_head = source.get_output_embeddings() if hasattr(source, "get_output_embeddings") else None
+            if (
+                not config.tie_word_embeddings
+                and isinstance(source_head, nn.Linear)
+                and source_head.weight.shape == model.lm_head.weight.shape
+            ):
+                model.lm_head.weight.copy_(source_head.weight)
+        logger.info(f"{cls.__name__} warm-started from {type(source).__name__}; new (initialised): {new_keys}")
+        model.eval()
+        if output_loading_info:
+            return model, {
+                "missing_keys": set(new_keys),
+                "unexpected_keys": set(),
+                "mismatched_keys": set(),
+                "error_msgs": [],
+            }
+        return model
+
     def set_input_embeddings(self, value):
         # the encoder and decoder stacks read the shared table too (the getter and `lm_head` are transformers' own)
         self.shared = self.encoder.embed_tokens = self.decoder.embed_tokens = value
+
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        """transformers' resize, and the new size also in both stacks' configs (their input checks read it)."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        self.encoder.config.vocab_size = self.decoder.config.vocab_size = self.config.vocab_size
+        return embeddings
 
     def get_encoder(self, modality: str | None = None):
         return self.encoder
@@ -104,6 +201,10 @@ class ForConditionalGenerationHead(SharedPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Seq2SeqLMOutput:
         cache = pop_cache_kwarg(cache, kwargs)
+        check_seq2seq_inputs(
+            self.config.hidden_size, input_ids if encoder_outputs is None else None, inputs_embeds, attention_mask,
+            decoder_input_ids, decoder_inputs_embeds, decoder_attention_mask, labels,
+        )  # fmt: skip
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
                 input_ids,
