@@ -1,5 +1,7 @@
 """Tests for hf_extras.models.delta_ops (the gated delta rule: DeltaNet and Gated DeltaNet kernels)."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,6 +273,7 @@ def test_float32_under_bf16_autocast():
 def test_matches_transformers_gated_delta_rule(dtype, with_state, grouped, peer):
     qwen = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
     fn = qwen.torch_recurrent_gated_delta_rule if peer == "recurrent" else qwen.torch_chunk_gated_delta_rule
+    fn = inspect.unwrap(fn)  # transformers' PyTorch reference itself, not fla's Triton kernel swapped in when installed
     B, T, Hk, Hv, Dk, Dv = 2, 45, 2, (4 if grouped else 2), 16, 8
     gen = torch.Generator().manual_seed(3)
     # transformers' layout is time-first; raw (unnormalised) q/k: its use_qk_l2norm_in_kernel normalises them

@@ -3,6 +3,8 @@
 The generic checks (every head through the Auto classes, save/load, remote code, generation, PEFT, padding, ...) run
 through `tests/families.py` (`gated_deltanet`, `deltanet`)."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -11,6 +13,14 @@ from hf_extras.convert import gated_deltanet_config_from_qwen3_next, hfx_layer_t
 from hf_extras.models.modeling_gated_deltanet import GatedDeltaNetMixer
 
 qwen = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+
+
+@pytest.fixture(autouse=True)
+def qwen_reference_kernels(monkeypatch):
+    """transformers' own PyTorch delta-rule functions: with flash-linear-attention installed its decorator swaps in fla's
+    Triton kernels (transformers 5.24 does so on CPU too, where they cannot run)."""
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
+        monkeypatch.setattr(qwen, name, inspect.unwrap(getattr(qwen, name)))
 
 
 def tiny_qwen_layer(grouped: bool, dtype=torch.float32, seed=0):
