@@ -112,7 +112,8 @@ class SequenceConfig(CommonConfig):
             `"linear_attention"` (the family's own mixer), `"full_attention"` or `"sliding_attention"` (softmax
             attention layers, rotary positions, a KV cache; sliding ones see the last `sliding_window` tokens).
             `None` means every block is the family's own mixer (what every folder saved before hybrids holds).
-            `hf_extras.models.hybrid.hybrid_schedule` builds the usual ones (`"3:1"`, ...).
+            `hf_extras.models.hybrid.hybrid_schedule` builds the usual ones (`"3:1"`, ...). A seq2seq decoder of
+            another depth (`num_decoder_layers`) repeats the schedule to its depth.
         sliding_window (`int`, *optional*): window of the `"sliding_attention"` layers (needed when there are any).
     """
 
@@ -178,8 +179,9 @@ class SequenceConfig(CommonConfig):
         stack.use_cache = self.use_cache and role == "decoder"
         if role == "decoder" and self.num_decoder_layers is not None:
             stack.num_hidden_layers = self.num_decoder_layers
-            if not self.is_hybrid:
-                stack.layer_types = None
+            if self.layer_types is not None:  # the schedule's period, repeated to the decoder's depth
+                schedule = list(self.layer_types)
+                stack.layer_types = [schedule[i % len(schedule)] for i in range(self.num_decoder_layers)]
         return stack
 
     @property
@@ -221,8 +223,7 @@ class SequenceConfig(CommonConfig):
             )
 
     def validate_layer_schedule(self):
-        """`layer_types`: one known kind per block; sliding layers need `sliding_window`; a seq2seq decoder of another
-        depth cannot reuse a hybrid schedule."""
+        """`layer_types`: one known kind per block; sliding layers need `sliding_window`."""
         if self.layer_types is None:
             return
         if not isinstance(self.layer_types, (list, tuple)):
@@ -242,14 +243,4 @@ class SequenceConfig(CommonConfig):
             raise ValueError(
                 '`layer_types` has "sliding_attention" layers but `sliding_window` is None: set `sliding_window` '
                 "(the number of past tokens a sliding layer sees)."
-            )
-        if (
-            self.is_hybrid
-            and self.num_decoder_layers is not None
-            and self.num_decoder_layers != self.num_hidden_layers
-            and self.is_encoder_decoder
-        ):
-            raise ValueError(
-                f"A hybrid `layer_types` schedule has {self.num_hidden_layers} entries, but `num_decoder_layers` is "
-                f"{self.num_decoder_layers}: use a decoder as deep as the encoder (num_decoder_layers=None)."
             )
