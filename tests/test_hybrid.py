@@ -99,7 +99,7 @@ def test_cache_grows_only_with_attention_layers():
     with torch.no_grad():
         cache = model(torch.randint(7, 96, (1, 12)), use_cache=True).cache
         linear_state = cache.layers[0].recurrent_states[0].shape
-        for t in range(5):
+        for _ in range(5):
             cache = model(torch.randint(7, 96, (1, 1)), cache=cache, use_cache=True).cache
     layers = cache.layers
     assert isinstance(layers[0], LinearAttentionLayer) and layers[0].recurrent_states[0].shape == linear_state
@@ -191,7 +191,7 @@ def test_all_linear_schedule_is_todays_model(family, tmp_path):
     "overrides, message",
     [
         (dict(layer_types=["linear_attention"]), "num_hidden_layers"),
-        (dict(layer_types=["linear_attention", "attention"]), "layer_types"),
+        (dict(layer_types=["linear_attention", "chunked_attention"]), "layer_types"),
         (dict(layer_types=["linear_attention", "sliding_attention"]), "sliding_window"),
     ],
 )
