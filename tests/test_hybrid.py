@@ -223,3 +223,31 @@ def test_peft_default_targets_cover_attention_layers():
         assert any(
             isinstance(m, peft.tuners.lora.LoraLayer) for m in lora.base_model.model.model.layers[1].mixer.modules()
         )
+
+
+def test_cli_reads_layer_types_from_yaml_and_command_line(tmp_path):
+    import yaml
+
+    from hf_extras.cli import parse_train_args
+    from hf_extras.training import build_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            dict(
+                task="causal_lm",
+                model_type="hfx_retnet",
+                num_hidden_layers=2,
+                layer_types=["linear_attention", "sliding_attention"],
+                sliding_window=16,
+                output_dir=str(tmp_path),
+            )
+        )
+    )
+    args = parse_train_args(str(path))
+    assert args.model_overrides["layer_types"] == ["linear_attention", "sliding_attention"]
+    assert args.model_overrides["sliding_window"] == 16
+    config = build_config("hfx_retnet", args.model_overrides)
+    assert config.layer_types == ["linear_attention", "sliding_attention"] and config.is_hybrid
+    args = parse_train_args(str(path), ["--layer_types", "full_attention", "linear_attention"])
+    assert args.model_overrides["layer_types"] == ["full_attention", "linear_attention"]

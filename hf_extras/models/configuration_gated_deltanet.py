@@ -4,6 +4,7 @@
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
+from transformers.utils.type_validators import positive_int_field
 
 from .configuration_common import SequenceConfig
 
@@ -41,7 +42,7 @@ class GatedDeltaNetConfig(SequenceConfig):
     use_output_gate: bool = True
     # the delta rule's chunkwise form is fastest on CPU at 32-token chunks (its per-chunk triangular system grows
     # as C^2; benchmarks/delta_kernel.py: 1.9x / 3.7x transformers' kernel at 2k / 8k tokens vs 1.6x / 3.0x at 64)
-    chunk_size: int = 32
+    chunk_size: int = positive_int_field(default=32)
 
     def __post_init__(self, **kwargs):
         if self.num_key_heads is None:
