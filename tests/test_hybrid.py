@@ -251,3 +251,21 @@ def test_cli_reads_layer_types_from_yaml_and_command_line(tmp_path):
     assert config.layer_types == ["linear_attention", "sliding_attention"] and config.is_hybrid
     args = parse_train_args(str(path), ["--layer_types", "full_attention", "linear_attention"])
     assert args.model_overrides["layer_types"] == ["full_attention", "linear_attention"]
+
+
+def test_attention_layers_agree_under_eager_and_sdpa():
+    """The attention blocks go through transformers' attention interface: SDPA gives eager's numbers and tokens."""
+    model = hybrid_lm(HYBRIDS[4], SLIDING)
+    ids = torch.randint(7, 96, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    results = []
+    for implementation in ("eager", "sdpa"):
+        model.config._attn_implementation = implementation
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        results.append((logits, tokens))
+    torch.testing.assert_close(results[0][0][1], results[1][0][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][0][0, 3:], results[1][0][0, 3:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(results[0][1], results[1][1])
