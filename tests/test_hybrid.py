@@ -269,3 +269,16 @@ def test_attention_layers_agree_under_eager_and_sdpa():
     torch.testing.assert_close(results[0][0][1], results[1][0][1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][0][0, 3:], results[1][0][0, 3:], rtol=1e-5, atol=1e-5)
     assert torch.equal(results[0][1], results[1][1])
+
+
+def test_bench_registers_hybrid_rows():
+    from hf_extras.bench import models as bench
+
+    dims = bench.Dims()
+    target = bench.llama_non_embedding_params(dims)
+    for name in ("retnet_hybrid", "gla_hybrid", "gated_deltanet_hybrid"):
+        with torch.device("meta"):
+            model = bench.MODELS[name].build(dims)
+        assert model.config.layer_types == hybrid_schedule("3:1", dims.num_hidden_layers)
+        got = bench.count_parameters(model)["params_non_embedding"]
+        assert abs(got - target) <= 12_288 + 64 * 4, (name, got, target)
