@@ -36,6 +36,12 @@ class FamilyTargets:
     all_linear: tuple[str, ...]  # OSF and other "every projection" methods
 
 
+# the softmax attention blocks of a hybrid schedule (`layer_types`): DyT's q/k/v/o names, which the retention and
+# delta-rule families share already; the Mamba families list them too (PEFT only needs some name to match)
+_ATTENTION_LORA = ("q_proj", "v_proj")
+_ATTENTION_IA3 = ("k_proj", "v_proj")
+_ATTENTION_ALL = ("q_proj", "k_proj", "v_proj", "o_proj")
+
 _RETENTION = FamilyTargets(
     lora=("q_proj", "v_proj"),
     ia3=("k_proj", "v_proj", "down_proj"),
@@ -59,21 +65,21 @@ FAMILY_TARGETS: dict[str, FamilyTargets] = {
     # the mixer's big projections (PEFT's Mamba guidance); `dt_proj` is rank-sized and `x_proj` feeds the scan's
     # dt/B/C, both left alone by default
     "hfx_mamba": FamilyTargets(
-        lora=("in_proj", "out_proj"),
-        ia3=("in_proj", "out_proj", "down_proj"),
+        lora=("in_proj", "out_proj", *_ATTENTION_LORA),
+        ia3=("in_proj", "out_proj", "down_proj", *_ATTENTION_IA3),
         ia3_feedforward=("out_proj", "down_proj"),
         value=("out_proj",),
         norms=("mixer_norm", "ffn_norm", "norm"),
-        all_linear=("in_proj", "x_proj", "out_proj", "gate_proj", "up_proj", "down_proj"),
+        all_linear=("in_proj", "x_proj", "out_proj", "gate_proj", "up_proj", "down_proj", *_ATTENTION_ALL),
     ),
     # Mamba-2: the same big projections; `dt_bias`, `A_log`, `D` and the gated norm are vectors
     "hfx_mamba2": FamilyTargets(
-        lora=("in_proj", "out_proj"),
-        ia3=("in_proj", "out_proj", "down_proj"),
+        lora=("in_proj", "out_proj", *_ATTENTION_LORA),
+        ia3=("in_proj", "out_proj", "down_proj", *_ATTENTION_IA3),
         ia3_feedforward=("out_proj", "down_proj"),
         value=("out_proj",),
         norms=("mixer_norm", "ffn_norm", "norm"),
-        all_linear=("in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"),
+        all_linear=("in_proj", "out_proj", "gate_proj", "up_proj", "down_proj", *_ATTENTION_ALL),
     ),
     # as for retention: q and v, the projections the delta rule reads and writes with
     "hfx_gated_deltanet": FamilyTargets(

@@ -27,6 +27,9 @@ class Family:
         return getattr(hf_extras, f"{self.prefix}{head}")
 
 
+HYBRID = ["linear_attention", "full_attention"]
+SLIDING_HYBRID = ["sliding_attention", "linear_attention"]
+
 FAMILIES = [
     Family("retnet", hf_extras.RetNetConfig, "RetNet"),
     Family("gla", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="key", use_short_conv=True)),
@@ -34,7 +37,24 @@ FAMILIES = [
     Family("linear_attention", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="none", feature_map="elu")),
     Family("dyt", hf_extras.DyTConfig, "DyT", recurrent=False),
     Family("mamba", hf_extras.HfxMambaConfig, "HfxMamba", dict(state_size=8, num_heads=1)),
+    # hybrids (issue 20): one softmax attention block among the family's own; kept before the last two entries,
+    # which some tests pick by position
+    Family("retnet_hybrid", hf_extras.RetNetConfig, "RetNet", dict(layer_types=HYBRID), recurrent=False),
+    Family(
+        "mamba_hybrid",
+        hf_extras.HfxMambaConfig,
+        "HfxMamba",
+        dict(state_size=8, num_heads=1, layer_types=SLIDING_HYBRID, sliding_window=4),
+        recurrent=False,
+    ),
     Family("mamba2", hf_extras.HfxMamba2Config, "HfxMamba2", dict(state_size=8, num_heads=4, n_groups=2)),
+    Family(
+        "gated_deltanet_hybrid",
+        hf_extras.GatedDeltaNetConfig,
+        "GatedDeltaNet",
+        dict(gate="head", layer_types=HYBRID),
+        recurrent=False,
+    ),
     Family("gated_deltanet", hf_extras.GatedDeltaNetConfig, "GatedDeltaNet", dict(gate="head")),
     Family("deltanet", hf_extras.GatedDeltaNetConfig, "GatedDeltaNet", dict(gate="none", num_key_heads=1)),
 ]

@@ -93,7 +93,11 @@ def test_selective_scan_traces_fullgraph():
     _compare(_scan, _scan_inputs(), "aot_eager")
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f.name in ("retnet", "mamba")], ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "family",
+    [f for f in FAMILIES if f.name in ("retnet", "mamba", "retnet_hybrid", "mamba_hybrid")],
+    ids=lambda f: f.name,
+)
 def test_causal_lm_traces(family):
     loss, inputs, _ = _model_loss_fn(family)
     _compare(loss, inputs, "aot_eager", fullgraph=family.name not in FULLGRAPH_BLOCKER, rtol=1e-4)

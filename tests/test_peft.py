@@ -72,7 +72,10 @@ def test_lora_without_target_modules(family, head):
     model = family.cls(head)(head_config(family, head))
     peft_model = get_peft_model(model, LoraConfig(task_type=task_type, r=4))
     adapted = {name.rsplit(".", 1)[-1] for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
-    assert adapted == set(FAMILY_TARGETS[model.config.model_type].lora)
+    # every default target the model has (a Mamba stack has no q/v unless a hybrid schedule adds attention blocks)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    expected = set(FAMILY_TARGETS[model.config.model_type].lora) & present
+    assert adapted == expected and adapted
     if saved_head is not None:
         assert isinstance(peft_model.base_model.model.get_submodule(saved_head), ModulesToSaveWrapper)
     ids, mask = ids_and_mask()

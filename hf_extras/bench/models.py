@@ -338,6 +338,41 @@ register_model(
     )
 )
 
+
+def _build_hybrid(config_name: str, model_name: str, **overrides) -> Callable[[Dims], torch.nn.Module]:
+    """Builder of a 3:1 hybrid (every 4th block softmax attention, Qwen3-Next style) of an hf_extras family, FFN
+    matched to Llama's parameters as for the pure families."""
+
+    def build(dims: Dims):
+        from hf_extras.models.hybrid import hybrid_schedule
+
+        layer_types = hybrid_schedule("3:1", dims.num_hidden_layers)
+        return _build_hfx(config_name, model_name, layer_types=layer_types, **overrides)(dims)
+
+    return build
+
+
+for _name, _label, _config, _model, _options in (
+    ("retnet_hybrid", "RetNet 3:1 hybrid", "RetNetConfig", "RetNetForCausalLM", {}),
+    ("gla_hybrid", "GLA 3:1 hybrid", "GatedRetentionConfig", "GatedRetentionForCausalLM", {"gate": "key"}),
+    (
+        "gated_deltanet_hybrid",
+        "Gated DeltaNet 3:1 hybrid",
+        "GatedDeltaNetConfig",
+        "GatedDeltaNetForCausalLM",
+        {"gate": "head"},
+    ),
+):
+    register_model(
+        ModelSpec(
+            _name,
+            _label,
+            _build_hybrid(_config, _model, forward_mode="auto", **_options),
+            f"hf_extras {_label}: layer_types = hybrid_schedule('3:1', depth), every 4th block softmax attention "
+            "(eager, rotary, KV cache), FFN matched to Llama's parameters",
+        )
+    )
+
 BASELINE = "llama"
 DEFAULT_FAMILIES: tuple[str, ...] = (
     "llama",

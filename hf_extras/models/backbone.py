@@ -21,6 +21,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .attention import CrossAttention
 from .cache import RecurrentCache, as_recurrent_cache
 from .ffn import build_ffn
+from .hybrid import HybridAttention, attention_rotary, hybrid_masks
 from .input_checks import check_attention_mask_values, check_position_ids, check_token_inputs
 from .norms import DyT, build_norm
 from .positions import positions_from_mask, rotary_cos_sin
@@ -204,7 +205,9 @@ class SequenceBackbone(SharedPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.layers = nn.ModuleList(SequenceBlock(config, i, self.mixer_class) for i in range(config.num_hidden_layers))
+        # a hybrid schedule puts softmax attention in the blocks `layer_types` names; the rest get the family's mixer
+        self.layer_kinds = list(config.resolved_layer_types) if config.is_hybrid else None
+        self.layers = nn.ModuleList(SequenceBlock(config, i, self.layer_mixer_class(i)) for i in range(len(self)))
         self.norm = build_norm(
             config.norm_type,
             config.hidden_size,
@@ -214,6 +217,15 @@ class SequenceBackbone(SharedPreTrainedModel):
         )
         self.gradient_checkpointing = False
         self.post_init()
+
+    def __len__(self) -> int:
+        return self.config.num_hidden_layers
+
+    def layer_mixer_class(self, layer_idx: int) -> type[nn.Module]:
+        """The mixer of block `layer_idx`: the family's own, or softmax attention where the schedule says so."""
+        if self.layer_kinds is None or self.layer_kinds[layer_idx] == "linear_attention":
+            return self.mixer_class
+        return HybridAttention
 
     # --- hooks a family may override (the defaults are the recurrent families' behaviour) ---
 
@@ -300,14 +312,21 @@ class SequenceBackbone(SharedPreTrainedModel):
         position_embeddings = None
         if self.config.rotary_positions:
             position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        kinds = self.layer_kinds or ["linear_attention"] * len(self.layers)
+        layer_masks = {"linear_attention": mixer_mask}
+        layer_positions = {"linear_attention": position_embeddings}
+        if self.layer_kinds is not None:  # the attention blocks of a hybrid: their own masks and rotary tables
+            layer_masks.update(hybrid_masks(self.config, full_mask, inputs_embeds, cache, position_ids))
+            rotary = attention_rotary(self.config, position_ids)
+            layer_positions.update(full_attention=rotary, sliding_attention=rotary)
         hidden_states = inputs_embeds
         aux_total = None
-        for layer in self.layers:
+        for kind, layer in zip(kinds, self.layers):
             hidden_states, aux = layer(
                 hidden_states,
-                attention_mask=mixer_mask,
+                attention_mask=layer_masks[kind],
                 position_ids=position_ids,
-                position_embeddings=position_embeddings,
+                position_embeddings=layer_positions[kind],
                 cache=cache,
                 padding_mask=new_mask,
                 **cross,

@@ -1,5 +1,8 @@
 """The fixed-size recurrent cache of the retention and state-space families, built on transformers' cache classes.
 
+A hybrid schedule (`config.layer_types`) mixes in transformers' key/value layers for its softmax attention blocks
+(`DynamicLayer`, or `DynamicSlidingWindowLayer` bounded by `sliding_window`): one cache, one layer per block.
+
 A layer's state does not grow with context: one `(heads, d_k, d_v)` matrix per layer for retention, conv and SSM
 states for Mamba. transformers' all-linear `DynamicCache` cannot report a sequence length (it raises in
 `get_seq_length()`, which prefill, user-supplied caches and PEFT prompt tuning call), and its getters return `None`
@@ -9,7 +12,25 @@ until a conv state was written; this subclass counts the tokens it has seen and 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, LinearAttentionLayer
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionLayer,
+)
+
+
+def cache_layer(kind: str, sliding_window: int | None = None):
+    """transformers' cache layer for one block of a (hybrid) schedule: a fixed-size state for `"linear_attention"`,
+    a growing key/value cache for `"full_attention"`, one bounded by the window for `"sliding_attention"`."""
+    if kind == "linear_attention":
+        return LinearAttentionLayer()
+    if kind == "full_attention":
+        return DynamicLayer()
+    if kind == "sliding_attention":
+        return DynamicSlidingWindowLayer(sliding_window=sliding_window)
+    raise ValueError(f"Unknown layer kind {kind!r} in `layer_types`.")
 
 
 class RecurrentCache(DynamicCache):
@@ -20,11 +41,13 @@ class RecurrentCache(DynamicCache):
 
     def __init__(self, config=None, num_layers: int | None = None):
         if config is not None:
-            super().__init__(config=config)
+            kinds = getattr(config, "resolved_layer_types", None) or ["linear_attention"] * config.num_hidden_layers
+            layers = [cache_layer(kind, getattr(config, "sliding_window", None)) for kind in kinds]
         else:
             if num_layers is None:
                 raise ValueError("RecurrentCache needs `config` or `num_layers`.")
-            Cache.__init__(self, layers=[LinearAttentionLayer() for _ in range(num_layers)])
+            layers = [LinearAttentionLayer() for _ in range(num_layers)]
+        Cache.__init__(self, layers=layers)
         self.seen_tokens = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -21,6 +21,8 @@ NormType = Literal["rmsnorm", "layernorm", "dyt"]
 FfnType = Literal["mlp", "glu", "moe", "none"]
 ForwardMode = Literal["auto", "parallel", "chunkwise", "recurrent"]
 Pooling = Literal["auto", "last", "mean", "first"]
+# the layer kinds a sequence family's stack may mix, in transformers' `layer_types` vocabulary
+SEQUENCE_LAYER_TYPES = ("linear_attention", "full_attention", "sliding_attention")
 
 
 @as_validated_field
@@ -128,6 +130,13 @@ class SequenceConfig(CommonConfig):
             right behind it); `None` means `bos_token_id` (or `pad_token_id` without one).
         add_cross_attention (`bool`): give every block a softmax cross-attention over encoder states after its
             mixer (set on the seq2seq head's decoder stack; rarely set by hand).
+        layer_types (`list[str]`, *optional*): the layer schedule, one entry per block in transformers' vocabulary:
+            `"linear_attention"` (the family's own mixer), `"full_attention"` or `"sliding_attention"` (softmax
+            attention layers, rotary positions, a KV cache; sliding ones see the last `sliding_window` tokens).
+            `None` means every block is the family's own mixer (what every folder saved before hybrids holds).
+            `hf_extras.models.hybrid.hybrid_schedule` builds the usual ones (`"3:1"`, ...). A seq2seq decoder of
+            another depth (`num_decoder_layers`) repeats the schedule to its depth.
+        sliding_window (`int`, *optional*): window of the `"sliding_attention"` layers (needed when there are any).
     """
 
     attribute_map = {"num_attention_heads": "num_heads"}
@@ -145,6 +154,8 @@ class SequenceConfig(CommonConfig):
     num_decoder_layers: int | None = positive_int_field(default=None)
     decoder_start_token_id: int | None = None
     add_cross_attention: bool = False
+    layer_types: list[str] | None = None
+    sliding_window: int | None = positive_int_field(default=None)
 
     def __post_init__(self, **kwargs):
         if self.decoder_start_token_id is None:
@@ -161,8 +172,16 @@ class SequenceConfig(CommonConfig):
         return self.hidden_size // self.num_heads
 
     @property
-    def layer_types(self) -> list[str]:
-        return ["linear_attention"] * self.num_hidden_layers
+    def resolved_layer_types(self) -> list[str]:
+        """`layer_types`, or all `"linear_attention"` when it is `None`."""
+        if self.layer_types is None:
+            return ["linear_attention"] * self.num_hidden_layers
+        return list(self.layer_types)
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether any block is a softmax attention layer."""
+        return any(kind != "linear_attention" for kind in self.resolved_layer_types)
 
     @property
     def resolved_dyt_final_weight_init(self) -> float:
@@ -182,6 +201,9 @@ class SequenceConfig(CommonConfig):
         stack.use_cache = self.use_cache and role == "decoder"
         if role == "decoder" and self.num_decoder_layers is not None:
             stack.num_hidden_layers = self.num_decoder_layers
+            if self.layer_types is not None:  # the schedule's period, repeated to the decoder's depth
+                schedule = list(self.layer_types)
+                stack.layer_types = [schedule[i % len(schedule)] for i in range(self.num_decoder_layers)]
         return stack
 
     @property
@@ -220,4 +242,27 @@ class SequenceConfig(CommonConfig):
             raise ValueError(
                 f"`hidden_size / num_heads` ({self.hidden_size}/{self.num_heads}) must be even for rotary positions: "
                 "pick another head count or turn rotary positions off."
+            )
+
+    def validate_layer_schedule(self):
+        """`layer_types`: one known kind per block; sliding layers need `sliding_window`."""
+        if self.layer_types is None:
+            return
+        if not isinstance(self.layer_types, (list, tuple)):
+            raise ValueError(f"`layer_types` must be a list of layer kinds, got {self.layer_types!r}.")
+        unknown = sorted({kind for kind in self.layer_types if kind not in SEQUENCE_LAYER_TYPES})
+        if unknown:
+            raise ValueError(
+                f"`layer_types` has unknown entries {unknown}: use {list(SEQUENCE_LAYER_TYPES)} "
+                '("linear_attention" is the family\'s own mixer).'
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"`layer_types` has {len(self.layer_types)} entries but `num_hidden_layers` is "
+                f"{self.num_hidden_layers}: give one entry per block."
+            )
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError(
+                '`layer_types` has "sliding_attention" layers but `sliding_window` is None: set `sliding_window` '
+                "(the number of past tokens a sliding layer sees)."
             )

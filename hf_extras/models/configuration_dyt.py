@@ -106,6 +106,24 @@ class DyTConfig(SequenceConfig):
         # every layer keeps a growing KV cache (transformers' DynamicCache reads this)
         return ["full_attention"] * self.num_hidden_layers
 
+    @layer_types.setter
+    def layer_types(self, value) -> None:
+        # DyT is softmax attention in every block already: no schedule to choose (a hybrid is another family's config
+        # with "full_attention" entries); None or all "full_attention" (what it reports) are accepted for round trips
+        if value is not None and any(kind != "full_attention" for kind in value):
+            raise ValueError(
+                f"DyTConfig has softmax attention in every block; `layer_types` cannot be {list(value)}. For a hybrid, "
+                'give a recurrent family\'s config `layer_types` with "full_attention" entries.'
+            )
+
+    @property
+    def resolved_layer_types(self) -> list[str]:
+        return self.layer_types
+
+    @property
+    def is_hybrid(self) -> bool:
+        return False  # every block is the family's own (attention) mixer
+
     @property
     def resolved_embedding_scale_init(self) -> float:
         return self.embedding_scale_init if self.embedding_scale_init is not None else math.sqrt(self.hidden_size)
