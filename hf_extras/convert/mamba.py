@@ -89,20 +89,29 @@ KEY_TABLE = (
     ("backbone.norm_f.weight", "model.norm.weight"),
     ("lm_head.weight", "lm_head.weight"),
 )
-_PARAM = "|".join(map(re.escape, MAMBA_MIXER_PARAMS))
 
 
-def _pattern(template: str) -> re.Pattern:
-    body = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{param\}", rf"(?P<param>{_PARAM})")
-    return re.compile(f"^{body}$")
+def rename_rules(mixer_params) -> tuple[list, list]:
+    """Both directions of `KEY_TABLE` as regex rules, for a mixer with parameters `mixer_params` (Mamba-1 and Mamba-2
+    share the table; only the mixer's parameter names differ): `(transformers -> ours, ours -> transformers)`."""
+    params = "|".join(map(re.escape, mixer_params))
+
+    def pattern(template: str) -> re.Pattern:
+        body = (
+            re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{param\}", rf"(?P<param>{params})")
+        )
+        return re.compile(f"^{body}$")
+
+    to_hfx = [(pattern(theirs), ours) for theirs, ours in KEY_TABLE]
+    to_hfx.append((re.compile(r"^backbone\.embedding\.weight$"), "model.embed_tokens.weight"))  # older checkpoints
+    return to_hfx, [(pattern(ours), theirs) for theirs, ours in KEY_TABLE]
 
 
-_TO_HFX = [(_pattern(mamba), hfx) for mamba, hfx in KEY_TABLE]
-_TO_MAMBA = [(_pattern(hfx), mamba) for mamba, hfx in KEY_TABLE]
-_TO_HFX.append((re.compile(r"^backbone\.embedding\.weight$"), "model.embed_tokens.weight"))  # older checkpoints
+_TO_HFX, _TO_MAMBA = rename_rules(MAMBA_MIXER_PARAMS)
 
 
-def _rename(key: str, rules, what: str) -> str:
+def rename_key(key: str, rules, what: str) -> str:
+    """`key` renamed by the first matching rule of `rules` (from `rename_rules`), or a KeyError naming `what`."""
     for pattern, template in rules:
         match = pattern.match(key)
         if match:
@@ -112,12 +121,12 @@ def _rename(key: str, rules, what: str) -> str:
 
 def mamba_key_to_hfx(key: str) -> str:
     """A transformers `MambaForCausalLM` state-dict key -> the `HfxMambaForCausalLM` key."""
-    return _rename(key, _TO_HFX, "transformers' MambaForCausalLM")
+    return rename_key(key, _TO_HFX, "transformers' MambaForCausalLM")
 
 
 def hfx_key_to_mamba(key: str) -> str:
     """An `HfxMambaForCausalLM` state-dict key -> the transformers `MambaForCausalLM` key."""
-    return _rename(key, _TO_MAMBA, "an HfxMambaForCausalLM with ffn_type='none' and norm_type='rmsnorm'")
+    return rename_key(key, _TO_MAMBA, "an HfxMambaForCausalLM with ffn_type='none' and norm_type='rmsnorm'")
 
 
 def hfx_config_from_mamba(mamba_config, **overrides) -> HfxMambaConfig:
@@ -148,17 +157,7 @@ def mamba_config_from_hfx(config: HfxMambaConfig):
     """The transformers `MambaConfig` of an `HfxMambaConfig` (which must be a plain causal Mamba stack)."""
     from transformers import MambaConfig
 
-    problems = []
-    if config.ffn_type != "none":
-        problems.append(f"ffn_type={config.ffn_type!r} (transformers' Mamba blocks have no FFN)")
-    if config.norm_type != "rmsnorm":
-        problems.append(f"norm_type={config.norm_type!r} (transformers' Mamba uses RMSNorm)")
-    if config.bidirectional:
-        problems.append("bidirectional=True (transformers' Mamba is causal)")
-    if config.use_layer_features:
-        problems.append("use_layer_features=True")
-    if problems:
-        raise ValueError("cannot export to transformers' MambaForCausalLM: " + "; ".join(problems))
+    check_exportable(config, "Mamba")
     kwargs = {name: getattr(config, name) for name in _SAME_FIELDS}
     kwargs["layer_norm_epsilon"] = config.norm_eps
     return MambaConfig(**kwargs)
@@ -166,27 +165,12 @@ def mamba_config_from_hfx(config: HfxMambaConfig):
 
 def mamba_state_dict_to_hfx(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a `MambaForCausalLM` (or `MambaModel`, keys without `backbone.`) state dict; tensors are not copied."""
-    out = {}
-    for key, value in state_dict.items():
-        if not key.startswith(("backbone.", "lm_head.")):
-            key = "backbone." + key  # a bare MambaModel state dict
-        out[mamba_key_to_hfx(key)] = value
-    return out
+    return state_dict_to_hfx(state_dict, mamba_key_to_hfx)
 
 
 def hfx_state_dict_to_mamba(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an `HfxMambaForCausalLM` state dict to transformers' `MambaForCausalLM` keys; tensors are not copied."""
     return {hfx_key_to_mamba(key): value for key, value in state_dict.items()}
-
-
-def _load_mamba(source, dtype):
-    from transformers import MambaForCausalLM
-
-    if isinstance(source, (str, os.PathLike)):
-        return MambaForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
-    if isinstance(source, torch.nn.Module):
-        return source
-    raise TypeError(f"expected a MambaForCausalLM, or a folder / Hub id it was saved to, got {type(source).__name__}")
 
 
 def import_transformers_mamba(source, dtype: torch.dtype | None = None, **config_overrides) -> HfxMambaForCausalLM:
@@ -196,17 +180,16 @@ def import_transformers_mamba(source, dtype: torch.dtype | None = None, **config
     given. `config_overrides` set `HfxMambaConfig` fields that do not change the weights (e.g. `forward_mode`,
     `chunk_size`).
     """
-    mamba = _load_mamba(source, dtype)
+    from transformers import MambaForCausalLM
+
+    mamba = load_transformers_model(source, MambaForCausalLM, dtype)
     if not hasattr(mamba, "backbone"):
         raise TypeError(f"expected a MambaForCausalLM (with `.backbone` and `.lm_head`), got {type(mamba).__name__}")
     config = hfx_config_from_mamba(mamba.config, **config_overrides)
     state = mamba_state_dict_to_hfx(mamba.state_dict())
     src_dtype = next(iter(state.values())).dtype if dtype is None else dtype
     model = HfxMambaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    load_exact(model, state, config.tie_word_embeddings)
     return model.to(src_dtype).train(mamba.training)
 
 
@@ -219,9 +202,53 @@ def export_to_transformers_mamba(model: HfxMambaForCausalLM, dtype: torch.dtype 
     config = mamba_config_from_hfx(model.config)
     state = hfx_state_dict_to_mamba(model.state_dict())
     mamba = MambaForCausalLM(config)
-    missing, unexpected = mamba.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    load_exact(mamba, state, config.tie_word_embeddings)
     target = dtype if dtype is not None else next(iter(state.values())).dtype
     return mamba.to(target).train(model.training)
+
+
+def check_exportable(config, what: str) -> None:
+    """Refuse to export a config transformers' `{what}ForCausalLM` cannot express (an FFN, other norms, ...)."""
+    problems = []
+    if config.ffn_type != "none":
+        problems.append(f"ffn_type={config.ffn_type!r} (transformers' {what} blocks have no FFN)")
+    if config.norm_type != "rmsnorm":
+        problems.append(f"norm_type={config.norm_type!r} (transformers' {what} uses RMSNorm)")
+    if config.bidirectional:
+        problems.append(f"bidirectional=True (transformers' {what} is causal)")
+    if config.use_layer_features:
+        problems.append("use_layer_features=True")
+    if getattr(config, "is_hybrid", False):
+        problems.append("layer_types with attention layers (transformers' model has none)")
+    if problems:
+        raise ValueError(f"cannot export to transformers' {what}ForCausalLM: " + "; ".join(problems))
+
+
+def state_dict_to_hfx(state_dict: Mapping[str, torch.Tensor], key_to_hfx) -> dict[str, torch.Tensor]:
+    """Rename a transformers `...ForCausalLM` (or bare `...Model`: keys without `backbone.`) state dict with
+    `key_to_hfx`; tensors are not copied."""
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith(("backbone.", "lm_head.")):
+            key = "backbone." + key  # a bare backbone state dict
+        out[key_to_hfx(key)] = value
+    return out
+
+
+def load_transformers_model(source, model_class, dtype):
+    """`source` if it is a model, else `model_class.from_pretrained(source)` (a folder or Hub id)."""
+    if isinstance(source, (str, os.PathLike)):
+        return model_class.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+    if isinstance(source, torch.nn.Module):
+        return source
+    raise TypeError(
+        f"expected a {model_class.__name__}, or a folder / Hub id it was saved to, got {type(source).__name__}"
+    )
+
+
+def load_exact(model: torch.nn.Module, state: Mapping[str, torch.Tensor], tied: bool) -> None:
+    """Load `state` into `model`, refusing any missing (except a tied `lm_head.weight`) or unexpected key."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")

@@ -23,8 +23,6 @@ with a bidirectional scan, seq2seq) and PEFT:
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
 
 import torch
@@ -32,6 +30,7 @@ import torch
 from ..models.configuration_mamba2 import HfxMamba2Config
 from ..models.modeling_mamba2 import HfxMamba2ForCausalLM
 from .mamba import KEY_TABLE as MAMBA_KEY_TABLE
+from .mamba import check_exportable, load_exact, load_transformers_model, rename_key, rename_rules, state_dict_to_hfx
 
 __all__ = [
     "MAMBA2_MIXER_PARAMS",
@@ -90,35 +89,17 @@ _FLOAT_FIELDS = ("initializer_range", "time_step_min", "time_step_max", "time_st
 # the key-rename table is Mamba-1's (`convert.mamba.KEY_TABLE`: same module names around the mixer); only the mixer's
 # parameter list differs. Both directions are built from it.
 KEY_TABLE = MAMBA_KEY_TABLE
-_PARAM = "|".join(map(re.escape, MAMBA2_MIXER_PARAMS))
-
-
-def _pattern(template: str) -> re.Pattern:
-    body = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{param\}", rf"(?P<param>{_PARAM})")
-    return re.compile(f"^{body}$")
-
-
-_TO_HFX = [(_pattern(mamba2), hfx) for mamba2, hfx in KEY_TABLE]
-_TO_MAMBA2 = [(_pattern(hfx), mamba2) for mamba2, hfx in KEY_TABLE]
-_TO_HFX.append((re.compile(r"^backbone\.embedding\.weight$"), "model.embed_tokens.weight"))  # older checkpoints
-
-
-def _rename(key: str, rules, what: str) -> str:
-    for pattern, template in rules:
-        match = pattern.match(key)
-        if match:
-            return template.format(**match.groupdict())
-    raise KeyError(f"{key!r} is not a parameter of {what}; is this the right model?")
+_TO_HFX, _TO_MAMBA2 = rename_rules(MAMBA2_MIXER_PARAMS)
 
 
 def mamba2_key_to_hfx(key: str) -> str:
     """A transformers `Mamba2ForCausalLM` state-dict key -> the `HfxMamba2ForCausalLM` key."""
-    return _rename(key, _TO_HFX, "transformers' Mamba2ForCausalLM")
+    return rename_key(key, _TO_HFX, "transformers' Mamba2ForCausalLM")
 
 
 def hfx_key_to_mamba2(key: str) -> str:
     """An `HfxMamba2ForCausalLM` state-dict key -> the transformers `Mamba2ForCausalLM` key."""
-    return _rename(key, _TO_MAMBA2, "an HfxMamba2ForCausalLM with ffn_type='none' and norm_type='rmsnorm'")
+    return rename_key(key, _TO_MAMBA2, "an HfxMamba2ForCausalLM with ffn_type='none' and norm_type='rmsnorm'")
 
 
 def _float_limit(limit) -> list[float]:
@@ -155,17 +136,7 @@ def mamba2_config_from_hfx(config: HfxMamba2Config):
     """The transformers `Mamba2Config` of an `HfxMamba2Config` (which must be a plain causal Mamba-2 stack)."""
     from transformers import Mamba2Config
 
-    problems = []
-    if config.ffn_type != "none":
-        problems.append(f"ffn_type={config.ffn_type!r} (transformers' Mamba-2 blocks have no FFN)")
-    if config.norm_type != "rmsnorm":
-        problems.append(f"norm_type={config.norm_type!r} (transformers' Mamba-2 uses RMSNorm)")
-    if config.bidirectional:
-        problems.append("bidirectional=True (transformers' Mamba-2 is causal)")
-    if config.use_layer_features:
-        problems.append("use_layer_features=True")
-    if problems:
-        raise ValueError("cannot export to transformers' Mamba2ForCausalLM: " + "; ".join(problems))
+    check_exportable(config, "Mamba2")
     kwargs = {name: getattr(config, name) for name in _SAME_FIELDS}
     kwargs["time_step_limit"] = tuple(_float_limit(config.time_step_limit))
     kwargs["layer_norm_epsilon"] = config.norm_eps
@@ -175,27 +146,12 @@ def mamba2_config_from_hfx(config: HfxMamba2Config):
 
 def mamba2_state_dict_to_hfx(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a `Mamba2ForCausalLM` (or `Mamba2Model`, keys without `backbone.`) state dict; tensors are not copied."""
-    out = {}
-    for key, value in state_dict.items():
-        if not key.startswith(("backbone.", "lm_head.")):
-            key = "backbone." + key  # a bare Mamba2Model state dict
-        out[mamba2_key_to_hfx(key)] = value
-    return out
+    return state_dict_to_hfx(state_dict, mamba2_key_to_hfx)
 
 
 def hfx_state_dict_to_mamba2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an `HfxMamba2ForCausalLM` state dict to transformers' `Mamba2ForCausalLM` keys; tensors are not copied."""
     return {hfx_key_to_mamba2(key): value for key, value in state_dict.items()}
-
-
-def _load_mamba2(source, dtype):
-    from transformers import Mamba2ForCausalLM
-
-    if isinstance(source, (str, os.PathLike)):
-        return Mamba2ForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
-    if isinstance(source, torch.nn.Module):
-        return source
-    raise TypeError(f"expected a Mamba2ForCausalLM, or a folder / Hub id it was saved to, got {type(source).__name__}")
 
 
 def import_transformers_mamba2(source, dtype: torch.dtype | None = None, **config_overrides) -> HfxMamba2ForCausalLM:
@@ -205,17 +161,16 @@ def import_transformers_mamba2(source, dtype: torch.dtype | None = None, **confi
     given. `config_overrides` set `HfxMamba2Config` fields that do not change the weights (e.g. `forward_mode`,
     `chunk_size`).
     """
-    mamba2 = _load_mamba2(source, dtype)
+    from transformers import Mamba2ForCausalLM
+
+    mamba2 = load_transformers_model(source, Mamba2ForCausalLM, dtype)
     if not hasattr(mamba2, "backbone"):
         raise TypeError(f"expected a Mamba2ForCausalLM (with `.backbone` and `.lm_head`), got {type(mamba2).__name__}")
     config = hfx_config_from_mamba2(mamba2.config, **config_overrides)
     state = mamba2_state_dict_to_hfx(mamba2.state_dict())
     src_dtype = next(iter(state.values())).dtype if dtype is None else dtype
     model = HfxMamba2ForCausalLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    load_exact(model, state, config.tie_word_embeddings)
     return model.to(src_dtype).train(mamba2.training)
 
 
@@ -228,9 +183,6 @@ def export_to_transformers_mamba2(model: HfxMamba2ForCausalLM, dtype: torch.dtyp
     config = mamba2_config_from_hfx(model.config)
     state = hfx_state_dict_to_mamba2(model.state_dict())
     mamba2 = Mamba2ForCausalLM(config)
-    missing, unexpected = mamba2.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    load_exact(mamba2, state, config.tie_word_embeddings)
     target = dtype if dtype is not None else next(iter(state.values())).dtype
     return mamba2.to(target).train(model.training)
