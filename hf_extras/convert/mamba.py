@@ -182,29 +182,24 @@ def import_transformers_mamba(source, dtype: torch.dtype | None = None, **config
     """
     from transformers import MambaForCausalLM
 
-    mamba = load_transformers_model(source, MambaForCausalLM, dtype)
-    if not hasattr(mamba, "backbone"):
-        raise TypeError(f"expected a MambaForCausalLM (with `.backbone` and `.lm_head`), got {type(mamba).__name__}")
-    config = hfx_config_from_mamba(mamba.config, **config_overrides)
-    state = mamba_state_dict_to_hfx(mamba.state_dict())
-    src_dtype = next(iter(state.values())).dtype if dtype is None else dtype
-    model = HfxMambaForCausalLM(config)
-    load_exact(model, state, config.tie_word_embeddings)
-    return model.to(src_dtype).train(mamba.training)
+    return import_model(
+        source,
+        MambaForCausalLM,
+        HfxMambaForCausalLM,
+        hfx_config_from_mamba,
+        mamba_state_dict_to_hfx,
+        dtype,
+        config_overrides,
+    )
 
 
 def export_to_transformers_mamba(model: HfxMambaForCausalLM, dtype: torch.dtype | None = None):
     """A transformers `MambaForCausalLM` with the weights of an `HfxMambaForCausalLM` (inverse of the import)."""
     from transformers import MambaForCausalLM
 
-    if not isinstance(model, HfxMambaForCausalLM):
-        raise TypeError(f"expected an HfxMambaForCausalLM, got {type(model).__name__}")
-    config = mamba_config_from_hfx(model.config)
-    state = hfx_state_dict_to_mamba(model.state_dict())
-    mamba = MambaForCausalLM(config)
-    load_exact(mamba, state, config.tie_word_embeddings)
-    target = dtype if dtype is not None else next(iter(state.values())).dtype
-    return mamba.to(target).train(model.training)
+    return export_model(
+        model, HfxMambaForCausalLM, MambaForCausalLM, mamba_config_from_hfx, hfx_state_dict_to_mamba, dtype
+    )
 
 
 def check_exportable(config, what: str) -> None:
@@ -252,3 +247,31 @@ def load_exact(model: torch.nn.Module, state: Mapping[str, torch.Tensor], tied: 
     missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
     if missing or unexpected:
         raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+
+
+def import_model(source, their_class, our_class, config_to_ours, state_to_ours, dtype, overrides: dict):
+    """Our causal LM with the weights of transformers' `their_class` model `source` (an object, or a saved folder):
+    config mapped by `config_to_ours`, keys by `state_to_ours`; keeps the source's dtype unless `dtype` is given."""
+    theirs = load_transformers_model(source, their_class, dtype)
+    if not hasattr(theirs, "backbone"):
+        raise TypeError(
+            f"expected a {their_class.__name__} (with `.backbone` and `.lm_head`), got {type(theirs).__name__}"
+        )
+    config = config_to_ours(theirs.config, **overrides)
+    state = state_to_ours(theirs.state_dict())
+    src_dtype = next(iter(state.values())).dtype if dtype is None else dtype
+    model = our_class(config)
+    load_exact(model, state, config.tie_word_embeddings)
+    return model.to(src_dtype).train(theirs.training)
+
+
+def export_model(model, our_class, their_class, config_to_theirs, state_to_theirs, dtype):
+    """transformers' `their_class` model with the weights of our `model` (the inverse of `import_model`)."""
+    if not isinstance(model, our_class):
+        raise TypeError(f"expected an {our_class.__name__}, got {type(model).__name__}")
+    config = config_to_theirs(model.config)
+    state = state_to_theirs(model.state_dict())
+    theirs = their_class(config)
+    load_exact(theirs, state, config.tie_word_embeddings)
+    target = dtype if dtype is not None else next(iter(state.values())).dtype
+    return theirs.to(target).train(model.training)

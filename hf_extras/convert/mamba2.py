@@ -30,7 +30,7 @@ import torch
 from ..models.configuration_mamba2 import HfxMamba2Config
 from ..models.modeling_mamba2 import HfxMamba2ForCausalLM
 from .mamba import KEY_TABLE as MAMBA_KEY_TABLE
-from .mamba import check_exportable, load_exact, load_transformers_model, rename_key, rename_rules, state_dict_to_hfx
+from .mamba import check_exportable, export_model, import_model, rename_key, rename_rules, state_dict_to_hfx
 
 __all__ = [
     "MAMBA2_MIXER_PARAMS",
@@ -163,26 +163,21 @@ def import_transformers_mamba2(source, dtype: torch.dtype | None = None, **confi
     """
     from transformers import Mamba2ForCausalLM
 
-    mamba2 = load_transformers_model(source, Mamba2ForCausalLM, dtype)
-    if not hasattr(mamba2, "backbone"):
-        raise TypeError(f"expected a Mamba2ForCausalLM (with `.backbone` and `.lm_head`), got {type(mamba2).__name__}")
-    config = hfx_config_from_mamba2(mamba2.config, **config_overrides)
-    state = mamba2_state_dict_to_hfx(mamba2.state_dict())
-    src_dtype = next(iter(state.values())).dtype if dtype is None else dtype
-    model = HfxMamba2ForCausalLM(config)
-    load_exact(model, state, config.tie_word_embeddings)
-    return model.to(src_dtype).train(mamba2.training)
+    return import_model(
+        source,
+        Mamba2ForCausalLM,
+        HfxMamba2ForCausalLM,
+        hfx_config_from_mamba2,
+        mamba2_state_dict_to_hfx,
+        dtype,
+        config_overrides,
+    )
 
 
 def export_to_transformers_mamba2(model: HfxMamba2ForCausalLM, dtype: torch.dtype | None = None):
     """A transformers `Mamba2ForCausalLM` with the weights of an `HfxMamba2ForCausalLM` (inverse of the import)."""
     from transformers import Mamba2ForCausalLM
 
-    if not isinstance(model, HfxMamba2ForCausalLM):
-        raise TypeError(f"expected an HfxMamba2ForCausalLM, got {type(model).__name__}")
-    config = mamba2_config_from_hfx(model.config)
-    state = hfx_state_dict_to_mamba2(model.state_dict())
-    mamba2 = Mamba2ForCausalLM(config)
-    load_exact(mamba2, state, config.tie_word_embeddings)
-    target = dtype if dtype is not None else next(iter(state.values())).dtype
-    return mamba2.to(target).train(model.training)
+    return export_model(
+        model, HfxMamba2ForCausalLM, Mamba2ForCausalLM, mamba2_config_from_hfx, hfx_state_dict_to_mamba2, dtype
+    )
