@@ -479,8 +479,8 @@ def test_minus_inf_log_decay_is_a_boundary(mode, kind, dtype):
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_per_channel_zero_decay_matches_the_recurrence(bidirectional):
-    """GLA: -inf in some key channels only zeroes those rows of the state; every form agrees with the recurrence
-    (which multiplies by exp(-inf) = 0), forward and backward."""
+    """GLA: -inf in some key channels only zeroes those rows of the state (floored to a log decay whose exp is
+    exactly 0); every form agrees with the recurrence, forward and backward, and with exp(-inf) = 0 written out."""
     q, k, v, ld, s0 = make_inputs("key", torch.float64, T=50, H=2)
     gen = torch.Generator().manual_seed(2)
     ld = ld.masked_fill(torch.rand(ld.shape, generator=gen) < 0.05, float("-inf"))
@@ -497,6 +497,15 @@ def test_per_channel_zero_decay_matches_the_recurrence(bidirectional):
         for x, y in zip(res, results[2]):
             assert torch.isfinite(x).all()
             _assert_rel(x, y, 1e-11, "vs recurrent")
+    # the brute-force sum (decay products written out, exp(-inf) = 0) agrees with the forms
+    if not bidirectional:
+        a = ld.exp()
+        S = torch.zeros_like(s0)
+        outs = []
+        for t in range(q.shape[2]):
+            S = a[:, :, t, :, None] * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+            outs.append(q[:, :, t, None, :] @ S)
+        _assert_rel(results[0][0], torch.cat(outs, 2), 1e-11, "written out")
     # the -inf entries get no gradient; the initial state none either
     assert torch.equal(results[0][5][torch.isneginf(ld)], torch.zeros(int(torch.isneginf(ld).sum()), dtype=ld.dtype))
     assert torch.equal(results[0][4], torch.zeros_like(s0))

@@ -21,8 +21,8 @@ Three forms compute the same thing (to float tolerance) and all take / return th
 Document boundaries (packed rows): a boundary is a decay of zero, ``a_t = 0`` (log decay ``-inf``), at a
 document's first token, so the state is reset there and each document gives exactly its outputs alone. Pass them
 as ``reset`` (bool ``(B, T)``, True at each document's first token; ``packing.py`` builds it from transformers'
-padding-free batches), or as ``-inf`` entries of a data-dependent ``log_decay`` (per key channel: a zero decay of
-that channel only). A fixed ``(H,)`` decay (RetNet) with ``reset`` becomes a per-token one; without it the fixed
+padding-free batches), or as ``-inf`` entries of a data-dependent ``log_decay`` (per key channel: ``-inf`` in
+every channel of a token). A fixed ``(H,)`` decay (RetNet) with ``reset`` becomes a per-token one; without it the fixed
 path is unchanged. A reset at token 0 discards ``initial_state``. Padding needs no boundary: a token with
 ``k = v = 0`` and log decay 0 (``a = 1``) leaves the state unchanged in every form.
 
@@ -36,10 +36,14 @@ or backward), the masked factors are exact zeros, and factors within one documen
 precision of the plain cumsum. (Clamping ``-inf`` to a large finite value instead would leave
 that value in every later cumsum of the chunk, and ``b_t - b_s`` would lose ~1e-4 to
 cancellation in float32.) The segment masks are elementwise on tensors the forms build anyway
-(the ``(C, C)`` decay matrix, the chunk's decay vectors); the per-key form factorises them per
-channel through the sub-chunk reference token, so all forms stay matmul-shaped and compile
-without graph breaks. Data-dependent decays always take this path (they may hold ``-inf``);
-a fixed or absent decay takes it only when ``reset`` is given. The carried state
+(the ``(C, C)`` decay matrix, the chunk's decay vectors); the per-key form factorises them
+through the sub-chunk reference token, so all forms stay matmul-shaped and compile without graph
+breaks. Data-dependent decays always take this path (they may hold ``-inf``); a fixed or absent
+decay takes it only when ``reset`` is given. Boundaries are per token, so the masks broadcast
+over key channels (measured cost: a few percent of the kernel, NOTES_kernels.md). A per-key
+``-inf`` in *some* channels of a token only is floored to ``_zero_log_decay`` (-120 in float32,
+-800 in float64), whose exp is exactly 0: that channel's later factors in the same chunk then
+carry the floor's rounding (~1e-5 relative in float32, ~1e-13 in float64). The carried state
 is kept in that float dtype too; matmul operands are cast to the inputs' dtype, and outputs
 to ``v``'s dtype. ``q`` is not scaled here (callers scale).
 
@@ -85,6 +89,12 @@ _RECURRENT_MAX_LEN = 2  # with a state (decoding a few tokens at a time)
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype for decays and the carried state: float32, or float64 for float64 inputs (also used by scan_ops)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _zero_log_decay(fdt: torch.dtype) -> float:
+    """A finite log decay whose exp, and that of anything smaller, is exactly 0 in ``fdt`` (float32 underflows
+    below -103.3, float64 below -745.1)."""
+    return -800.0 if fdt == torch.float64 else -120.0
 
 
 def _check(
@@ -142,9 +152,9 @@ def _prep(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, reset: Tens
     """Common dtypes, the log decay normalised to (b, H, T) or (b, H, T, Dk) in float dtype, and the resets.
 
     Returns (q, k, v, g, r, per_key, cdt, fdt). ``g`` is None for no decay and no reset; it is
-    finite (``-inf`` entries are replaced by 0). ``r`` is None or a bool tensor broadcastable to
-    ``g`` ((b, h, T) or (b, h, T, dk), b in {1, B}, h in {1, H}, dk in {1, Dk}), True where the
-    decay is zero (``reset``, or ``-inf`` in ``log_decay``). A fixed (H,) decay (or no decay with
+    finite (``-inf`` entries are replaced by 0, or floored, see the module docstring). ``r`` is
+    None or a bool tensor broadcastable to ``g`` ((b, h, T) or (b, h, T, 1), b in {1, B}, h in
+    {1, H}), True where the decay is zero (``reset``, or ``-inf`` in ``log_decay``). A fixed (H,) decay (or no decay with
     resets) becomes a (1, H, T) expanded view (no copy), so it broadcasts.
     """
     cdt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
@@ -156,9 +166,12 @@ def _prep(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, reset: Tens
         g = log_decay.to(fdt)
         if g.dim() == 1:
             g = g.view(1, -1, 1).expand(1, H, T)
-        else:  # data dependent: -inf is a zero decay, kept out of the cumsums (see the module docstring)
+        elif g.dim() == 3:  # data dependent: -inf is a zero decay, kept out of the cumsums (see the module docstring)
             r = torch.isneginf(g)
             g = g.masked_fill(r, 0.0)
+        else:  # per key: a token whose every channel is -inf is a reset; -inf in some channels only is floored
+            r = torch.isneginf(g).all(-1, keepdim=True)
+            g = g.masked_fill(r, 0.0).clamp(min=_zero_log_decay(fdt))
     elif reset is not None:
         g = torch.zeros((), dtype=fdt, device=q.device).expand(1, H, T)
     per_key = g is not None and g.dim() == 4
@@ -311,7 +324,7 @@ def _intra_per_key(q, k, b, strict, seg=None):
     q * exp(b_t - b_ref) and k * exp(b_ref - b_s) have factors <= 1, then a matmul; diagonal
     sub-blocks build the small (c, c, Dk) pairwise tensor, masked before exp.
 
-    ``seg`` (None or (b, h, N, C, dk) ints, the within-chunk count of zero decays so far) zeroes
+    ``seg`` (None or (b, h, N, C, 1) ints, the within-chunk count of resets so far) zeroes
     pairs across a zero decay: [seg_t == seg_s]. Off-diagonal it factorises through the
     reference token (s <= ref < t and seg is non-decreasing, so seg_t == seg_s iff both equal
     seg_ref), one mask on each side of the matmul.
@@ -530,7 +543,7 @@ def decayed_linear_attention(
     Args:
         q, k: (B, H, T, Dk); v: (B, H, T, Dv). q is not scaled here.
         log_decay: None, (H,), (B, H, T) or (B, H, T, Dk); values must be <= 0 (not checked);
-            ``-inf`` (a zero decay) resets the state (in that key channel, for per-key decays).
+            ``-inf`` (a zero decay) resets the state (per key: in every channel of the token).
         mode: "parallel", "chunkwise", "recurrent", or "auto" (see ``pick_mode``).
         chunk_size: chunk length for the chunkwise form.
         initial_state: (B, H, Dk, Dv) state before the first token (causal direction).
