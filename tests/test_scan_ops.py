@@ -394,7 +394,9 @@ def _packed_and_alone(mode, chunk_size, dtype, lengths, bidirectional, reset_fir
     ys, total, h_a = [], 0, None
     for i, (a, n) in enumerate(zip(_starts(lengths), lengths)):
         with_state = i == 0 and not reset_first and not bidirectional
-        y_i, h_a, loss_i = _scan_loss(inputs, mode, chunk_size, bidirectional, None, with_state, weights, slice(a, a + n))
+        y_i, h_a, loss_i = _scan_loss(
+            inputs, mode, chunk_size, bidirectional, None, with_state, weights, slice(a, a + n)
+        )
         ys.append(y_i)
         total = total + loss_i
     if not bidirectional:
@@ -466,7 +468,12 @@ def test_padding_anywhere_never_touches_the_state(mode, chunk_size, bidirectiona
     h0 = None if bidirectional else h0
     pads = [(0, 4), (15, 2), (22, 1), (40, 6)]
     gen = torch.Generator().manual_seed(3)
-    noise = lambda t: torch.where(_pad(torch.ones_like(t), pads) == 0, torch.randn(_pad(t, pads).shape, generator=gen, dtype=dtype), _pad(t, pads))  # noqa: E731,E501
+
+    def noise(t):  # random values at the pads: the scan must ignore them (dt = 0 there)
+        padded = _pad(t, pads)
+        at_pad = _pad(torch.ones_like(t), pads) == 0
+        return torch.where(at_pad, torch.randn(padded.shape, generator=gen, dtype=dtype), padded)
+
     xp, Bp, Cp, dtp = noise(x), noise(B), noise(C), _pad(dt, pads)
     real = _pad(torch.ones(1, 40, dtype=torch.bool), pads, False)[0]
     reset = _reset((15, 25), 2)

@@ -401,7 +401,7 @@ def _causal(mode, x, dt, A, B, C, h0, chunk_size, reverse=False, reset=None):
     if mode == "parallel":
         return _parallel(x, dt, A, B, C, h0, reverse=reverse, reset=reset)
     if reverse:
-        flip = (lambda t: None if t is None else t.flip(1))  # noqa: E731
+        flip = lambda t: None if t is None else t.flip(1)  # noqa: E731
         y, h = _causal(mode, flip(x), flip(dt), A, flip(B), flip(C), h0, chunk_size, reset=flip(reset))
         return y.flip(1), h
     if mode == "recurrent":
