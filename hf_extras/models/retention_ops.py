@@ -324,7 +324,7 @@ def _intra_per_key(q, k, b, strict, seg=None):
     q * exp(b_t - b_ref) and k * exp(b_ref - b_s) have factors <= 1, then a matmul; diagonal
     sub-blocks build the small (c, c, Dk) pairwise tensor, masked before exp.
 
-    ``seg`` (None or (b, h, N, C, 1) ints, the within-chunk count of resets so far) zeroes
+    ``seg`` (None or (b, h, N, C, 1) integer-valued floats, the within-chunk count of resets so far) zeroes
     pairs across a zero decay: [seg_t == seg_s]. Off-diagonal it factorises through the
     reference token (s <= ref < t and seg is non-decreasing, so seg_t == seg_s iff both equal
     seg_ref), one mask on each side of the matmul.
@@ -394,13 +394,13 @@ def _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, ch
     seg = None
     if r is not None:
         # within-chunk count of zero decays up to and including each token (see the module docstring)
-        ri = r.to(torch.int32)
+        ri = r.to(fdt)  # counts are small integers, exact in float; float keeps every cumsum in fdt
         if pad:
             ri = torch.nn.functional.pad(ri, (0, 0, 0, pad) if per_key else (0, pad))
         if per_key:
-            seg = torch.cumsum(ri.reshape(*ri.shape[:2], N, C, ri.shape[-1]), dim=-2, dtype=torch.int32)
+            seg = torch.cumsum(ri.reshape(*ri.shape[:2], N, C, ri.shape[-1]), dim=-2)
         else:
-            seg = torch.cumsum(ri.reshape(*ri.shape[:2], N, C), dim=-1, dtype=torch.int32)
+            seg = torch.cumsum(ri.reshape(*ri.shape[:2], N, C), dim=-1)
     qc = q.reshape(B, H, N, C, Dk)
     kc = k.reshape(B, H, N, C, Dk)
     vc = v.reshape(B, H, N, C, Dv)
