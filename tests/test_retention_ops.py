@@ -341,12 +341,18 @@ def test_bad_inputs():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("with_reset", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_torch_compile_fullgraph(kind):
+def test_torch_compile_fullgraph(kind, with_reset):
+    """Inductor, fullgraph, with and without document boundaries: the recurrence's numbers."""
+    torch._dynamo.reset()
     q, k, v, ld, s0 = make_inputs(kind, T=100)
+    reset = _reset((10, 1, 1, 40, 48), q.shape[0]) if with_reset else None
     fn = torch.compile(decayed_linear_attention, fullgraph=True)
-    o, s = fn(q, k, v, ld, mode="chunkwise", chunk_size=32, initial_state=s0, output_final_state=True)
-    o_r, s_r = run("recurrent", q, k, v, ld, s0)
+    o, s = fn(q, k, v, ld, mode="chunkwise", chunk_size=32, initial_state=s0, output_final_state=True, reset=reset)
+    o_r, s_r = decayed_linear_attention(
+        q, k, v, ld, mode="recurrent", initial_state=s0, output_final_state=True, reset=reset
+    )
     assert (o - o_r).abs().max() < 1e-5 and (s - s_r).abs().max() < 1e-5
 
 
