@@ -202,8 +202,8 @@ def _scan_(a: Tensor, u: Tensor, reverse: bool = False, work: Tensor | None = No
 class _Workspace:
     """Chunk-sized ``(batch, L, D, N)`` buffers reused by every chunk of one call.
 
-    Allocating fresh multi-MiB arrays for every chunk costs a page fault per 4 KiB on first touch: measured on the
-    dev VM, half of the chunkwise forward time was the kernel zero-filling pages (7,500 faults per 512 tokens).
+    Allocating fresh multi-MiB arrays for every chunk costs a page fault per 4 KiB on first touch (measurement in
+    ``benchmarks/results/NOTES_kernels.md``).
     """
 
     def __init__(self, ref: Tensor, batch: int, length: int, D: int, N: int, names=("a", "h", "work")):
@@ -229,10 +229,9 @@ def _chunk_states(v, dt, A2, B, h_start, ws: _Workspace, keep: Tensor | None = N
 
 # The chunk loop runs its ops on one intra-op thread when a chunk's (batch, L, D, N) arrays have at most this many
 # elements (the default width-512, batch-1, 64-token chunk has 2**19). Each chunk is ~100 small ops: with more
-# threads every op forks and joins the pool, and on a machine with more runnable threads than cores each join waits
-# for a descheduled worker (a few ms), so a training step can take 10-40x longer (measured on the shared 2-core dev
-# machine under load; at load ~1 the 2-thread step is ~25% faster than the 1-thread one). Set it to 0 to always use
-# torch's thread count; larger chunks (big batch or width) always do.
+# threads every op forks and joins the pool, and on an oversubscribed machine each join waits for a descheduled
+# worker (measurements in benchmarks/results/NOTES_kernels.md). Set it to 0 to always use torch's thread count;
+# larger chunks (big batch or width) always do.
 SERIAL_MAX_ELEMENTS = 2**20
 
 
