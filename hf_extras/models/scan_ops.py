@@ -54,8 +54,8 @@ Threads: a chunk is ~100 small ops, so the chunk loop runs on one intra-op threa
 (``SERIAL_MAX_ELEMENTS``): on an oversubscribed machine every multi-threaded op otherwise waits for a descheduled
 worker thread at its join. The thread count is restored after the loop.
 
-This file is copied into saved checkpoints (with ``scan_cpu_kernel`` and ``retention_ops``): it must import only torch and the
-standard library.
+This file is copied into saved checkpoints (with ``scan_cpu_kernel``, and ``retention_ops`` for ``_float_dtype``): it
+must import only torch and the standard library.
 """
 
 import torch
