@@ -76,7 +76,11 @@ def boundaries_from_kwargs(
 ) -> Tensor | None:
     """The ``(B, T)`` document-start mask from whichever marker a forward received (``cu_seq_lens_q``, then
     ``seq_idx``, then ``position_ids``), or None when there is none. Raises when its shape does not fit the
-    input's ``(batch_size, seq_len)``."""
+    input's ``(batch_size, seq_len)``.
+
+    Plain (unpacked) ``position_ids`` give a mask that is True at token 0 only: harmless (no state before it), but
+    any mask turns a fixed-decay (RetNet) kernel call into the per-token path, so callers that know a batch is not
+    packed may skip it."""
     if cu_seq_lens_q is not None:
         if batch_size != 1:
             raise ValueError(
