@@ -341,10 +341,310 @@ def test_bad_inputs():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("with_reset", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_torch_compile_fullgraph(kind):
+def test_torch_compile_fullgraph(kind, with_reset):
+    """Inductor, fullgraph, with and without document boundaries: the recurrence's numbers."""
+    torch._dynamo.reset()
     q, k, v, ld, s0 = make_inputs(kind, T=100)
+    reset = _reset((10, 1, 1, 40, 48), q.shape[0]) if with_reset else None
     fn = torch.compile(decayed_linear_attention, fullgraph=True)
-    o, s = fn(q, k, v, ld, mode="chunkwise", chunk_size=32, initial_state=s0, output_final_state=True)
-    o_r, s_r = run("recurrent", q, k, v, ld, s0)
+    o, s = fn(q, k, v, ld, mode="chunkwise", chunk_size=32, initial_state=s0, output_final_state=True, reset=reset)
+    o_r, s_r = decayed_linear_attention(
+        q, k, v, ld, mode="recurrent", initial_state=s0, output_final_state=True, reset=reset
+    )
     assert (o - o_r).abs().max() < 1e-5 and (s - s_r).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# packed documents: boundaries (`reset`, or -inf log decays) reset the state
+# ----------------------------------------------------------------------------------------------
+
+# two layouts: adjacent length-1 documents, and boundaries on and next to chunk edges (chunk 16)
+LAYOUTS = [(9, 1, 1, 25, 37), (16, 17, 1, 30)]
+
+
+def _starts(lengths):
+    return [sum(lengths[:i]) for i in range(len(lengths))]
+
+
+def _reset(lengths, B):
+    reset = torch.zeros(B, sum(lengths), dtype=torch.bool)
+    reset[:, _starts(lengths)] = True
+    return reset
+
+
+def _doc(ld, a, b):
+    return _slice_ld(ld, a, b)
+
+
+def _packed_vs_alone(mode, kind, dtype, lengths, bidirectional, reset_first=True, use_inf=False, chunk=16):
+    """(packed outputs, final state, grads) and the same from each document run alone with summed losses."""
+    T = sum(lengths)
+    q, k, v, ld, s0 = make_inputs(kind, dtype, B=2, H=2, T=T, seed=3)
+    reset = _reset(lengths, 2)
+    if not reset_first:
+        reset[:, 0] = False
+    gen = torch.Generator().manual_seed(7)
+    wo = torch.randn(2, 2, T, v.shape[-1], generator=gen, dtype=torch.float64).to(dtype)
+    ws = torch.randn(s0.shape, generator=gen, dtype=torch.float64)
+
+    def leaves():
+        out = [x.detach().clone().requires_grad_(True) for x in (q, k, v, s0)]
+        return out + ([ld.detach().clone().requires_grad_(True)] if ld is not None else [None])
+
+    # packed
+    pq, pk, pv, ps0, pld = leaves()
+    ld_in, reset_in = pld, reset
+    if use_inf:  # boundaries as -inf log decays instead of `reset`
+        ld_in = pld.masked_fill(reset.view(2, 1, T, *([1] * (pld.dim() - 3))), float("-inf"))
+        reset_in = None
+    o, st = decayed_linear_attention(
+        pq, pk, pv, ld_in, mode=mode, chunk_size=chunk, initial_state=None if bidirectional else ps0,
+        output_final_state=not bidirectional, bidirectional=bidirectional, reset=reset_in,
+    )  # fmt: skip
+    loss = (o * wo).sum() + ((st.double() * ws).sum() if st is not None else 0)
+    loss.backward()
+    grads = [(x.grad if x.grad is not None else torch.zeros_like(x)) for x in (pq, pk, pv, ps0, pld) if x is not None]
+    packed = (o.detach(), st, grads)
+
+    # one by one
+    aq, ak, av, as0, ald = leaves()
+    outs, total, st_a = [], 0, None
+    for i, (a, n) in enumerate(zip(_starts(lengths), lengths)):
+        b = a + n
+        init = as0 if (i == 0 and not reset_first and not bidirectional) else None
+        o_i, st_a = decayed_linear_attention(
+            aq[:, :, a:b], ak[:, :, a:b], av[:, :, a:b], _doc(ald, a, b), mode=mode, chunk_size=chunk,
+            initial_state=init, output_final_state=True, bidirectional=bidirectional,
+        )  # fmt: skip
+        outs.append(o_i)
+        total = total + (o_i * wo[:, :, a:b]).sum()
+    if not bidirectional:
+        total = total + (st_a.double() * ws).sum()
+    total.backward()
+    grads = []
+    for x in (aq, ak, av, as0, ald):
+        if x is not None:
+            grads.append(x.grad if x.grad is not None else torch.zeros_like(x))
+    alone = (torch.cat(outs, 2).detach(), st_a if not bidirectional else None, grads)
+    return packed, alone
+
+
+def _assert_rel(a, b, rtol, what):
+    scale = b.abs().max().clamp_min(1e-30)
+    err = (a.double() - b.double()).abs().max() / scale
+    assert err <= rtol, (what, err.item())
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_documents_equal_documents_alone(mode, kind, dtype, bidirectional):
+    """Per document: outputs, the final state (the last document's) and the gradients of q, k, v, log decay
+    and the initial state (discarded by the boundary at token 0: gradient 0) equal running it alone."""
+    rtol = 1e-5 if dtype == torch.float32 else 1e-11
+    for lengths in LAYOUTS:
+        (o, st, g), (o_a, st_a, g_a) = _packed_vs_alone(mode, kind, dtype, lengths, bidirectional)
+        _assert_rel(o, o_a, rtol, "o")
+        if not bidirectional:
+            _assert_rel(st, st_a, rtol, "final state")
+        for name, x, y in zip(("q", "k", "v", "s0", "log_decay"), g, g_a):
+            assert torch.isfinite(x).all(), name
+            if name == "s0" and not bidirectional:
+                assert torch.equal(x, torch.zeros_like(x)), "a boundary at token 0 discards the initial state"
+            _assert_rel(x, y, rtol * 10, name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_without_boundary_at_token_0_continues_the_initial_state(mode, kind):
+    (o, st, g), (o_a, st_a, g_a) = _packed_vs_alone(mode, kind, torch.float64, LAYOUTS[0], False, reset_first=False)
+    _assert_rel(o, o_a, 1e-11, "o")
+    _assert_rel(st, st_a, 1e-11, "final state")
+    for x, y in zip(g, g_a):
+        _assert_rel(x, y, 1e-10, "grad")
+    assert g[3].abs().max() > 0  # the initial state is used by the first document
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["head", "key"])
+@pytest.mark.parametrize("mode", MODES)
+def test_minus_inf_log_decay_is_a_boundary(mode, kind, dtype):
+    """-inf in a data-dependent log decay resets the state like `reset` (causal): no NaN forward or backward."""
+    rtol = 1e-5 if dtype == torch.float32 else 1e-11
+    for lengths in LAYOUTS:
+        (o, st, g), (o_a, st_a, g_a) = _packed_vs_alone(mode, kind, dtype, lengths, False, use_inf=True)
+        _assert_rel(o, o_a, rtol, "o")
+        _assert_rel(st, st_a, rtol, "final state")
+        for name, x, y in zip(("q", "k", "v", "s0", "log_decay"), g, g_a):
+            assert torch.isfinite(x).all(), name
+            _assert_rel(x, y, rtol * 10, name)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_per_channel_zero_decay_matches_the_recurrence(bidirectional):
+    """GLA: -inf in some key channels only zeroes those rows of the state (floored to a log decay whose exp is
+    exactly 0); every form agrees with the recurrence, forward and backward, and with exp(-inf) = 0 written out."""
+    q, k, v, ld, s0 = make_inputs("key", torch.float64, T=50, H=2)
+    gen = torch.Generator().manual_seed(2)
+    ld = ld.masked_fill(torch.rand(ld.shape, generator=gen) < 0.05, float("-inf"))
+    ld[:, :, 0] = float("-inf")  # all channels at token 0: the initial state is dropped
+    results = []
+    for m in MODES:
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, s0, ld)]
+        o, st = run(
+            m, *leaves[:3], leaves[4], None if bidirectional else leaves[3], 16, bidirectional, not bidirectional
+        )
+        ((o * o).sum() + ((st * st).sum() if st is not None else 0)).backward()
+        results.append([o.detach()] + [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves])
+    for res in results[:2]:
+        for x, y in zip(res, results[2]):
+            assert torch.isfinite(x).all()
+            _assert_rel(x, y, 1e-11, "vs recurrent")
+    # the brute-force sum (decay products written out, exp(-inf) = 0) agrees with the forms
+    if not bidirectional:
+        a = ld.exp()
+        S = torch.zeros_like(s0)
+        outs = []
+        for t in range(q.shape[2]):
+            S = a[:, :, t, :, None] * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+            outs.append(q[:, :, t, None, :] @ S)
+        _assert_rel(results[0][0], torch.cat(outs, 2), 1e-11, "written out")
+    # the -inf entries get no gradient; the initial state none either
+    assert torch.equal(results[0][5][torch.isneginf(ld)], torch.zeros(int(torch.isneginf(ld).sum()), dtype=ld.dtype))
+    assert torch.equal(results[0][4], torch.zeros_like(s0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bidirectional_documents_do_not_see_each_other(kind):
+    """Changing one document (by a lot) leaves every other document's outputs unchanged, from either side."""
+    lengths = LAYOUTS[0]
+    T = sum(lengths)
+    q, k, v, ld, _ = make_inputs(kind, torch.float64, T=T)
+    reset = _reset(lengths, q.shape[0])
+    a, b = _starts(lengths)[3], _starts(lengths)[4]
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, a:b] *= 1e3
+    v2[:, :, a:b] += 1e3
+    ld2 = ld
+    if ld is not None and ld.dim() > 1:
+        ld2 = ld.clone()
+        ld2[:, :, a:b] = ld2[:, :, a:b] * 0.01
+    for m in MODES:
+        o, _ = decayed_linear_attention(q, k, v, ld, mode=m, chunk_size=16, bidirectional=True, reset=reset)
+        o2, _ = decayed_linear_attention(q, k2, v2, ld2, mode=m, chunk_size=16, bidirectional=True, reset=reset)
+        keep = torch.ones(T, dtype=torch.bool)
+        keep[a:b] = False
+        assert (o[:, :, keep] - o2[:, :, keep]).abs().max() < 1e-12, m
+        assert (o[:, :, ~keep] - o2[:, :, ~keep]).abs().max() > 1.0, m
+
+
+def _pad_row(x, pads, dim, value=0.0):
+    """Insert `n` pad entries (value) before position `at` for each (at, n) in pads (positions of the real row)."""
+    pieces, last = [], 0
+    for at, n in pads:
+        pieces.append(x.narrow(dim, last, at - last))
+        shape = list(x.shape)
+        shape[dim] = n
+        pieces.append(torch.full(shape, value, dtype=x.dtype))
+        last = at
+    pieces.append(x.narrow(dim, last, x.shape[dim] - last))
+    return torch.cat(pieces, dim)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_anywhere_never_touches_the_state(mode, kind, bidirectional):
+    """Pads with k = v = 0 and log decay 0 (a = 1) -- left, interior and right, with an initial state and a
+    boundary in the row -- leave every real token's output and the final state unchanged. A fixed (H,) decay
+    becomes per token for that (log decay 0 at the pads: packing.log_decay_with_padding)."""
+    from hf_extras.models.packing import log_decay_with_padding
+
+    T = 60
+    q, k, v, ld, s0 = make_inputs(kind, torch.float64, T=T)
+    s0 = None if bidirectional else s0
+    reset = _reset((20, 40), q.shape[0])
+    pads = [(0, 5), (20, 3), (33, 1), (60, 7)]  # left, at the boundary, interior, right
+    n_pad = sum(n for _, n in pads)
+    gen = torch.Generator().manual_seed(9)
+    qp = _pad_row(q, pads, 2)
+    qp = torch.where(qp == 0, torch.randn(qp.shape, generator=gen, dtype=qp.dtype), qp)  # q at pads: anything
+    kp, vp = _pad_row(k, pads, 2), _pad_row(v, pads, 2)
+    mask = _pad_row(torch.ones(q.shape[0], T, dtype=torch.bool), pads, 1, value=False)
+    resetp = _pad_row(reset, pads, 1, value=False)
+    ldp = None
+    if ld is not None:
+        ld_full = ld if ld.dim() == 1 else _pad_row(ld, pads, 2, value=-5.0)  # garbage, masked below
+        ldp = log_decay_with_padding(ld_full, mask)
+    for r, rp in ((None, None), (reset, resetp)):
+        o, st = decayed_linear_attention(
+            q, k, v, ld, mode=mode, chunk_size=16, initial_state=s0,
+            output_final_state=not bidirectional, bidirectional=bidirectional, reset=r,
+        )  # fmt: skip
+        op, stp = decayed_linear_attention(
+            qp, kp, vp, ldp, mode=mode, chunk_size=16, initial_state=s0,
+            output_final_state=not bidirectional, bidirectional=bidirectional, reset=rp,
+        )  # fmt: skip
+        assert op.shape[2] == T + n_pad
+        assert (op[:, :, mask[0]] - o).abs().max() < 1e-11
+        if not bidirectional:
+            assert (stp - st).abs().max() < 1e-11
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_16k_packed_tokens_bf16_stay_finite(kind):
+    """16k tokens of packed documents (lengths 1..600) in bf16, chunkwise, forward and backward: finite, and
+    close to float32."""
+    B, H, T, D = 1, 2, 16384, 16
+    gen = torch.Generator().manual_seed(0)
+    lengths = []
+    while sum(lengths) < T:
+        lengths.append(int(torch.randint(1, 600, (1,), generator=gen)))
+    lengths[-1] -= sum(lengths) - T
+    reset = _reset(lengths, B)
+    q, k, v, ld, _ = make_inputs(kind, torch.float32, B=B, H=H, T=T, Dk=D, Dv=D, seed=1)
+    outs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        leaves = [x.to(dtype).requires_grad_(True) for x in (q, k, v) + ((ld,) if ld is not None else ())]
+        o, s = decayed_linear_attention(
+            *leaves[:3], leaves[3] if ld is not None else None, reset=reset, output_final_state=True
+        )
+        assert torch.isfinite(o).all() and torch.isfinite(s).all()
+        (o.float().square().mean() + s.square().mean()).backward()
+        assert all(torch.isfinite(x.grad).all() for x in leaves)
+        outs.append(o.float())
+    assert (outs[0] - outs[1]).norm() / outs[1].norm() < 2e-2
+
+
+def test_reset_is_checked():
+    q, k, v, ld, _ = make_inputs("head", T=10)
+    with pytest.raises(ValueError, match="reset must be a bool"):
+        decayed_linear_attention(q, k, v, ld, reset=torch.zeros(2, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="reset must be a bool"):
+        decayed_linear_attention(q, k, v, ld, reset=torch.zeros(2, 9, dtype=torch.bool))
+
+
+def test_compile_fullgraph_with_boundaries():
+    """The chunkwise form with `reset` (and -inf log decays) traces as one graph, forward and backward."""
+    torch._dynamo.reset()
+    q, k, v, ld, s0 = make_inputs("head", T=40)
+    reset = _reset((5, 1, 20, 14), 2)
+    ld = ld.masked_fill(reset[:, None] & (torch.arange(40) > 10), float("-inf"))
+
+    def f(q, k, v, ld, s0):
+        o, s = chunkwise_retention(q, k, v, ld, chunk_size=16, initial_state=s0, output_final_state=True, reset=reset)
+        return o.square().sum() + s.square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (f, compiled):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, ld, s0)]
+        fn(*leaves).backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()

@@ -344,3 +344,203 @@ def test_a_failed_kernel_build_falls_back_to_the_pytorch_forms(monkeypatch, tmp_
     ref_y, _, ref_g = run(inputs, "recurrent")
     y, _, grads = run(inputs, "fused", 8)
     torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# packed documents: `reset` drops the state at each document's first token
+# --------------------------------------------------------------------------------------------
+
+LAYOUTS = [(9, 1, 1, 25, 37), (16, 17, 1, 30)]  # adjacent length-1 documents; boundaries on chunk edges (chunk 8/16)
+PACKED_FORMS = [("recurrent", 16), ("parallel", 64), ("chunkwise", 8), ("chunkwise", 5), ("fused", 64)]
+NAMES = ("x", "dt", "A", "B", "C", "D", "h0")
+
+
+def _starts(lengths):
+    return [sum(lengths[:i]) for i in range(len(lengths))]
+
+
+def _reset(lengths, batch):
+    reset = torch.zeros(batch, sum(lengths), dtype=torch.bool)
+    reset[:, _starts(lengths)] = True
+    return reset
+
+
+def _scan_loss(inputs, mode, chunk_size, bidirectional, reset, with_state, weights, sl=slice(None)):
+    x, dt, A, B, C, D_skip, h0 = inputs
+    y, h = selective_scan(
+        x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], D_skip, mode=mode, chunk_size=chunk_size,
+        initial_state=h0 if with_state else None, output_final_state=not bidirectional,
+        bidirectional=bidirectional, reset=reset,
+    )  # fmt: skip
+    return y, h, (y * weights[:, sl]).sum()
+
+
+def _packed_and_alone(mode, chunk_size, dtype, lengths, bidirectional, reset_first=True):
+    T = sum(lengths)
+    inputs = make_inputs(batch=2, T=T, D=5, N=3, dtype=dtype, seed=4)
+    weights = torch.randn(2, T, 5, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    h_weights = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    reset = _reset(lengths, 2)
+    if not reset_first:
+        reset[:, 0] = False
+    for t in inputs:
+        t.grad = None
+    y, h, loss = _scan_loss(inputs, mode, chunk_size, bidirectional, reset, not bidirectional, weights)
+    (loss + ((h * h_weights).sum() if h is not None else 0)).backward()
+    grad = lambda t: t.grad.clone() if t.grad is not None else torch.zeros_like(t)  # noqa: E731
+    packed = (y.detach(), h.detach() if h is not None else None, [grad(t) for t in inputs])
+    for t in inputs:
+        t.grad = None
+    ys, total, h_a = [], 0, None
+    for i, (a, n) in enumerate(zip(_starts(lengths), lengths)):
+        with_state = i == 0 and not reset_first and not bidirectional
+        y_i, h_a, loss_i = _scan_loss(
+            inputs, mode, chunk_size, bidirectional, None, with_state, weights, slice(a, a + n)
+        )
+        ys.append(y_i)
+        total = total + loss_i
+    if not bidirectional:
+        total = total + (h_a * h_weights).sum()
+    total.backward()
+    alone = (torch.cat(ys, 1).detach(), h_a.detach() if h_a is not None else None, [grad(t) for t in inputs])
+    return packed, alone
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode, chunk_size", PACKED_FORMS)
+def test_packed_documents_equal_documents_alone(mode, chunk_size, dtype, bidirectional):
+    """Per document: outputs, the final state and the gradients of x, dt, A, B, C, D (and of the initial state,
+    discarded by the boundary at token 0) equal the documents run one by one with summed losses. The fused kernel
+    runs float32 (float64 falls back to chunkwise)."""
+    if mode == "fused":
+        kernel_or_skip()
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for lengths in LAYOUTS:
+        (y, h, g), (y_a, h_a, g_a) = _packed_and_alone(mode, chunk_size, dtype, lengths, bidirectional)
+        scale = y_a.abs().max()
+        torch.testing.assert_close(y / scale, y_a / scale, rtol=tol, atol=tol)
+        if not bidirectional:
+            torch.testing.assert_close(h, h_a, rtol=tol, atol=tol)
+            assert torch.equal(g[6], torch.zeros_like(g[6])), "a boundary at token 0 discards the initial state"
+        for name, a, b in zip(NAMES, g, g_a):
+            assert torch.isfinite(a).all(), name
+            s = b.abs().max().clamp_min(1.0)
+            torch.testing.assert_close(a / s, b / s, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("mode, chunk_size", PACKED_FORMS)
+def test_packed_without_boundary_at_token_0_continues_the_initial_state(mode, chunk_size):
+    if mode == "fused":
+        kernel_or_skip()
+    dtype = torch.float32 if mode == "fused" else torch.float64
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    (y, h, g), (y_a, h_a, g_a) = _packed_and_alone(mode, chunk_size, dtype, LAYOUTS[0], False, reset_first=False)
+    torch.testing.assert_close(y, y_a, rtol=tol, atol=tol)
+    torch.testing.assert_close(h, h_a, rtol=tol, atol=tol)
+    for name, a, b in zip(NAMES, g, g_a):
+        s = b.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(a / s, b / s, rtol=tol, atol=tol, msg=name)
+    assert g[6].abs().max() > 0
+
+
+def _pad(t, pads, value=0.0):
+    """Insert `n` entries of `value` along dim 1 before real position `at`, for each (at, n)."""
+    pieces, last = [], 0
+    for at, n in pads:
+        pieces.append(t[:, last:at])
+        pieces.append(torch.full((t.shape[0], n, *t.shape[2:]), value, dtype=t.dtype))
+        last = at
+    pieces.append(t[:, last:])
+    return torch.cat(pieces, 1)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("mode, chunk_size", PACKED_FORMS)
+def test_padding_anywhere_never_touches_the_state(mode, chunk_size, bidirectional):
+    """Pads with dt = 0 (x, B, C arbitrary) -- left, at a boundary, interior and right -- leave every real token's
+    output and the final state unchanged, with and without boundaries in the row."""
+    if mode == "fused":
+        kernel_or_skip()
+    dtype = torch.float32 if mode == "fused" else torch.float64
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    x, dt, A, B, C, D_skip, h0 = (t.detach() for t in make_inputs(T=40, dtype=dtype))
+    h0 = None if bidirectional else h0
+    pads = [(0, 4), (15, 2), (22, 1), (40, 6)]
+    gen = torch.Generator().manual_seed(3)
+
+    def noise(t):  # random values at the pads: the scan must ignore them (dt = 0 there)
+        padded = _pad(t, pads)
+        at_pad = _pad(torch.ones_like(t), pads) == 0
+        return torch.where(at_pad, torch.randn(padded.shape, generator=gen, dtype=dtype), padded)
+
+    xp, Bp, Cp, dtp = noise(x), noise(B), noise(C), _pad(dt, pads)
+    real = _pad(torch.ones(1, 40, dtype=torch.bool), pads, False)[0]
+    reset = _reset((15, 25), 2)
+    for r, rp in ((None, None), (reset, _pad(reset, pads, False))):
+        y, h = selective_scan(x, dt, A, B, C, D_skip, mode=mode, chunk_size=chunk_size, initial_state=h0,
+                              output_final_state=not bidirectional, bidirectional=bidirectional, reset=r)  # fmt: skip
+        yp, hp = selective_scan(xp, dtp, A, Bp, Cp, None, mode=mode, chunk_size=chunk_size, initial_state=h0,
+                                output_final_state=not bidirectional, bidirectional=bidirectional, reset=rp)  # fmt: skip
+        # D x at a pad is the caller's (the mixer zeroes or ignores it); compare the scan part at real tokens
+        torch.testing.assert_close(yp[:, real] + x * D_skip, y, rtol=tol, atol=tol)
+        if not bidirectional:
+            torch.testing.assert_close(hp, h, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("mode", ["chunkwise", "fused"])
+def test_16k_packed_tokens_bf16_stay_finite(mode):
+    """16k tokens of packed documents (lengths 1..600), bf16 inputs, forward and backward: finite."""
+    if mode == "fused":
+        kernel_or_skip()
+    T = 16384
+    gen = torch.Generator().manual_seed(0)
+    lengths = []
+    while sum(lengths) < T:
+        lengths.append(int(torch.randint(1, 600, (1,), generator=gen)))
+    lengths[-1] -= sum(lengths) - T
+    inputs = [t.detach().bfloat16().requires_grad_() for t in make_inputs(batch=1, T=T, D=8, N=4)]
+    x, dt, A, B, C, D_skip, h0 = inputs
+    y, h = selective_scan(x, dt, A, B, C, D_skip, mode=mode, initial_state=h0, output_final_state=True,
+                          reset=_reset(lengths, 1))  # fmt: skip
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    (y.square().mean() + h.square().mean()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in inputs if t.grad is not None)
+
+
+def test_reset_is_checked():
+    x, dt, A, B, C, _, _ = (t.detach() for t in make_inputs(T=5))
+    with pytest.raises(ValueError, match="reset must be a bool"):
+        selective_scan(x, dt, A, B, C, reset=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="reset must be a bool"):
+        selective_scan(x, dt, A, B, C, reset=torch.zeros(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mode", ["chunkwise", "parallel", "fused"])
+def test_compiles_with_boundaries(mode):
+    """fullgraph (aot_eager) with `reset`: the eager numbers and gradients."""
+    if mode == "fused":
+        kernel_or_skip()
+    torch._dynamo.reset()
+    inputs = make_inputs(batch=1, T=20, D=4, N=2)
+    reset = _reset((3, 1, 9, 7), 1)
+
+    def f(x, dt, A, B, C, D_skip, h0):
+        return selective_scan(x, dt, A, B, C, D_skip, mode=mode, chunk_size=8, initial_state=h0,
+                              output_final_state=True, reset=reset)  # fmt: skip
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (f, compiled):
+        for t in inputs:
+            t.grad = None
+        y, h = fn(*inputs)
+        (y.sum() + h.square().sum()).backward()
+        results.append((y.detach(), [t.grad.clone() if t.grad is not None else None for t in inputs]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for g, r in zip(results[1][1], results[0][1]):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, r)
+    torch._dynamo.reset()

@@ -65,10 +65,14 @@ def fla_decayed_linear_attention(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     bidirectional: bool = False,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None] | None:
     """fla's result for `decayed_linear_attention` (same arguments, same return), or `None` when not dispatched:
-    fla missing or disabled, tensors not on CUDA, a bidirectional pass, or a recurrent (decoding) step."""
-    if bidirectional or mode == "recurrent" or q.device.type not in DISPATCH_DEVICE_TYPES or not fla_enabled():
+    fla missing or disabled, tensors not on CUDA, a bidirectional pass, a recurrent (decoding) step, or document
+    boundaries (`reset`; fla's `cu_seqlens` path is not wired yet, so packed rows run the PyTorch forms)."""
+    if reset is not None or bidirectional or mode == "recurrent":
+        return None
+    if q.device.type not in DISPATCH_DEVICE_TYPES or not fla_enabled():
         return None
     kernels = _kernels()
     if kernels is None:

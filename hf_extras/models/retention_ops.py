@@ -18,11 +18,40 @@ Three forms compute the same thing (to float tolerance) and all take / return th
 * ``chunkwise``  -- matmuls inside chunks, a recurrence across chunks; O(T), training default.
 * ``recurrent``  -- one token at a time; the reference and the decoding step.
 
+Document boundaries (packed rows): a boundary is a decay of zero, ``a_t = 0`` (log decay ``-inf``), at a
+document's first token, so the state is reset there and each document gives exactly its outputs alone. Pass them
+as ``reset`` (bool ``(B, T)``, True at each document's first token; ``packing.py`` builds it from transformers'
+padding-free batches), or as ``-inf`` entries of a data-dependent ``log_decay`` (per key channel: ``-inf`` in
+every channel of a token). A fixed ``(H,)`` decay (RetNet) with ``reset`` becomes a per-token one; without it the fixed
+path is unchanged. A reset at token 0 discards ``initial_state``. Padding needs no boundary: a token with
+``k = v = 0`` and log decay 0 (``a = 1``) leaves the state unchanged in every form.
+
 Numerics: decay factors are computed in float32 (float64 for float64 inputs) from cumulative
 sums of log decays *local to a chunk*, and only non-positive exponents are ever exponentiated,
-so nothing overflows and underflow (decays -> 0 over long spans) is exact. The carried state
+so nothing overflows and underflow (decays -> 0 over long spans) is exact. Boundaries are kept
+out of the sums: ``-inf`` (and every reset token's decay) is replaced by 0 before the cumsum,
+and a within-chunk *segment index* (the number of resets so far in the chunk) multiplies every
+decay factor by ``[segment_t == segment_s]``. So ``-inf - -inf`` never happens (no NaN forward
+or backward), the masked factors are exact zeros, and factors within one document keep the
+precision of the plain cumsum. (Clamping ``-inf`` to a large finite value instead would leave
+that value in every later cumsum of the chunk, and ``b_t - b_s`` would lose ~1e-4 to
+cancellation in float32.) The segment masks are elementwise on tensors the forms build anyway
+(the ``(C, C)`` decay matrix, the chunk's decay vectors); the per-key form factorises them
+through the sub-chunk reference token, so all forms stay matmul-shaped and compile without graph
+breaks. Data-dependent decays always take this path (they may hold ``-inf``); a fixed or absent
+decay takes it only when ``reset`` is given. Boundaries are per token, so the masks broadcast
+over key channels (measured cost: a few percent of the kernel, NOTES_kernels.md). A per-key
+``-inf`` in *some* channels of a token only is floored to ``_zero_log_decay`` (-120 in float32,
+-800 in float64), whose exp is exactly 0: that channel's later factors in the same chunk then
+carry the floor's rounding (~1e-5 relative in float32, ~1e-13 in float64). The carried state
 is kept in that float dtype too; matmul operands are cast to the inputs' dtype, and outputs
 to ``v``'s dtype. ``q`` is not scaled here (callers scale).
+
+Bidirectional: the anti-causal pass sums ``s > t`` with decay ``prod_{r=t}^{s-1} a_r``, so a
+document starting at ``r`` is cut off from the one before it by a zero decay at ``r - 1``;
+``reset`` does that (the document's own first decay ``a_r`` is still used in that direction, as
+alone). A ``-inf`` log decay is taken literally in both directions (``a_r = 0``), which does not
+separate documents in the anti-causal pass: for bidirectional packed rows pass ``reset``.
 
 This file is copied into saved checkpoints: it must import only torch / math / typing.
 """
@@ -42,31 +71,12 @@ __all__ = [
 MODES = ("parallel", "chunkwise", "recurrent")
 
 # Per-key-channel (GLA) decays: the chunk is capped at ``_PER_KEY_MAX_CHUNK`` tokens and split
-# into sub-chunks of ``_SUB_CHUNK``. The diagonal sub-blocks materialise a (c, c, Dk) tensor per
-# sub-chunk (T * c * Dk elements in all, memory bound), the off-diagonal ones gather one (c, Dk)
-# query block per sub-chunk pair ((C / c)^2 / 2 pairs per chunk) and are matmuls; longer chunks
-# mean more pairs, so past a point the state recurrence across chunks is cheaper. Measured on the
-# dev CPU (torch 2.13, 1 thread, float32, H=4, Dk=Dv=64, forward + backward of the kernel alone,
-# machine heavily loaded, so compare within a row only), (chunk, sub-chunk):
-#   T=2048 x B=4:  (16,4) 2.4 s  (32,4) 2.7-3.0  (64,4) 4.6  (16,8) 4.3  (32,8) 4.0  (64,8) 4.8  (64,16) 9.5
-#   T=8192 x B=1:  (16,4) 4.1 s  (32,4) 3.9      (64,8) 5.3
-# (fixed per-head decay, chunk 64, for scale: 0.46 s / 0.72 s.)
+# into sub-chunks of ``_SUB_CHUNK``: the diagonal sub-blocks materialise a (c, c, Dk) tensor per
+# sub-chunk, the off-diagonal ones are matmuls. Measurements: benchmarks/results/NOTES_kernels.md.
 _SUB_CHUNK = 4
 _PER_KEY_MAX_CHUNK = 32
 
-# ``pick_mode`` thresholds, measured on the dev CPU (2 shared, heavily loaded cores, so +-50%
-# noise; torch 2.13; 1 thread; float32; B=1, H=4, Dk=Dv=64; chunk 64; median ms,
-# forward / forward+backward):
-#
-#   T     none: parallel | chunkwise   gated (B,H,T): par | chunk   GLA (B,H,T,Dk): par | chunk
-#   128         1.5/7.0  | 1.1/8.1           1.6/6.7 | 1.4/7.8            13/17  | 8.0/23
-#   256         7.1/17   | 1.8/9.9           7.9/18  | 1.5/8.9            74/108 | 19/36
-#   512          35/54   | 2.7/21             50/58  | 8.0/24            208/215 | 26/57
-#
-# T <= 64 is a single chunk (both forms do the same work); at 128 it is a wash; from 256
-# chunkwise wins clearly. Decoding (forward, with a state), T = 1 / 2 / 4 tokens:
-#   recurrent 0.11 / 0.23 / 0.44 ms vs parallel 0.40 / 0.47 / 0.36 (no decay),
-#   0.17 / 0.23 / 0.43 vs 0.42 / 0.38 / 0.39 (gated), 0.15 / 0.27 / 0.43 vs 0.67 / 0.63 / 0.63 (GLA).
+# ``pick_mode`` thresholds, measured on CPU (benchmarks/results/NOTES_kernels.md).
 _PARALLEL_MAX_LEN = 128
 _RECURRENT_MAX_LEN = 2  # with a state (decoding a few tokens at a time)
 
@@ -77,8 +87,14 @@ _RECURRENT_MAX_LEN = 2  # with a state (decoding a few tokens at a time)
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype for decays and the carried state: float32, or float64 for float64 inputs."""
+    """dtype for decays and the carried state: float32, or float64 for float64 inputs (also used by scan_ops)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _zero_log_decay(fdt: torch.dtype) -> float:
+    """A finite log decay whose exp, and that of anything smaller, is exactly 0 in ``fdt`` (float32 underflows
+    below -103.3, float64 below -745.1)."""
+    return -800.0 if fdt == torch.float64 else -120.0
 
 
 def _check(
@@ -88,6 +104,7 @@ def _check(
     log_decay: Tensor | None,
     initial_state: Tensor | None,
     chunk_size: int | None = None,
+    reset: Tensor | None = None,
 ) -> None:
     """Validate shapes (no data inspection: keeps it compile-friendly)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -118,29 +135,50 @@ def _check(
         if not isinstance(initial_state, Tensor) or initial_state.shape != (B, H, Dk, Dv):
             shape = tuple(initial_state.shape) if isinstance(initial_state, Tensor) else initial_state
             raise ValueError(f"initial_state must have shape (B, H, Dk, Dv) = {(B, H, Dk, Dv)}, got {shape}")
+    if reset is not None and (
+        not isinstance(reset, Tensor) or reset.dtype != torch.bool or tuple(reset.shape) != (B, T)
+    ):
+        got = f"{reset.dtype} {tuple(reset.shape)}" if isinstance(reset, Tensor) else type(reset).__name__
+        raise ValueError(
+            f"reset must be a bool Tensor of shape (B, T) = {(B, T)}, True at each document's first token "
+            f"(see packing.document_starts), got {got}"
+        )
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def _prep(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None):
-    """Common dtypes, and the log decay normalised to (b, H, T) or (B, H, T, Dk) in float dtype.
+def _prep(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, reset: Tensor | None):
+    """Common dtypes, the log decay normalised to (b, H, T) or (b, H, T, Dk) in float dtype, and the resets.
 
-    Returns (q, k, v, g, per_key, cdt, fdt); ``g`` is None for no decay. A fixed (H,) decay
-    becomes a (1, H, T) expanded view (batch dim 1, no copy), so it broadcasts.
+    Returns (q, k, v, g, r, per_key, cdt, fdt). ``g`` is None for no decay and no reset; it is
+    finite (``-inf`` entries are replaced by 0, or floored, see the module docstring). ``r`` is
+    None or a bool tensor broadcastable to ``g`` ((b, h, T) or (b, h, T, 1), b in {1, B}, h in
+    {1, H}), True where the decay is zero (``reset``, or ``-inf`` in ``log_decay``). A fixed (H,) decay (or no decay with
+    resets) becomes a (1, H, T) expanded view (no copy), so it broadcasts.
     """
     cdt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     fdt = _float_dtype(cdt)
-    per_key = False
-    g = None
+    B, H, T = q.shape[:3]
+    g = r = None
     if log_decay is not None:
         g = log_decay.to(fdt)
         if g.dim() == 1:
-            g = g.view(1, -1, 1).expand(1, g.shape[0], q.shape[2])
-        elif g.dim() == 4:
-            per_key = True
-    return q, k, v, g, per_key, cdt, fdt
+            g = g.view(1, -1, 1).expand(1, H, T)
+        elif g.dim() == 3:  # data dependent: -inf is a zero decay, kept out of the cumsums (see the module docstring)
+            r = torch.isneginf(g)
+            g = g.masked_fill(r, 0.0)
+        else:  # per key: a token whose every channel is -inf is a reset; -inf in some channels only is floored
+            r = torch.isneginf(g).all(-1, keepdim=True)
+            g = g.masked_fill(r, 0.0).clamp(min=_zero_log_decay(fdt))
+    elif reset is not None:
+        g = torch.zeros((), dtype=fdt, device=q.device).expand(1, H, T)
+    per_key = g is not None and g.dim() == 4
+    if reset is not None:
+        rv = reset.view(B, 1, T, 1) if per_key else reset.view(B, 1, T)
+        r = rv if r is None else r | rv
+    return q, k, v, g, r, per_key, cdt, fdt
 
 
 def _causal_mask(n: int, strict: bool, device: torch.device) -> Tensor:
@@ -172,17 +210,19 @@ def _empty_result(q, v, initial_state, output_final_state, fdt):
 # --------------------------------------------------------------------------------------------
 
 
-def _recurrent(q, k, v, log_decay, initial_state, output_final_state, strict):
+def _recurrent(q, k, v, log_decay, initial_state, output_final_state, strict, reset=None):
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     out_dtype = v.dtype
-    q, k, v, g, per_key, cdt, fdt = _prep(q, k, v, log_decay)
+    q, k, v, g, r, per_key, cdt, fdt = _prep(q, k, v, log_decay, reset)
     if T == 0:
         return _empty_result(q, v, initial_state, output_final_state, fdt)
     q, k, v = q.to(fdt), k.to(fdt), v.to(fdt)
     a = None
     if g is not None:
         a = torch.exp(g)
+        if r is not None:
+            a = torch.where(r, 0.0, a)
         a = a.unsqueeze(-1) if per_key else a[..., None, None]  # (b,H,T,Dk,1) / (b,H,T,1,1)
     if initial_state is None:
         S = torch.zeros(B, H, Dk, Dv, dtype=fdt, device=q.device)
@@ -213,13 +253,15 @@ def recurrent_retention(
     chunk_size: int = 64,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Token-by-token recurrence (the reference, and the decoding step). ``chunk_size`` is ignored.
 
-    Computes in float32/float64 throughout. Returns ``(o, final_state or None)``.
+    Computes in float32/float64 throughout. Returns ``(o, final_state or None)``. ``reset``: see
+    ``decayed_linear_attention``.
     """
-    _check(q, k, v, log_decay, initial_state, chunk_size)
-    return _recurrent(q, k, v, log_decay, initial_state, output_final_state, strict=False)
+    _check(q, k, v, log_decay, initial_state, chunk_size, reset)
+    return _recurrent(q, k, v, log_decay, initial_state, output_final_state, False, reset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,7 +269,7 @@ def recurrent_retention(
 # --------------------------------------------------------------------------------------------
 
 
-def _parallel(q, k, v, log_decay, initial_state, output_final_state, strict):
+def _parallel(q, k, v, log_decay, initial_state, output_final_state, strict, reset=None):
     # The whole sequence as one chunk: the full (T, T) score matrix, decays exp(b_t - b_s)
     # masked before exp; per-key decays build it from small sub-blocks (never a (T, T, Dk)
     # tensor). No state loop.
@@ -236,7 +278,7 @@ def _parallel(q, k, v, log_decay, initial_state, output_final_state, strict):
         C = -(-T // _SUB_CHUNK) * _SUB_CHUNK
     else:
         C = T
-    return _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, max(C, 1))
+    return _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, max(C, 1), reset)
 
 
 def parallel_retention(
@@ -248,14 +290,16 @@ def parallel_retention(
     chunk_size: int = 64,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Whole-sequence ``T x T`` form (best for short inputs). ``chunk_size`` is ignored.
 
     Same arithmetic as one chunk of the chunkwise form spanning the whole input: cost and
-    memory grow as T^2, so keep T short (see ``pick_mode``).
+    memory grow as T^2, so keep T short (see ``pick_mode``). ``reset``: see
+    ``decayed_linear_attention``.
     """
-    _check(q, k, v, log_decay, initial_state, chunk_size)
-    return _parallel(q, k, v, log_decay, initial_state, output_final_state, strict=False)
+    _check(q, k, v, log_decay, initial_state, chunk_size, reset)
+    return _parallel(q, k, v, log_decay, initial_state, output_final_state, False, reset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +315,7 @@ def _sub_chunk(C: int) -> int:
     return 1
 
 
-def _intra_per_key(q, k, b, strict):
+def _intra_per_key(q, k, b, strict, seg=None):
     """Intra-chunk scores for per-key decays with secondary chunking (Yang et al. 2023, GLA).
 
     q, k, b: (B, H, N, C, Dk), b = within-chunk inclusive cumsum of log decay (non-increasing).
@@ -279,6 +323,11 @@ def _intra_per_key(q, k, b, strict):
     Off-diagonal sub-blocks (i > j) use the end of key sub-chunk j as reference, so both
     q * exp(b_t - b_ref) and k * exp(b_ref - b_s) have factors <= 1, then a matmul; diagonal
     sub-blocks build the small (c, c, Dk) pairwise tensor, masked before exp.
+
+    ``seg`` (None or (b, h, N, C, 1) integer-valued floats, the within-chunk count of resets so far) zeroes
+    pairs across a zero decay: [seg_t == seg_s]. Off-diagonal it factorises through the
+    reference token (s <= ref < t and seg is non-decreasing, so seg_t == seg_s iff both equal
+    seg_ref), one mask on each side of the matmul.
     """
     B, H, N, C, Dk = q.shape
     c = _sub_chunk(C)
@@ -289,9 +338,14 @@ def _intra_per_key(q, k, b, strict):
     ks = k.reshape(B, H, N, M, c, Dk)
     bs = b.reshape(B, H, N, M, c, Dk)
 
+    segs = None if seg is None else seg.reshape(*seg.shape[:3], M, c, seg.shape[-1])
+
     # diagonal sub-blocks: (..., M, c, c, Dk) pairwise decays
     diff = bs.unsqueeze(-2) - bs.unsqueeze(-3)  # [t, s] = b_t - b_s
-    dec = _masked_exp(diff, _causal_mask(c, strict, q.device).unsqueeze(-1))
+    mask = _causal_mask(c, strict, q.device).unsqueeze(-1)
+    if segs is not None:
+        mask = mask & (segs.unsqueeze(-2) == segs.unsqueeze(-3))
+    dec = _masked_exp(diff, mask)
     # elementwise + sum (einsum would lower this to a bmm over tiny K-vectors: much slower)
     A_diag = (qs.unsqueeze(-2) * dec * ks.unsqueeze(-3)).sum(-1)  # (B, H, N, M, c, c), float
 
@@ -300,8 +354,14 @@ def _intra_per_key(q, k, b, strict):
 
     ii, jj = torch.tril_indices(M, M, offset=-1, device=q.device)  # pairs i > j
     b_ref = bs[..., -1, :]  # (B, H, N, M, Dk): end of each sub-chunk
-    k_t = (ks * torch.exp(b_ref.unsqueeze(-2) - bs)).to(cdt)  # (B, H, N, M, c, Dk), factors <= 1
-    q_t = (qs[:, :, :, ii] * torch.exp(bs[:, :, :, ii] - b_ref[:, :, :, jj].unsqueeze(-2))).to(cdt)
+    k_f = torch.exp(b_ref.unsqueeze(-2) - bs)  # (B, H, N, M, c, Dk), factors <= 1
+    q_f = torch.exp(bs[:, :, :, ii] - b_ref[:, :, :, jj].unsqueeze(-2))
+    if segs is not None:
+        s_ref = segs[..., -1:, :]
+        k_f = k_f * (segs == s_ref)
+        q_f = q_f * (segs[:, :, :, ii] == s_ref[:, :, :, jj])
+    k_t = (ks * k_f).to(cdt)
+    q_t = (qs[:, :, :, ii] * q_f).to(cdt)
     A_off = torch.matmul(q_t, k_t[:, :, :, jj].transpose(-1, -2))  # (B, H, N, P, c, c)
 
     # assemble the (M x M) grid of (c x c) blocks; block dims first so index_put hits them
@@ -313,11 +373,11 @@ def _intra_per_key(q, k, b, strict):
     return A.permute(2, 3, 4, 0, 5, 1, 6).reshape(B, H, N, C, C)
 
 
-def _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, chunk_size):
+def _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, chunk_size, reset=None):
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     out_dtype = v.dtype
-    q, k, v, g, per_key, cdt, fdt = _prep(q, k, v, log_decay)
+    q, k, v, g, r, per_key, cdt, fdt = _prep(q, k, v, log_decay, reset)
     if T == 0:
         return _empty_result(q, v, initial_state, output_final_state, fdt)
     # effective chunk: no point padding a short input up to a long chunk
@@ -331,6 +391,16 @@ def _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, ch
         v = torch.nn.functional.pad(v, (0, 0, 0, pad))
         if g is not None:
             g = torch.nn.functional.pad(g, (0, 0, 0, pad) if per_key else (0, pad))
+    seg = None
+    if r is not None:
+        # within-chunk count of zero decays up to and including each token (see the module docstring)
+        ri = r.to(fdt)  # counts are small integers, exact in float; float keeps every cumsum in fdt
+        if pad:
+            ri = torch.nn.functional.pad(ri, (0, 0, 0, pad) if per_key else (0, pad))
+        if per_key:
+            seg = torch.cumsum(ri.reshape(*ri.shape[:2], N, C, ri.shape[-1]), dim=-2)
+        else:
+            seg = torch.cumsum(ri.reshape(*ri.shape[:2], N, C), dim=-1)
     qc = q.reshape(B, H, N, C, Dk)
     kc = k.reshape(B, H, N, C, Dk)
     vc = v.reshape(B, H, N, C, Dv)
@@ -346,22 +416,33 @@ def _chunkwise(q, k, v, log_decay, initial_state, output_final_state, strict, ch
         gb = g.shape[0]  # 1 for a fixed per-head decay
         if per_key:
             b = torch.cumsum(g.reshape(gb, H, N, C, Dk), dim=-2)  # within-chunk, <= 0
-            A = _intra_per_key(qc, kc, b, strict)
+            A = _intra_per_key(qc, kc, b, strict, seg)
             b_end = b[..., -1:, :]  # (gb, H, N, 1, Dk)
             if use_state:
-                q_dec = (qc * torch.exp(b)).to(cdt)  # decay from chunk start to t
-                k_dec = (kc * torch.exp(b_end - b)).to(cdt)  # decay from s to chunk end
-                chunk_dec = torch.exp(b_end).transpose(-1, -2)  # (gb, H, N, Dk, 1)
+                q_f, k_f, c_f = torch.exp(b), torch.exp(b_end - b), torch.exp(b_end)
+                if seg is not None:
+                    s_end = seg[..., -1:, :]
+                    q_f, k_f, c_f = q_f * (seg == 0), k_f * (seg == s_end), c_f * (s_end == 0)
+                q_dec = (qc * q_f).to(cdt)  # decay from chunk start to t
+                k_dec = (kc * k_f).to(cdt)  # decay from s to chunk end
+                chunk_dec = c_f.transpose(-1, -2)  # (gb, H, N, Dk, 1)
         else:
             b = torch.cumsum(g.reshape(gb, H, N, C), dim=-1)  # within-chunk, <= 0
             diff = b.unsqueeze(-1) - b.unsqueeze(-2)  # [t, s] = b_t - b_s
-            D = _masked_exp(diff, _causal_mask(C, strict, q.device))
+            mask = _causal_mask(C, strict, q.device)
+            if seg is not None:
+                mask = mask & (seg.unsqueeze(-1) == seg.unsqueeze(-2))
+            D = _masked_exp(diff, mask)
             A = torch.matmul(qc, kc.transpose(-1, -2)) * D
             b_end = b[..., -1:]  # (gb, H, N, 1)
             if use_state:
-                q_dec = (qc * torch.exp(b).unsqueeze(-1)).to(cdt)
-                k_dec = (kc * torch.exp(b_end - b).unsqueeze(-1)).to(cdt)
-                chunk_dec = torch.exp(b_end).unsqueeze(-1)  # (gb, H, N, 1, 1)
+                q_f, k_f, c_f = torch.exp(b), torch.exp(b_end - b), torch.exp(b_end)
+                if seg is not None:
+                    s_end = seg[..., -1:]
+                    q_f, k_f, c_f = q_f * (seg == 0), k_f * (seg == s_end), c_f * (s_end == 0)
+                q_dec = (qc * q_f.unsqueeze(-1)).to(cdt)
+                k_dec = (kc * k_f.unsqueeze(-1)).to(cdt)
+                chunk_dec = c_f.unsqueeze(-1)  # (gb, H, N, 1, 1)
         o = torch.matmul(A.to(cdt), vc)
 
     final = None
@@ -405,14 +486,15 @@ def chunkwise_retention(
     chunk_size: int = 64,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunkwise form: batched matmuls inside all chunks at once, a short loop over chunks
     for the state. O(T); the training default. T need not be a multiple of ``chunk_size``
     (padded internally). Per-key decays (GLA) use chunks of at most ``_PER_KEY_MAX_CHUNK``
-    tokens, split into sub-chunks of ``_SUB_CHUNK`` (see the measurements there).
+    tokens, split into sub-chunks of ``_SUB_CHUNK``. ``reset``: see ``decayed_linear_attention``.
     """
-    _check(q, k, v, log_decay, initial_state, chunk_size)
-    return _chunkwise(q, k, v, log_decay, initial_state, output_final_state, False, chunk_size)
+    _check(q, k, v, log_decay, initial_state, chunk_size, reset)
+    return _chunkwise(q, k, v, log_decay, initial_state, output_final_state, False, chunk_size, reset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,10 +519,10 @@ def pick_mode(seq_len: int, chunk_size: int, has_state: bool) -> str:
 _FORMS = {"parallel": _parallel, "recurrent": _recurrent}
 
 
-def _run(mode, q, k, v, g, S0, out_state, strict, chunk_size):
+def _run(mode, q, k, v, g, S0, out_state, strict, chunk_size, reset=None):
     if mode == "chunkwise":
-        return _chunkwise(q, k, v, g, S0, out_state, strict, chunk_size)
-    return _FORMS[mode](q, k, v, g, S0, out_state, strict)
+        return _chunkwise(q, k, v, g, S0, out_state, strict, chunk_size, reset)
+    return _FORMS[mode](q, k, v, g, S0, out_state, strict, reset)
 
 
 def decayed_linear_attention(
@@ -454,12 +536,14 @@ def decayed_linear_attention(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     bidirectional: bool = False,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Decayed linear attention ``S_t = diag(a_t) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``.
 
     Args:
         q, k: (B, H, T, Dk); v: (B, H, T, Dv). q is not scaled here.
-        log_decay: None, (H,), (B, H, T) or (B, H, T, Dk); values must be <= 0 (not checked).
+        log_decay: None, (H,), (B, H, T) or (B, H, T, Dk); values must be <= 0 (not checked);
+            ``-inf`` (a zero decay) resets the state (per key: in every channel of the token).
         mode: "parallel", "chunkwise", "recurrent", or "auto" (see ``pick_mode``).
         chunk_size: chunk length for the chunkwise form.
         initial_state: (B, H, Dk, Dv) state before the first token (causal direction).
@@ -467,18 +551,23 @@ def decayed_linear_attention(
             for float64 inputs).
         bidirectional: add an anti-causal pass over strictly later tokens s > t with decay
             prod_{r=t}^{s-1} a_r (gamma^|t-s| for fixed decays), for encoders.
+        reset: optional bool (B, T), True at the first token of each packed document: the decay
+            there is zero (the state, ``initial_state`` included, is dropped), in the causal
+            pass; the anti-causal pass stops at the token before it. Each document's outputs
+            are those it gives alone. See the module docstring and ``packing.py``.
 
     Returns ``(o, final_state)``; o is (B, H, T, Dv) in v's dtype; final_state is the causal
-    direction's state or None. Padded positions must have k = 0 (and v = 0); then left
-    padding without an initial state leaves the real tokens' outputs unchanged.
+    direction's state or None. Padded positions must have k = v = 0 and log decay 0; then
+    padding anywhere (left, right, interior) leaves the real tokens' outputs and the state
+    unchanged.
     """
     if mode == "auto":
         T = q.shape[2] if isinstance(q, Tensor) and q.dim() == 4 else 0
         mode = pick_mode(T, chunk_size, initial_state is not None)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES + ('auto',)}, got {mode!r}")
-    _check(q, k, v, log_decay, initial_state, chunk_size)
-    o, final = _run(mode, q, k, v, log_decay, initial_state, output_final_state, False, chunk_size)
+    _check(q, k, v, log_decay, initial_state, chunk_size, reset)
+    o, final = _run(mode, q, k, v, log_decay, initial_state, output_final_state, False, chunk_size, reset)
     if bidirectional:
         # anti-causal pass = the causal recurrence on the time-flipped sequence with
         # time-flipped decays, excluding the diagonal (token t is already in the causal pass)
@@ -486,6 +575,11 @@ def decayed_linear_attention(
         g_f = None
         if log_decay is not None:
             g_f = log_decay if log_decay.dim() == 1 else torch.flip(log_decay, [2])
-        o_b, _ = _run(mode, torch.flip(q, fl), torch.flip(k, fl), torch.flip(v, fl), g_f, None, False, True, chunk_size)
+        r_f = None
+        if reset is not None:
+            # t must not see s >= r (a document starting at r): zero decay at r - 1 in this direction
+            r_f = torch.flip(torch.cat([reset[:, 1:], torch.zeros_like(reset[:, :1])], 1), [1])
+        qf, kf, vf = torch.flip(q, fl), torch.flip(k, fl), torch.flip(v, fl)
+        o_b, _ = _run(mode, qf, kf, vf, g_f, None, False, True, chunk_size, r_f)
         o = o + torch.flip(o_b, fl)
     return o, final

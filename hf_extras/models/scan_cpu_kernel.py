@@ -11,6 +11,9 @@ flash-linear-attention are GPU-only), so this file holds one, written for the se
   recurrence backwards in time (the formulas of ``scan_ops._ChunkwiseScan``). ``dB`` and ``dC`` (sums over
   channels) and ``dA`` (a sum over batch rows) are written as per-block / per-row partial sums that the caller adds,
   so the result does not depend on the thread count or schedule.
+* document boundaries: an optional ``reset`` mask (``(batch, T)`` bytes, 1 at a document's first token) zeroes the
+  decay at that step, forward and in the backward's recomputation, so ``h_{t-1}`` is dropped and no gradient flows
+  through it (the semantics of ``scan_ops``).
 
 ``exp`` is a degree-7 polynomial on ``2^f`` (relative error < 1e-8, below float32 rounding) so that the compiler
 vectorises it; arguments below ``-126 / log2(e)`` give 0, like float32 ``exp`` (to 1e-38). Threads are POSIX
@@ -68,6 +71,7 @@ static inline float exp2_neg(float x) {
 
 typedef struct {
     const float *x, *dt, *A2t, *At, *B, *C, *h0, *gy, *gh;
+    const uint8_t *reset;
     float *y, *h_last, *ckpt, *dx, *ddt, *dB, *dC, *dA, *dh0, *work;
     int64_t batch, T, D, Dp, N, K, nblk, nck;
     int nthreads, tid;
@@ -95,6 +99,7 @@ static void fwd_item(const args_t *a, int64_t item) {
         }
         const int64_t row = (b * T + t) * D + d0;
         const float *Bt = a->B + (b * T + t) * N, *Ct = a->C + (b * T + t) * N;
+        const float keep = (a->reset && a->reset[b * T + t]) ? 0.0f : 1.0f; /* 0: a document starts here */
         load_row(a->dt, row, nd, dtv);
         load_row(a->x, row, nd, xv);
         for (int64_t j = 0; j < BLOCK; j++) { v[j] = dtv[j] * xv[j]; acc[j] = 0.0f; }
@@ -103,7 +108,7 @@ static void fwd_item(const args_t *a, int64_t item) {
             float *hn = h + n * BLOCK;
 #pragma omp simd
             for (int64_t j = 0; j < BLOCK; j++) {
-                const float hv = exp2_neg(dtv[j] * A2n[j]) * hn[j] + v[j] * bn;
+                const float hv = exp2_neg(dtv[j] * A2n[j]) * keep * hn[j] + v[j] * bn;
                 hn[j] = hv;
                 acc[j] += cn * hv;
             }
@@ -138,6 +143,7 @@ static void bwd_item(const args_t *a, int64_t item) {
             const float *Bt = a->B + (b * T + t) * N;
             const float *hp = hbuf + (t - t0) * S;
             float *hc = hbuf + (t - t0 + 1) * S, *ac = abuf + (t - t0) * S;
+            const float keep = (a->reset && a->reset[b * T + t]) ? 0.0f : 1.0f;
             load_row(a->dt, row, nd, dtv);
             load_row(a->x, row, nd, xv);
             for (int64_t j = 0; j < BLOCK; j++) v[j] = dtv[j] * xv[j];
@@ -145,7 +151,7 @@ static void bwd_item(const args_t *a, int64_t item) {
                 const float bn = Bt[n], *A2n = a->A2t + n * Dp + d0;
 #pragma omp simd
                 for (int64_t j = 0; j < BLOCK; j++) {
-                    const float an = exp2_neg(dtv[j] * A2n[j]);
+                    const float an = exp2_neg(dtv[j] * A2n[j]) * keep;
                     ac[n * BLOCK + j] = an;
                     hc[n * BLOCK + j] = an * hp[n * BLOCK + j] + v[j] * bn;
                 }
@@ -219,23 +225,25 @@ static int launch(args_t *base, void *(*fn)(void *)) {
 }
 
 int hfx_scan_fwd(const float *x, const float *dt, const float *A2t, const float *B, const float *C, const float *h0,
-                 float *y, float *h_last, float *ckpt, int64_t batch, int64_t T, int64_t D, int64_t N, int64_t K,
-                 int nthreads) {
+                 const uint8_t *reset, float *y, float *h_last, float *ckpt, int64_t batch, int64_t T, int64_t D,
+                 int64_t N, int64_t K, int nthreads) {
     if (N > 64) return -2;
     args_t a; memset(&a, 0, sizeof(a));
-    a.x = x; a.dt = dt; a.A2t = A2t; a.B = B; a.C = C; a.h0 = h0; a.y = y; a.h_last = h_last; a.ckpt = ckpt;
+    a.x = x; a.dt = dt; a.A2t = A2t; a.B = B; a.C = C; a.h0 = h0; a.reset = reset;
+    a.y = y; a.h_last = h_last; a.ckpt = ckpt;
     a.batch = batch; a.T = T; a.D = D; a.N = N; a.K = K; a.nblk = (D + BLOCK - 1) / BLOCK; a.Dp = a.nblk * BLOCK;
     a.nck = (T + K - 1) / K; a.nthreads = nthreads;
     return launch(&a, run_fwd);
 }
 
 int hfx_scan_bwd(const float *x, const float *dt, const float *A2t, const float *At, const float *B, const float *C,
-                 const float *ckpt, const float *gy, const float *gh, float *dx, float *ddt, float *dB, float *dC,
-                 float *dA, float *dh0, float *work, int64_t batch, int64_t T, int64_t D, int64_t N, int64_t K,
-                 int nthreads) {
+                 const uint8_t *reset, const float *ckpt, const float *gy, const float *gh, float *dx, float *ddt,
+                 float *dB, float *dC, float *dA, float *dh0, float *work, int64_t batch, int64_t T, int64_t D,
+                 int64_t N, int64_t K, int nthreads) {
     if (N > 64) return -2;
     args_t a; memset(&a, 0, sizeof(a));
-    a.x = x; a.dt = dt; a.A2t = A2t; a.At = At; a.B = B; a.C = C; a.ckpt = (float *)ckpt; a.gy = gy; a.gh = gh;
+    a.x = x; a.dt = dt; a.A2t = A2t; a.At = At; a.B = B; a.C = C; a.reset = reset;
+    a.ckpt = (float *)ckpt; a.gy = gy; a.gh = gh;
     a.dx = dx; a.ddt = ddt; a.dB = dB; a.dC = dC; a.dA = dA; a.dh0 = dh0; a.work = work;
     a.batch = batch; a.T = T; a.D = D; a.N = N; a.K = K; a.nblk = (D + BLOCK - 1) / BLOCK; a.Dp = a.nblk * BLOCK;
     a.nck = (T + K - 1) / K; a.nthreads = nthreads;
@@ -293,8 +301,8 @@ def _build() -> ctypes.CDLL | None:
             os.replace(out, path)  # atomic: a concurrent process sees the old state or the whole file
     lib = ctypes.CDLL(path)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.hfx_scan_fwd.argtypes = [p] * 9 + [i64] * 5 + [i32]
-    lib.hfx_scan_bwd.argtypes = [p] * 16 + [i64] * 5 + [i32]
+    lib.hfx_scan_fwd.argtypes = [p] * 10 + [i64] * 5 + [i32]
+    lib.hfx_scan_bwd.argtypes = [p] * 17 + [i64] * 5 + [i32]
     lib.hfx_scan_fwd.restype = lib.hfx_scan_bwd.restype = i32
     return lib
 
@@ -338,11 +346,25 @@ def _decays_by_state(A: Tensor, scale: float) -> Tensor:
     return out
 
 
+def _reset_bytes(reset: Tensor | None) -> Tensor | None:
+    """The ``(batch, T)`` bool boundary mask as contiguous bytes for the kernel (None: no boundaries)."""
+    return None if reset is None else reset.to(torch.uint8).contiguous()
+
+
 def kernel_forward(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, save_checkpoints: bool
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    h0: Tensor | None,
+    save_checkpoints: bool,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(y, final state, checkpoints)`` of the causal scan (no ``D x`` term); inputs float32, made contiguous."""
+    """``(y, final state, checkpoints)`` of the causal scan (no ``D x`` term); inputs float32, made contiguous.
+    ``reset``: optional bool ``(batch, T)``, zero decay at True tokens (document starts)."""
     x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
+    reset = _reset_bytes(reset)
     A2t = _decays_by_state(A, _LOG2_E)
     h0 = h0.contiguous() if h0 is not None else None
     batch, T, D = x.shape
@@ -357,6 +379,7 @@ def kernel_forward(
         _ptr(B),
         _ptr(C),
         _ptr(h0),
+        _ptr(reset),
         _ptr(y),
         _ptr(h_last),
         _ptr(ckpt),
@@ -381,9 +404,12 @@ def kernel_backward(
     gy: Tensor,
     gh: Tensor | None,
     need_dh0: bool,
+    reset: Tensor | None = None,
 ):
-    """``(dx, ddt, dA, dB, dC, dh0)`` of the causal scan, from the forward's inputs and checkpoints."""
+    """``(dx, ddt, dA, dB, dC, dh0)`` of the causal scan, from the forward's inputs (``reset`` included) and
+    checkpoints."""
     x, dt, B, C, gy = (t.contiguous() for t in (x, dt, B, C, gy))
+    reset = _reset_bytes(reset)
     A2t, At = _decays_by_state(A, _LOG2_E), _decays_by_state(A, 1.0)
     gh = gh.contiguous() if gh is not None else None
     batch, T, D = x.shape
@@ -403,6 +429,7 @@ def kernel_backward(
         _ptr(At),
         _ptr(B),
         _ptr(C),
+        _ptr(reset),
         _ptr(ckpt),
         _ptr(gy),
         _ptr(gh),
@@ -428,7 +455,8 @@ def kernel_backward(
 # torch operators: opaque to torch.compile (no graph break), differentiable through `register_autograd`
 # --------------------------------------------------------------------------------------------
 
-_OP_FWD, _OP_BWD = "hf_extras::fused_selective_scan", "hf_extras::fused_selective_scan_backward"
+# versioned names: a checkpoint's older copy of this file may define the earlier operators in the same process
+_OP_FWD, _OP_BWD = "hf_extras::fused_selective_scan_v2", "hf_extras::fused_selective_scan_v2_backward"
 
 
 def _num_checkpoints(T: int) -> int:
@@ -437,29 +465,37 @@ def _num_checkpoints(T: int) -> int:
 
 def _define_ops() -> None:
     """Define the two operators once per process (a checkpoint's copy of this file may be imported as well)."""
-    if hasattr(torch.ops.hf_extras, "fused_selective_scan"):
+    if hasattr(torch.ops.hf_extras, "fused_selective_scan_v2"):
         return
 
     @torch.library.custom_op(_OP_FWD, mutates_args=())
     def _fwd(
-        x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None
+        x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, reset: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return kernel_forward(x, dt, A, B, C, h0, save_checkpoints=True)
+        return kernel_forward(x, dt, A, B, C, h0, save_checkpoints=True, reset=reset)
 
     @_fwd.register_fake
-    def _(x, dt, A, B, C, h0):
+    def _(x, dt, A, B, C, h0, reset):
         batch, T, D = x.shape
         N = A.shape[1]
         return torch.empty_like(x), x.new_empty(batch, D, N), x.new_empty(batch, _num_checkpoints(T), D, N)
 
     @torch.library.custom_op(_OP_BWD, mutates_args=())
     def _bwd(
-        x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, ckpt: Tensor, gy: Tensor, gh: Tensor | None
+        x: Tensor,
+        dt: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        ckpt: Tensor,
+        gy: Tensor,
+        gh: Tensor | None,
+        reset: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return kernel_backward(x, dt, A, B, C, ckpt, gy, gh, need_dh0=True)
+        return kernel_backward(x, dt, A, B, C, ckpt, gy, gh, need_dh0=True, reset=reset)
 
     @_bwd.register_fake
-    def _(x, dt, A, B, C, ckpt, gy, gh):
+    def _(x, dt, A, B, C, ckpt, gy, gh, reset):
         batch, T, D = x.shape
         N = A.shape[1]
         return (
@@ -472,23 +508,28 @@ def _define_ops() -> None:
         )
 
     def setup_context(ctx, inputs, output):
-        x, dt, A, B, C, h0 = inputs
-        ctx.save_for_backward(x, dt, A, B, C, output[2])
+        x, dt, A, B, C, h0, reset = inputs
+        ctx.save_for_backward(x, dt, A, B, C, output[2], reset)
         ctx.has_h0 = h0 is not None
 
     def backward(ctx, gy, gh, _gckpt):
-        x, dt, A, B, C, ckpt = ctx.saved_tensors
+        x, dt, A, B, C, ckpt, reset = ctx.saved_tensors
         if gy is None:
             gy = torch.zeros_like(x)
-        dx, ddt, dA, dB, dC, dh0 = torch.ops.hf_extras.fused_selective_scan_backward(x, dt, A, B, C, ckpt, gy, gh)
-        return dx, ddt, dA, dB, dC, (dh0 if ctx.has_h0 else None)
+        dx, ddt, dA, dB, dC, dh0 = torch.ops.hf_extras.fused_selective_scan_v2_backward(
+            x, dt, A, B, C, ckpt, gy, gh, reset
+        )
+        return dx, ddt, dA, dB, dC, (dh0 if ctx.has_h0 else None), None
 
     _fwd.register_autograd(backward, setup_context=setup_context)
 
 
-def fused_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+def fused_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, reset: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """``(y, final state)`` of the causal scan (no ``D x``) by the compiled kernel; differentiable, compilable.
-    Callers check ``kernel_applies`` first."""
+    ``reset``: optional bool ``(batch, T)``, zero decay at document starts. Callers check ``kernel_applies``
+    first."""
     _define_ops()
-    y, h, _ = torch.ops.hf_extras.fused_selective_scan(x, dt, A, B, C, h0)
+    y, h, _ = torch.ops.hf_extras.fused_selective_scan_v2(x, dt, A, B, C, h0, reset)
     return y, h

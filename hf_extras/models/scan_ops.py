@@ -9,6 +9,13 @@ Shapes: ``x, dt`` ``(batch, T, D)``, ``A`` ``(D, N)`` (negative), ``B, C`` ``(ba
 ``(batch, D, N)`` (the layout of transformers' ``MambaMixer`` SSM state). ``dt`` is the step size *after* softplus
 (>= 0; a padded token has ``dt = 0``, so it leaves the state unchanged).
 
+Document boundaries (packed rows): ``reset`` (bool ``(batch, T)``, True at each document's first token; see
+``packing.py``) makes the decay zero there, ``h_t = dt_t B_t x_t``: ``h_{t-1}`` (``initial_state`` too, at token 0)
+is dropped, so each document gives exactly its outputs alone. It is a mask on the decay ``exp(dt A)`` (never a
+``log`` of 0), so the log-space arithmetic and the gradients are unchanged elsewhere; every form (and the C kernel,
+forward and backward) applies it, with no loop over documents. The anti-causal scan of ``bidirectional`` stops at
+the token before each boundary (its decay multiplies ``h_bwd_{t+1}``), so no document sees another from either side.
+
 Forms (they agree to float tolerance, take and return the recurrent state):
 
 * ``recurrent``  -- one token at a time: the reference, and the decoding step.
@@ -38,57 +45,33 @@ Both scans include token t itself, so its own contribution is subtracted once (a
 form ``y = M x + D x`` with ``M[t, s] = C_t . (prod of the decays strictly between s and t, and t's own) dt_s B_s``
 for every s (the causal kernel for s <= t and its mirror for s > t).
 
-Measured on the dev machine (2-core AMD EPYC VM; torch 2.13 CPU, 1 thread, float32, batch 1, D=512, N=16; the scan
-alone, best of 5; "train" is forward + backward; memory is the resident-set growth of one forward + backward in a
-fresh process; see ``benchmarks/mamba_vs_transformers.py`` for whole models)::
-
-    T      form                  forward    train      train memory
-    512    recurrent (reference)   71 ms     551 ms
-    512    parallel                32 ms     182 ms
-    512    chunkwise (L=64)        12 ms      53 ms
-    2048   parallel               371 ms    1171 ms
-    2048   chunkwise (L=64)        46 ms     153 ms
-    2048   fused (C kernel)        16 ms      53 ms     (same minute: chunkwise 57 / 233 ms; 2 threads: 9 ms fwd)
-    8192   parallel                                     2004 MiB
-    8192   chunkwise (L=64)       233 ms     911 ms      106 MiB
-
-Chunk length (2048 tokens, 1 thread): L=32 79/189 ms, 64 46/153 ms, 128 72/198 ms (forward/train); with 2
-threads 64 was best too. The scan is memory-bound: small chunks keep a chunk's (L, D, N) arrays in cache, larger
-ones pay fewer Python-level ops; the chunk buffers are allocated once per call (``_Workspace``). ``parallel`` keeps
-every level of the whole-sequence scan for autograd and streams full-size arrays, hence its memory and its
-slowness at length; so ``chunkwise`` is the PyTorch form ``auto`` falls back to, and ``parallel`` stays available
-(it compiles as one graph without a chunk loop). ``fused`` reads and writes each ``(T, D)`` input once and keeps the
-``(D, N)`` state in registers, where the tensor forms stream ``(T, D, N)`` arrays through memory ~15 times forward
-and ~40 times backward: hence its 3x over ``chunkwise``.
+Why ``chunkwise`` is the PyTorch form ``auto`` falls back to (``parallel`` keeps every level of the whole-sequence
+scan for autograd, hence its memory and slowness at length; it stays available because it compiles as one graph) and
+why ``fused`` is ~3x faster (it reads each ``(T, D)`` input once and keeps the ``(D, N)`` state in registers): timings
+in ``benchmarks/results/NOTES_kernels.md``.
 
 Threads: a chunk is ~100 small ops, so the chunk loop runs on one intra-op thread when chunks are small
 (``SERIAL_MAX_ELEMENTS``): on an oversubscribed machine every multi-threaded op otherwise waits for a descheduled
 worker thread at its join. The thread count is restored after the loop.
 
-This file is copied into saved checkpoints (with ``scan_cpu_kernel``): it must import only torch and the
-standard library.
+This file is copied into saved checkpoints (with ``scan_cpu_kernel``, and ``retention_ops`` for ``_float_dtype``): it
+must import only torch and the standard library.
 """
 
 import torch
 from torch import Tensor
 
+from .retention_ops import _float_dtype
 from .scan_cpu_kernel import fused_scan, kernel_applies
 
 __all__ = [
     "selective_scan",
-    "recurrent_selective_scan",
-    "chunkwise_selective_scan",
-    "parallel_selective_scan",
     "linear_scan",
     "pick_scan_mode",
     "SCAN_MODES",
 ]
 
 SCAN_MODES = ("parallel", "chunkwise", "recurrent", "fused")
-
-
-def _float_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,10 +121,12 @@ def linear_scan(a: Tensor, u: Tensor, reverse: bool = False) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _recurrent(x, dt, A, B, C, h):
+def _recurrent(x, dt, A, B, C, h, reset=None):
     outs = []
     for t in range(x.shape[1]):
         a = torch.exp(dt[:, t, :, None] * A)
+        if reset is not None:
+            a = a.masked_fill(reset[:, t, None, None], 0.0)
         h = a * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
         outs.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
     y = torch.stack(outs, dim=1) if outs else x.new_zeros(x.shape)
@@ -153,8 +138,10 @@ def _recurrent(x, dt, A, B, C, h):
 # --------------------------------------------------------------------------------------------
 
 
-def _parallel(x, dt, A, B, C, h0, reverse=False):
+def _parallel(x, dt, A, B, C, h0, reverse=False, reset=None):
     a = torch.exp(dt[..., None] * A)
+    if reset is not None:
+        a = a.masked_fill(reset[:, :, None, None], 0.0)
     u = (dt * x)[..., None] * B[:, :, None, :]
     if h0 is not None:
         idx = -1 if reverse else 0
@@ -215,8 +202,8 @@ def _scan_(a: Tensor, u: Tensor, reverse: bool = False, work: Tensor | None = No
 class _Workspace:
     """Chunk-sized ``(batch, L, D, N)`` buffers reused by every chunk of one call.
 
-    Allocating fresh multi-MiB arrays for every chunk costs a page fault per 4 KiB on first touch: measured on the
-    dev VM, half of the chunkwise forward time was the kernel zero-filling pages (7,500 faults per 512 tokens).
+    Allocating fresh multi-MiB arrays for every chunk costs a page fault per 4 KiB on first touch (measurement in
+    ``benchmarks/results/NOTES_kernels.md``).
     """
 
     def __init__(self, ref: Tensor, batch: int, length: int, D: int, N: int, names=("a", "h", "work")):
@@ -224,14 +211,16 @@ class _Workspace:
             setattr(self, name, ref.new_empty(batch, length, D, N))
 
 
-def _chunk_states(v, dt, A2, B, h_start, ws: _Workspace):
+def _chunk_states(v, dt, A2, B, h_start, ws: _Workspace, keep: Tensor | None = None):
     """Decays ``a`` and states ``h`` of one chunk (views of ``ws``), both ``(batch, L, D, N)``; ``A2 = A log2(e)``.
 
     ``exp2`` is used for the decays: the same values as ``exp(dt A)`` to float rounding, and about twice as fast as
-    ``exp`` on CPU.
+    ``exp`` on CPU. ``keep`` (``(batch, L)``, 0 at document starts, else 1) zeroes the decays at boundaries.
     """
     length = v.shape[1]
     a = torch.mul(dt[..., None], A2, out=ws.a[:, :length]).exp2_()
+    if keep is not None:
+        a.mul_(keep[:, :, None, None])
     h = torch.mul(v[..., None], B[:, :, None, :], out=ws.h[:, :length])
     h[:, 0].addcmul_(a[:, 0], h_start)
     _scan_(a, h, False, ws.work)
@@ -240,10 +229,9 @@ def _chunk_states(v, dt, A2, B, h_start, ws: _Workspace):
 
 # The chunk loop runs its ops on one intra-op thread when a chunk's (batch, L, D, N) arrays have at most this many
 # elements (the default width-512, batch-1, 64-token chunk has 2**19). Each chunk is ~100 small ops: with more
-# threads every op forks and joins the pool, and on a machine with more runnable threads than cores each join waits
-# for a descheduled worker (a few ms), so a training step can take 10-40x longer (measured on the shared 2-core dev
-# machine under load; at load ~1 the 2-thread step is ~25% faster than the 1-thread one). Set it to 0 to always use
-# torch's thread count; larger chunks (big batch or width) always do.
+# threads every op forks and joins the pool, and on an oversubscribed machine each join waits for a descheduled
+# worker (measurements in benchmarks/results/NOTES_kernels.md). Set it to 0 to always use torch's thread count;
+# larger chunks (big batch or width) always do.
 SERIAL_MAX_ELEMENTS = 2**20
 
 
@@ -284,35 +272,38 @@ class _ChunkwiseScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, h0, chunk_size):
+    def forward(ctx, x, dt, A, B, C, h0, chunk_size, reset=None):
         batch, T, D = x.shape
         N = A.shape[-1]
         A2 = A * _LOG2_E
         v = dt * x
+        keep = (~reset).to(x.dtype) if reset is not None else None
+        keeps = keep.split(chunk_size, 1) if keep is not None else [None] * (-(-T // chunk_size))
         h = h0 if h0 is not None else x.new_zeros(batch, D, N)
         y = x.new_empty(batch, T, D)
         starts = []
         ws = _Workspace(x, batch, min(chunk_size, T), D, N)
         with _intra_op_threads(_serial(x, A, chunk_size)):
-            for vc, dtc, Bc, Cc, yc in zip(
+            for vc, dtc, Bc, Cc, yc, kc in zip(
                 v.split(chunk_size, 1),
                 dt.split(chunk_size, 1),
                 B.split(chunk_size, 1),
                 C.split(chunk_size, 1),
                 y.split(chunk_size, 1),
+                keeps,
             ):
                 starts.append(h)
-                _, states = _chunk_states(vc, dtc, A2, Bc, h, ws)
+                _, states = _chunk_states(vc, dtc, A2, Bc, h, ws, kc)
                 yc.copy_(torch.einsum("bldn,bln->bld", states, Cc))
                 h = states[:, -1].clone()
-        ctx.save_for_backward(x, dt, A, B, C, torch.stack(starts, 0))
+        ctx.save_for_backward(x, dt, A, B, C, torch.stack(starts, 0), keep)
         ctx.chunk_size = chunk_size
         ctx.has_h0 = h0 is not None
         return y, h
 
     @staticmethod
     def backward(ctx, gy, gh_last):
-        x, dt, A, B, C, starts = ctx.saved_tensors
+        x, dt, A, B, C, starts, keep = ctx.saved_tensors
         chunk_size = ctx.chunk_size
         batch, T, D = x.shape
         N = A.shape[-1]
@@ -335,15 +326,16 @@ class _ChunkwiseScan(torch.autograd.Function):
                 gdt.split(chunk_size, 1),
                 gB.split(chunk_size, 1),
                 gC.split(chunk_size, 1),
+                keep.split(chunk_size, 1) if keep is not None else [None] * (-(-T // chunk_size)),
             )
         )
         ws = _Workspace(x, batch, min(chunk_size, T), D, N, names=("a", "h", "work", "G"))
         with _intra_op_threads(_serial(x, A, chunk_size)):
             for i in reversed(range(len(chunks))):
-                vc, dtc, Bc, Cc, gyc, gvc, gdtc, gBc, gCc = chunks[i]
+                vc, dtc, Bc, Cc, gyc, gvc, gdtc, gBc, gCc, kc = chunks[i]
                 length = vc.shape[1]
                 h_start = starts[i]
-                a, states = _chunk_states(vc, dtc, A2, Bc, h_start, ws)
+                a, states = _chunk_states(vc, dtc, A2, Bc, h_start, ws, kc)
                 gCc.copy_(torch.einsum("bldn,bld->bln", states, gyc))
                 # adjoint: G_t = C_t gy_t + a_{t+1} G_{t+1}, with the later chunks' gradient g entering at the end
                 G = torch.mul(gyc[..., None], Cc[:, :, None, :], out=ws.G[:, :length])
@@ -363,7 +355,7 @@ class _ChunkwiseScan(torch.autograd.Function):
                 gA += torch.mul(g_log_a, dtc[..., None], out=scratch).sum((0, 1))
         gx = gv * dt
         gdt = gdt.addcmul_(gv, x)
-        return gx, gdt, gA, gB, gC, (g if ctx.has_h0 else None), None
+        return gx, gdt, gA, gB, gC, (g if ctx.has_h0 else None), None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +363,7 @@ class _ChunkwiseScan(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _check(x, dt, A, B, C, D, initial_state):
+def _check(x, dt, A, B, C, D, initial_state, reset=None):
     if x.dim() != 3 or dt.shape != x.shape:
         raise ValueError(f"x and dt must both have shape (batch, T, D), got {tuple(x.shape)} and {tuple(dt.shape)}")
     batch, T, d = x.shape
@@ -385,6 +377,14 @@ def _check(x, dt, A, B, C, D, initial_state):
         raise ValueError(f"D must have shape ({d},), got {tuple(D.shape)}")
     if initial_state is not None and tuple(initial_state.shape) != (batch, d, n):
         raise ValueError(f"initial_state must have shape ({batch}, {d}, {n}), got {tuple(initial_state.shape)}")
+    if reset is not None and (
+        not isinstance(reset, Tensor) or reset.dtype != torch.bool or tuple(reset.shape) != (batch, T)
+    ):
+        got = f"{reset.dtype} {tuple(reset.shape)}" if isinstance(reset, Tensor) else type(reset).__name__
+        raise ValueError(
+            f"reset must be a bool Tensor of shape (batch, T) = {(batch, T)}, True at each document's first token "
+            f"(see packing.document_starts), got {got}"
+        )
 
 
 def pick_scan_mode(seq_len: int, has_state: bool = False, x: Tensor | None = None, state_size: int = 16) -> str:
@@ -395,50 +395,19 @@ def pick_scan_mode(seq_len: int, has_state: bool = False, x: Tensor | None = Non
     return "fused" if x is not None and kernel_applies(x, state_size) else "chunkwise"
 
 
-def recurrent_selective_scan(x, dt, A, B, C, D=None, initial_state=None, output_final_state=False):
-    return selective_scan(
-        x, dt, A, B, C, D, mode="recurrent", initial_state=initial_state, output_final_state=output_final_state
-    )
-
-
-def chunkwise_selective_scan(x, dt, A, B, C, D=None, chunk_size=64, initial_state=None, output_final_state=False):
-    return selective_scan(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        D,
-        mode="chunkwise",
-        chunk_size=chunk_size,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-    )
-
-
-def parallel_selective_scan(x, dt, A, B, C, D=None, initial_state=None, output_final_state=False):
-    return selective_scan(
-        x, dt, A, B, C, D, mode="parallel", initial_state=initial_state, output_final_state=output_final_state
-    )
-
-
-def _causal(mode, x, dt, A, B, C, h0, chunk_size, reverse=False):
-    if mode == "recurrent":
-        if reverse:
-            y, h = _recurrent(x.flip(1), dt.flip(1), A, B.flip(1), C.flip(1), h0)
-            return y.flip(1), h
-        return _recurrent(x, dt, A, B, C, h0)
+def _causal(mode, x, dt, A, B, C, h0, chunk_size, reverse=False, reset=None):
+    """One scan direction; ``reset`` (in the input's time order) zeroes the decay at its True tokens."""
     if mode == "parallel":
-        return _parallel(x, dt, A, B, C, h0, reverse=reverse)
-    if mode == "fused":
-        if reverse:
-            y, h = fused_scan(x.flip(1), dt.flip(1), A, B.flip(1), C.flip(1), h0)
-            return y.flip(1), h
-        return fused_scan(x, dt, A, B, C, h0)
+        return _parallel(x, dt, A, B, C, h0, reverse=reverse, reset=reset)
     if reverse:
-        y, h = _ChunkwiseScan.apply(x.flip(1), dt.flip(1), A, B.flip(1), C.flip(1), h0, chunk_size)
+        flip = lambda t: None if t is None else t.flip(1)  # noqa: E731
+        y, h = _causal(mode, flip(x), flip(dt), A, flip(B), flip(C), h0, chunk_size, reset=flip(reset))
         return y.flip(1), h
-    return _ChunkwiseScan.apply(x, dt, A, B, C, h0, chunk_size)
+    if mode == "recurrent":
+        return _recurrent(x, dt, A, B, C, h0, reset)
+    if mode == "fused":
+        return fused_scan(x, dt, A, B, C, h0, reset)
+    return _ChunkwiseScan.apply(x, dt, A, B, C, h0, chunk_size, reset)
 
 
 def selective_scan(
@@ -453,13 +422,16 @@ def selective_scan(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     bidirectional: bool = False,
+    *,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``y = scan(x; dt, A, B, C) + D x`` and the final state (``None`` unless ``output_final_state``).
 
-    Outputs are float32 (float64 for float64 inputs); the caller casts back. See the module docstring for the
-    recurrence, the forms and the bidirectional combination.
+    Outputs are float32 (float64 for float64 inputs); the caller casts back. ``reset``: optional bool
+    ``(batch, T)``, True at each packed document's first token (the state is dropped there). See the module
+    docstring for the recurrence, the forms, boundaries and the bidirectional combination.
     """
-    _check(x, dt, A, B, C, D, initial_state)
+    _check(x, dt, A, B, C, D, initial_state, reset)
     if mode != "auto" and mode not in SCAN_MODES:
         raise ValueError(f"mode must be 'auto' or one of {SCAN_MODES}, got {mode!r}")
     if chunk_size <= 0:
@@ -479,19 +451,12 @@ def selective_scan(
         return x.new_zeros(batch, 0, d), (state if output_final_state else None)
     if h0 is None and mode == "recurrent":
         h0 = x.new_zeros(batch, d, A.shape[1])
-    y, h = _causal(mode, x, dt, A, B, C, h0, chunk_size)
+    y, h = _causal(mode, x, dt, A, B, C, h0, chunk_size, reset=reset)
     if bidirectional:
-        y_bwd, _ = _causal(
-            mode,
-            x,
-            dt,
-            A,
-            B,
-            C,
-            x.new_zeros(batch, d, A.shape[1]) if mode == "recurrent" else None,
-            chunk_size,
-            reverse=True,
-        )
+        # the anti-causal decay at t multiplies h_bwd_{t+1}: a document starting at r is cut off at r - 1
+        reset_bwd = None if reset is None else torch.cat([reset[:, 1:], torch.zeros_like(reset[:, :1])], 1)
+        h0_bwd = x.new_zeros(batch, d, A.shape[1]) if mode == "recurrent" else None
+        y_bwd, _ = _causal(mode, x, dt, A, B, C, h0_bwd, chunk_size, reverse=True, reset=reset_bwd)
         # both scans counted token t itself: subtract C_t . (dt_t B_t x_t) once
         y = y + y_bwd - (dt * x) * (B * C).sum(-1, keepdim=True)
     if D is not None:
