@@ -14,6 +14,7 @@ from torch import nn
 from .conv_ops import causal_depthwise_conv
 from .fla_dispatch import fla_decayed_linear_attention
 from .norms import RMSNorm
+from .packing import log_decay_with_padding
 from .positions import apply_rotary
 from .retention_ops import decayed_linear_attention, pick_mode
 
@@ -90,6 +91,8 @@ class RetentionMixer(nn.Module):
         if mode == "auto":
             mode = pick_mode(seq_len, self.chunk_size, state is not None)
         log_decay = self.log_decay(hidden_states)
+        if attention_mask is not None and log_decay is not None and log_decay.dim() > 1:
+            log_decay = log_decay_with_padding(log_decay, attention_mask)  # a pad neither writes nor decays the state
         kwargs = dict(initial_state=state, output_final_state=cache is not None, bidirectional=self.bidirectional)
         result = fla_decayed_linear_attention(q, k, v, log_decay, mode=mode, **kwargs)  # None unless CUDA + fla
         if result is None:
