@@ -97,6 +97,12 @@ def _layer_mse_metrics(prediction) -> dict[str, float]:
     return {f"mse_layer_{i}": float(v) for i, v in enumerate(per_layer.mean(0))}
 
 
+def _per_layer(metrics: dict[str, float]) -> list[float]:
+    """`stage1_mse_layer_{i}` values in layer order."""
+    keys = [k for k in metrics if "_mse_layer_" in k]
+    return [metrics[k] for k in sorted(keys, key=lambda k: int(k.rsplit("_", 1)[-1]))]
+
+
 def _stage_args(training_args: TrainingArguments, **changes: Any) -> TrainingArguments:
     """A copy of the run's TrainingArguments for an auxiliary Trainer (no saving, no reporting)."""
     return dataclasses.replace(
@@ -148,15 +154,14 @@ def run_attention_transfer(
     finally:
         for name, param in student.named_parameters():
             param.requires_grad_(trainable[name])
-    per_layer = lambda m: [
-        m[k] for k in sorted((k for k in m if "_mse_layer_" in k), key=lambda k: int(k.split("_")[-1]))
-    ]  # noqa: E731
+        if Path(args.output_dir).is_dir() and not any(Path(args.output_dir).iterdir()):
+            Path(args.output_dir).rmdir()  # nothing saved there (save_strategy "no")
     return {
         "stage1_steps": steps,
         "stage1_initial_mse": before["stage1_loss"],
         "stage1_final_mse": after["stage1_loss"],
-        "stage1_initial_layer_mse": per_layer(before),
-        "stage1_final_layer_mse": per_layer(after),
+        "stage1_initial_layer_mse": _per_layer(before),
+        "stage1_final_layer_mse": _per_layer(after),
         "stage1_train_loss": result.training_loss,
         "stage1_train_runtime_s": result.metrics.get("train_runtime"),
     }
@@ -269,6 +274,9 @@ class LinearizeTask(CausalLMTask):
                     task_args.stage1_steps, task_args.stage1_learning_rate, task_args.stage1_train,
                 )
             )  # fmt: skip
+        scratch = Path(eval_args.output_dir)
+        if scratch.is_dir() and not any(scratch.iterdir()):
+            scratch.rmdir()
         return metrics
 
     def trainer_kwargs(self, task_args: LinearizeArguments) -> dict[str, Any]:
