@@ -225,8 +225,11 @@ def _prepare(config_path: str | None, cli_args: Sequence[str]) -> tuple[dict[str
     mapping = _read_yaml(config_path)
     checkpoint = _selector("model_name_or_path", mapping, cli_args, "")
     default_model_type = load_checkpoint_config(checkpoint).model_type if checkpoint else DEFAULT_MODEL_TYPE
-    model_type = _selector("model_type", mapping, cli_args, default_model_type)
     task_name = _selector("task", mapping, cli_args, DEFAULT_TASK)
+    alias = get_task(task_name).model_type_key  # e.g. linearize's `into` names the model_type
+    if alias is not None:
+        default_model_type = _selector(alias, mapping, cli_args, default_model_type)
+    model_type = _selector("model_type", mapping, cli_args, default_model_type)
     return mapping, model_type, task_name, build_parser(model_type, task_name)
 
 

@@ -300,31 +300,38 @@ def run(args: RunArguments) -> dict[str, Any]:
     set_seed(training_args.seed)
 
     pretrained = args.data.model_name_or_path
-    tokenizer = load_tokenizer(args.data.tokenizer_name or pretrained)
+    tokenizer = load_tokenizer(args.data.tokenizer_name or pretrained or task.default_tokenizer(args.task))
     tokenizer = tokenizer_for_task(tokenizer, task.name)  # byte tokenizer: cls/sep for encoder tasks only
     config_class = config_class_for(args.model_type)
     raw = task.load_data(args.data, data_seed)
-    base = pretrained_config_values(pretrained, args.model_type) if pretrained else {}
-    config = build_config(
-        args.model_type,
-        {
-            **(base or tokenizer_config_defaults(config_class, tokenizer)),
-            **task.config_defaults(args.task, tokenizer, raw),
-            **args.model_overrides,
-        },
+    custom_model = task.build_model(args.task, args.model_type, args.model_overrides, tokenizer)
+    base = pretrained_config_values(pretrained, args.model_type) if pretrained and custom_model is None else {}
+    config = (
+        custom_model.config
+        if custom_model is not None
+        else build_config(
+            args.model_type,
+            {
+                **(base or tokenizer_config_defaults(config_class, tokenizer)),
+                **task.config_defaults(args.task, tokenizer, raw),
+                **args.model_overrides,
+            },
+        )
     )
     if getattr(config, "vocab_size", None) is not None and config.vocab_size < len(tokenizer):
         fix = "use the checkpoint's own tokenizer (unset tokenizer_name)" if pretrained else "raise vocab_size"
         raise ConfigError(
             f"vocab_size ({config.vocab_size}) is smaller than the tokenizer ({len(tokenizer)} tokens): {fix}"
         )
-    if pretrained and config.vocab_size != base["vocab_size"]:
+    if pretrained and custom_model is None and config.vocab_size != base["vocab_size"]:
         raise ConfigError(
             f"vocab_size {config.vocab_size} differs from the checkpoint's {base['vocab_size']} ({pretrained}): its "
             "embeddings cannot load; drop the vocab_size override"
         )
     try:
-        if pretrained:
+        if custom_model is not None:
+            model = custom_model
+        elif pretrained:
             model = _load_checkpoint(task.auto_model, pretrained, config, base, args.model_overrides)
         else:
             model = task.auto_model.from_config(config)
@@ -335,7 +342,6 @@ def run(args: RunArguments) -> dict[str, Any]:
 
     default_find_unused_parameters(training_args, config)
     finetune = args.finetune or FinetuneArguments()
-    model, finetune_counts = apply_finetune_method(model, finetune, training_args.output_dir, training_args.should_save)
 
     data = task.prepare(args.task, tokenizer, raw, args.data.preprocessing_num_workers)
     train_dataset = task.subset(data["train"], args.data.max_train_samples, data_seed)
@@ -345,16 +351,21 @@ def run(args: RunArguments) -> dict[str, Any]:
             f"no examples after preprocessing (train={len(train_dataset)}, validation={len(eval_dataset)}): "
             "use more data or a smaller block_size"
         )
+    collator = task.collator(args.task, tokenizer)
+    # a task's own first stage (e.g. linearize's attention transfer) trains the model before the method wraps it
+    stage_metrics = task.before_training(args.task, model, train_dataset, eval_dataset, collator, training_args)
+    model, finetune_counts = apply_finetune_method(model, finetune, training_args.output_dir, training_args.should_save)
 
     trainer = task.trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=task.collator(args.task, tokenizer),
+        data_collator=collator,
         processing_class=task.processing_class(args.task, tokenizer, config),
         compute_metrics=task.metrics_function(args.task, eval_dataset),
         preprocess_logits_for_metrics=task.preprocess_logits_for_metrics,
+        **task.trainer_kwargs(args.task),
     )
     initial = task.derived_metrics(evaluate_before_training(trainer))
     train_result = trainer.train(resume_from_checkpoint=resume)
@@ -376,6 +387,7 @@ def run(args: RunArguments) -> dict[str, Any]:
         "model_type": args.model_type,
         "num_parameters": model.num_parameters(),
         **finetune_counts,
+        **stage_metrics,
         **_eval_summary("initial", initial),
         **_eval_summary("final", final),
         "train_loss": train_result.training_loss,

@@ -1,8 +1,9 @@
 """Importers and exporters: transformers' Mamba, Mamba-2 and Qwen3-Next linear layers, timm's MLP-Mixer,
-flash-linear-attention's RetNet and GLA."""
+flash-linear-attention's RetNet and GLA; `linearize` turns a pretrained Llama-style Transformer into a linear one."""
 
 from .fla import KEY_TABLE as FLA_KEY_TABLE
 from .fla import convert_fla_state_dict, fla_config_to_hfx, fla_key_to_hfx, from_fla, load_fla_folder
+from .linearize import LINEARIZE_TARGETS, attention_transfer_loss, kl_to_teacher, linearize, linearized_config
 from .mamba import (
     export_to_transformers_mamba,
     hfx_config_from_mamba,
@@ -38,6 +39,11 @@ __all__ = [
     "fla_key_to_hfx",
     "from_fla",
     "load_fla_folder",
+    "LINEARIZE_TARGETS",
+    "attention_transfer_loss",
+    "kl_to_teacher",
+    "linearize",
+    "linearized_config",
     "export_to_transformers_mamba",
     "hfx_config_from_mamba",
     "hfx_state_dict_to_mamba",

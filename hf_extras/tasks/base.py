@@ -132,6 +132,37 @@ class Task:
         """A small qualitative example from the trained model, saved into metrics.json and the card."""
         return None
 
+    # --- hooks for tasks that build their model themselves or train in stages (e.g. linearize); defaults: none ---
+
+    model_type_key: ClassVar[str | None] = None  # a task argument that also selects `model_type` (linearize: "into")
+
+    def default_tokenizer(self, task_args: Any) -> str | None:
+        """Tokenizer name or folder when neither `tokenizer_name` nor `model_name_or_path` gives one (None: bytes)."""
+        return None
+
+    def build_model(
+        self, task_args: Any, model_type: str, overrides: dict[str, Any], tokenizer: PreTrainedTokenizerBase
+    ) -> PreTrainedModel | None:
+        """The model to train, built by the task (e.g. copied from a teacher); None = the run builds it from the
+        config (or `model_name_or_path`)."""
+        return None
+
+    def before_training(
+        self,
+        task_args: Any,
+        model: PreTrainedModel,
+        train_dataset: Dataset,
+        eval_dataset: Dataset,
+        collator: Any,
+        training_args: TrainingArguments,
+    ) -> dict[str, Any]:
+        """Work before the main Trainer is built (e.g. a first training stage); returns metrics for metrics.json."""
+        return {}
+
+    def trainer_kwargs(self, task_args: Any) -> dict[str, Any]:
+        """Extra keyword arguments for `trainer_class` (e.g. a teacher to distil from)."""
+        return {}
+
 
 # name -> "module:attribute" (resolved lazily, so a task's dependencies load only when it runs)
 TASKS: dict[str, str] = {
@@ -142,6 +173,7 @@ TASKS: dict[str, str] = {
     "token_classification": "hf_extras.tasks.token_classification:TokenClassificationTask",
     "question_answering": "hf_extras.tasks.question_answering:QuestionAnsweringTask",
     "seq2seq": "hf_extras.tasks.seq2seq:Seq2SeqTask",
+    "linearize": "hf_extras.tasks.linearize:LinearizeTask",
 }
 
 

@@ -1,0 +1,426 @@
+"""Linearize a pretrained softmax Transformer: copy a transformers Llama-style causal LM into an hf_extras linear one.
+
+`linearize(teacher, into=...)` returns our causal LM with every weight the two architectures share copied from the
+teacher (embeddings, block and final RMSNorms with their eps, SwiGLU FFNs, LM head tied or not, q/k/v/o projections),
+and the parameters the teacher lacks (decays, gates, norms) initialised so the copy starts as close to the teacher as
+the mixer allows. The copy is not yet a good model: softmax attention is not linear attention. The two-stage recipe
+(`hf-extras train configs/linearize.yaml`, `hf_extras.tasks.linearize`) then trains each new mixer to reproduce its
+teacher layer's attention output (`attention_transfer_loss`), then the whole model on next-token loss plus an optional
+distillation term (SUPRA, Mercat et al. 2024; LoLCATs, Zhang et al. 2024).
+
+    >>> from transformers import AutoModelForCausalLM
+    >>> from hf_extras.convert import linearize
+    >>> teacher = AutoModelForCausalLM.from_pretrained("path/to/llama")
+    >>> student = linearize(teacher, into="hfx_gated_retention")      # gate="head", rotary, no output gate
+    >>> student = linearize(teacher, into="hfx_gated_retention", gate="key", feature_map="elu")  # config overrides
+
+Teachers: `llama`, `mistral`, `qwen2`, `qwen3` model types with Llama's layout. Refused, each with an error naming
+the field: q/k/v/o biases (`attention_bias`; Qwen2 always has them), `mlp_bias`, Qwen3's `q_norm`/`k_norm`, sliding
+windows (`sliding_window`, `layer_types`; pass `ignore_sliding_window=True` to accept one), rotary scaling
+(`rope_parameters["rope_type"]` other than `"default"`, `partial_rotary_factor`) for targets that rotate q/k.
+
+What maps where (teacher -> ours), `{i}` a block:
+
+    model.embed_tokens.weight                   -> model.embed_tokens.weight
+    model.layers.{i}.input_layernorm.weight     -> model.layers.{i}.mixer_norm.weight       (norm_eps = rms_norm_eps)
+    model.layers.{i}.self_attn.q_proj.weight    -> model.layers.{i}.mixer.q_proj.weight
+    model.layers.{i}.self_attn.{k,v}_proj.weight -> model.layers.{i}.mixer.{k,v}_proj.weight  (kv heads repeated)
+    model.layers.{i}.self_attn.o_proj.weight    -> model.layers.{i}.mixer.o_proj.weight
+    model.layers.{i}.post_attention_layernorm.weight -> model.layers.{i}.ffn_norm.weight
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight  -> model.layers.{i}.ffn.{gate,up,down}_proj.weight (ffn_type="glu")
+    model.norm.weight                           -> model.norm.weight
+    lm_head.weight                              -> lm_head.weight  (tie_word_embeddings copied; tied: nothing to copy)
+
+Grouped-query heads: every target gets the teacher's `num_attention_heads` heads of width `head_dim`; k and v rows
+are repeated per group (`repeat_kv`'s order: query head h reads kv head h // group), so each head's q.k and v start
+as the teacher's and the copies then train apart. Gated DeltaNet's `num_key_heads` groups the other way (one q/k
+head serves several value heads), which cannot hold Llama's grouping (one k/v head serving several queries), so it is
+expanded too.
+
+Per target (defaults below are overridable keyword arguments, e.g. `use_output_gate=True`; the shape fields copied
+from the teacher are not):
+
+| target | positions | decay at the start | other new parameters |
+| --- | --- | --- | --- |
+| `hfx_gated_retention` (`gate="head"`, `feature_map="identity"`) | rotary, the teacher's `rope_theta`, same half-split convention (`use_rotary=True`) | per head, data-dependent; gate weights 0 and biases set so head h starts at a fixed decay `1 - 1/horizon_h`, horizons log-spaced over `decay_horizons` (32..2048 tokens): slow, multi-scale, as RetNet | `use_output_gate=False` (the teacher has none), `g_norm` weights 1, `use_short_conv=False`; `gate="key"`: the low-rank gate's second projection 0, biases as above |
+| `hfx_retnet` | rotary, the teacher's `rope_theta` | RetNet's fixed `1 - 2^(-5-h)` (no parameter) | `use_output_gate=False`, `g_norm` weights 1 |
+| `hfx_gated_deltanet` (`gate="head"`) | none (the family has no rotary; the decay and delta rule carry order) | `a_proj` 0, `A_log` 0, `dt_bias = softplus^-1(-log(1 - 1/horizon_h))`: same slow schedule | `b_proj` 0 (beta = 0.5 for every token), `use_short_conv=False`, `use_output_gate=False`, `o_norm` weights 1 |
+
+A short conv switched on by override starts as the identity tap (last tap 1, others 0; SiLU still follows it), an
+output gate switched on starts from the family's random init. The per-head output norm every target has (RMS to 1
+per head) has no counterpart in softmax attention; stage 1 of the recipe learns its gain.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..errors import ConfigError
+from ..models.configuration_gated_deltanet import GatedDeltaNetConfig
+from ..models.configuration_gated_retention import GatedRetentionConfig
+from ..models.configuration_retnet import RetNetConfig
+from ..models.modeling_gated_deltanet import GatedDeltaNetForCausalLM
+from ..models.modeling_gated_retention import GatedRetentionForCausalLM
+from ..models.modeling_retnet import RetNetForCausalLM
+from ..models.positions import positions_from_mask, rotary_cos_sin
+
+__all__ = [
+    "LINEARIZE_TARGETS",
+    "SUPPORTED_TEACHERS",
+    "attention_transfer_loss",
+    "check_teacher",
+    "decay_schedule",
+    "kl_to_teacher",
+    "linearize",
+    "linearized_config",
+    "repeat_kv_rows",
+    "teacher_attention_io",
+]
+
+SUPPORTED_TEACHERS = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_DECAY_HORIZONS = (32.0, 2048.0)
+
+# into -> (config class, causal-LM class, target defaults the user may override)
+LINEARIZE_TARGETS: dict[str, tuple[type, type, dict[str, Any]]] = {
+    "hfx_gated_retention": (
+        GatedRetentionConfig,
+        GatedRetentionForCausalLM,
+        {
+            "gate": "head",
+            "feature_map": "identity",
+            "use_rotary": True,
+            "use_output_gate": False,
+            "use_short_conv": False,
+        },
+    ),
+    "hfx_retnet": (RetNetConfig, RetNetForCausalLM, {"use_output_gate": False}),
+    "hfx_gated_deltanet": (
+        GatedDeltaNetConfig,
+        GatedDeltaNetForCausalLM,
+        {"gate": "head", "use_short_conv": False, "use_output_gate": False},
+    ),
+}
+
+# fields linearize derives from the teacher's shapes; overriding one would break the copy
+_DERIVED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_heads",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "norm_type",
+    "norm_eps",
+    "ffn_type",
+    "key_factor",
+    "value_factor",
+    "num_key_heads",
+    "key_head_dim",
+    "value_head_dim",
+    "rope_theta",
+    "tie_word_embeddings",
+    "bidirectional",
+)
+
+
+def _teacher_rope(config) -> tuple[float, str, float]:
+    """(rope_theta, rope_type, partial_rotary_factor) of a transformers 5 config (`rope_parameters`)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in params and isinstance(params["full_attention"], dict):  # per-layer-type form
+        params = params["full_attention"]
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    return float(theta), str(params.get("rope_type", "default")), float(partial)
+
+
+def check_teacher(teacher: PreTrainedModel, rotary: bool, ignore_sliding_window: bool = False) -> None:
+    """Refuse a teacher whose weights or positions do not map onto ours (`rotary`: the target rotates q/k), naming
+    the field and the fix."""
+    config = teacher.config
+    if config.model_type not in SUPPORTED_TEACHERS:
+        raise ConfigError(
+            f"linearize: teacher model_type {config.model_type!r} is not supported; Llama-style causal LMs of "
+            f"model_type {', '.join(SUPPORTED_TEACHERS)} are (q/k/v/o projections, SwiGLU MLP, RMSNorm)."
+        )
+    base = getattr(teacher, "model", None)
+    if base is None or not hasattr(base, "layers") or not hasattr(teacher, "lm_head"):
+        raise ConfigError(
+            f"linearize needs the causal LM ({type(teacher).__name__} has no `.model.layers` / `.lm_head`): load "
+            "the teacher with AutoModelForCausalLM."
+        )
+    attn, mlp = base.layers[0].self_attn, base.layers[0].mlp
+    if any(getattr(attn, f"{p}_proj").bias is not None for p in "qkvo"):
+        raise ConfigError(
+            "linearize: the teacher's attention projections have biases (`attention_bias`; Qwen2 always has q/k/v "
+            "biases), which our mixers lack. Use a teacher without them."
+        )
+    if any(getattr(mlp, f"{p}_proj").bias is not None for p in ("gate", "up", "down")):
+        raise ConfigError("linearize: the teacher's MLP has biases (`mlp_bias=True`), which our GLU FFN lacks.")
+    if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
+        raise ConfigError(
+            "linearize: the teacher normalises q and k per head (Qwen3's `q_norm`/`k_norm`), which our mixers lack; "
+            "there is no weight-only map for an RMSNorm on q/k."
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    if not ignore_sliding_window and (sliding is not None or "sliding_attention" in layer_types):
+        field = "sliding_window" if sliding is not None else "layer_types (use_sliding_window)"
+        raise ConfigError(
+            f"linearize: the teacher attends within a sliding window (`{field}`), a linear mixer sees the whole "
+            "past. Pass `ignore_sliding_window=True` to accept it (exact for texts shorter than the window)."
+        )
+    theta, rope_type, partial = _teacher_rope(config)
+    if rotary and rope_type != "default":
+        raise ConfigError(
+            f"linearize: the teacher's rotary positions are scaled (`rope_parameters['rope_type']={rope_type!r}`); "
+            "ours compute the default table only. Pick a target without rotary (hfx_gated_deltanet, or "
+            "hfx_gated_retention with use_rotary=False)."
+        )
+    if rotary and partial != 1.0:
+        raise ConfigError(
+            f"linearize: the teacher rotates a part of each head (`partial_rotary_factor={partial}`); ours rotate "
+            "whole heads. Pick a target without rotary."
+        )
+
+
+def decay_schedule(num_heads: int, horizons: tuple[float, float] = DEFAULT_DECAY_HORIZONS) -> torch.Tensor:
+    """Per-head log decays `log(1 - 1/h)` for horizons `h` log-spaced from `horizons[0]` to `horizons[1]` tokens."""
+    low, high = (float(h) for h in horizons)
+    if not 1.0 < low <= high:
+        raise ValueError(f"`decay_horizons` must satisfy 1 < low <= high (tokens), got {horizons}.")
+    if num_heads == 1:
+        steps = torch.tensor([math.log(high)], dtype=torch.float64)
+    else:
+        steps = torch.linspace(math.log(low), math.log(high), num_heads, dtype=torch.float64)
+    return torch.log1p(-torch.exp(-steps)).float()
+
+
+def linearized_config(teacher_config, into: str, **config_overrides: Any) -> tuple[Any, int]:
+    """Our config for `teacher_config` (shape fields copied, target defaults, then `config_overrides`) and the
+    teacher's heads per kv head (`group`)."""
+    if into not in LINEARIZE_TARGETS:
+        raise ConfigError(f"linearize: `into={into!r}` is not supported; choose one of {', '.join(LINEARIZE_TARGETS)}")
+    fixed = sorted(set(config_overrides) & set(_DERIVED))
+    if fixed:
+        raise ConfigError(
+            f"linearize: {', '.join(f'`{k}`' for k in fixed)} come from the teacher's weights and cannot be "
+            "overridden (the copy would not fit); change the teacher instead."
+        )
+    config_class, _, defaults = LINEARIZE_TARGETS[into]
+    c = teacher_config
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    if heads % kv_heads:
+        raise ConfigError(f"linearize: `num_attention_heads` ({heads}) is not a multiple of `num_key_value_heads`.")
+    if c.hidden_size % heads:
+        raise ConfigError(
+            f"linearize: `hidden_size` ({c.hidden_size}) is not a multiple of `num_attention_heads` ({heads}); our "
+            "configs split the width evenly into heads."
+        )
+    width = heads * head_dim
+    values: dict[str, Any] = dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_heads=heads,
+        intermediate_size=c.intermediate_size,
+        hidden_act=c.hidden_act,
+        norm_type="rmsnorm",
+        norm_eps=float(c.rms_norm_eps),
+        ffn_type="glu",
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        initializer_range=float(c.initializer_range),
+        pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+    )
+    if into == "hfx_gated_deltanet":
+        values.update(num_key_heads=heads, key_head_dim=head_dim, value_head_dim=head_dim)
+    else:
+        if width % c.hidden_size:
+            raise ConfigError(
+                f"linearize into {into}: the value width `num_attention_heads * head_dim` ({heads} * {head_dim}) "
+                f"must be a whole multiple of `hidden_size` ({c.hidden_size}) (`value_factor` is an integer); use "
+                "hfx_gated_deltanet, whose head widths are free."
+            )
+        values.update(key_factor=width / c.hidden_size, value_factor=width // c.hidden_size)
+        values["rope_theta"] = _teacher_rope(c)[0]
+    values.update(defaults)
+    values.update(config_overrides)
+    return config_class(**values), heads // kv_heads
+
+
+def repeat_kv_rows(weight: torch.Tensor, group: int, head_dim: int) -> torch.Tensor:
+    """k/v projection rows `(kv_heads * head_dim, in)` -> `(kv_heads * group * head_dim, in)`, head h reading kv head
+    `h // group` (the order of transformers' `repeat_kv`)."""
+    if group == 1:
+        return weight
+    rows = weight.view(-1, head_dim, weight.shape[-1])
+    return rows.repeat_interleave(group, dim=0).reshape(-1, weight.shape[-1])
+
+
+@torch.no_grad()
+def _init_new_parameters(mixer: nn.Module, into: str, config, horizons: tuple[float, float]) -> None:
+    """Start the parameters the teacher lacks near the teacher: slow multi-scale decays, identity conv, norms at 1."""
+    log_a = decay_schedule(config.num_heads, horizons)  # (H,)
+    if into == "hfx_gated_retention" and config.gate != "none":
+        # log a = logsigmoid(z) / tau with z = bias at zero weight  =>  z = logit(exp(tau * log a))
+        target = torch.exp(config.gate_logit_normalizer * log_a.double())
+        bias = torch.log(target) - torch.log1p(-target)
+        last = mixer.gk_proj if config.gate == "head" else mixer.gk_proj[1]
+        last.weight.zero_()
+        per_channel = bias if config.gate == "head" else bias.repeat_interleave(mixer.head_dim)
+        last.bias.copy_(per_channel.to(last.bias.dtype))
+    if into == "hfx_gated_deltanet":
+        mixer.b_proj.weight.zero_()  # beta = sigmoid(0) = 0.5 for every token
+        if config.gate == "head":
+            mixer.a_proj.weight.zero_()
+            mixer.A_log.zero_()  # A = 1: log a = -softplus(dt_bias)
+            dt = (-log_a).double()
+            mixer.dt_bias.copy_((dt + torch.log(-torch.expm1(-dt))).to(mixer.dt_bias.dtype))  # softplus^-1
+    norm = getattr(mixer, "g_norm", None) or getattr(mixer, "o_norm", None)
+    norm.weight.fill_(1.0)
+    conv = getattr(mixer, "conv1d", None)
+    if conv is not None:  # identity tap: the conv passes its input through (SiLU still follows)
+        conv.weight.zero_()
+        conv.weight[..., -1] = 1.0
+
+
+def linearize(
+    model: PreTrainedModel,
+    into: str = "hfx_gated_retention",
+    layer_types: list[str] | None = None,
+    *,
+    decay_horizons: tuple[float, float] = DEFAULT_DECAY_HORIZONS,
+    ignore_sliding_window: bool = False,
+    **config_overrides: Any,
+) -> PreTrainedModel:
+    """Our causal LM `into` a family, with the teacher `model`'s shared weights copied (see the module docstring).
+
+    `layer_types` (keep some layers as softmax attention) needs hybrid layer schedules, not in this build yet.
+    `decay_horizons`: (shortest, longest) initial memory in tokens of the data-dependent decays. Any other keyword is
+    a config field of the target (e.g. `gate="key"`, `feature_map="elu"`, `use_short_conv=True`). The result has the
+    teacher's dtype and device, in eval mode as `from_pretrained` leaves a model.
+    """
+    if layer_types is not None:
+        raise NotImplementedError(
+            "linearize: `layer_types` (keeping some layers as softmax attention) needs hybrid layer schedules "
+            "(`layer_types` on our configs), which are not in this build yet; linearize every layer (layer_types=None)."
+        )
+    check_teacher(model, rotary=False, ignore_sliding_window=ignore_sliding_window)
+    config, group = linearized_config(model.config, into, **config_overrides)
+    if config.rotary_positions:
+        check_teacher(model, rotary=True, ignore_sliding_window=ignore_sliding_window)
+    _, lm_class, _ = LINEARIZE_TARGETS[into]
+    student = lm_class(config)
+    teacher = model.model
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        student.model.embed_tokens.weight.copy_(teacher.embed_tokens.weight)
+        student.model.norm.weight.copy_(teacher.norm.weight)
+        for ours, theirs in zip(student.model.layers, teacher.layers, strict=True):
+            attn, mixer = theirs.self_attn, ours.mixer
+            ours.mixer_norm.weight.copy_(theirs.input_layernorm.weight)
+            ours.ffn_norm.weight.copy_(theirs.post_attention_layernorm.weight)
+            mixer.q_proj.weight.copy_(attn.q_proj.weight)
+            mixer.k_proj.weight.copy_(repeat_kv_rows(attn.k_proj.weight, group, head_dim))
+            mixer.v_proj.weight.copy_(repeat_kv_rows(attn.v_proj.weight, group, head_dim))
+            mixer.o_proj.weight.copy_(attn.o_proj.weight)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(ours.ffn, name).weight.copy_(getattr(theirs.mlp, name).weight)
+            _init_new_parameters(mixer, into, config, decay_horizons)
+        if not config.tie_word_embeddings:
+            student.lm_head.weight.copy_(model.lm_head.weight)
+    student.generation_config.pad_token_id = config.pad_token_id
+    return student.to(device=model.device, dtype=model.dtype).eval()
+
+
+def teacher_attention_io(
+    teacher: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each teacher layer's attention input (after its input norm) and output (before the residual), no gradient.
+
+    Read with forward hooks on every `self_attn` during one forward of the teacher's base model.
+    """
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+
+    def grab_input(module, args, kwargs):
+        inputs.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    def grab_output(module, args, kwargs, output):
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = []
+    for layer in teacher.model.layers:
+        handles.append(layer.self_attn.register_forward_pre_hook(grab_input, with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(grab_output, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            teacher.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, outputs
+
+
+def attention_transfer_loss(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-layer mean squared error `(num_layers,)` between each student mixer's output and its teacher layer's
+    attention output, both given the teacher's attention input (stage 1 of linearizing, "attention transfer").
+
+    Layers are independent (each sees the teacher's input, not the previous student layer's output), over real
+    tokens only; the gradient reaches the student mixers and nothing else.
+    """
+    position_ids = positions_from_mask(attention_mask, input_ids.shape[1], 0, input_ids.device)
+    position_ids = position_ids.expand(input_ids.shape[0], -1)
+    layer_in, layer_out = teacher_attention_io(teacher, input_ids, attention_mask, position_ids)
+    base = student.get_base_model().model if hasattr(student, "get_base_model") else student.model
+    config = base.config
+    tables = None
+    if config.rotary_positions:
+        tables = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
+    mask = attention_mask[..., None].to(torch.float32) if attention_mask is not None else None
+    losses = []
+    for layer, x, target in zip(base.layers, layer_in, layer_out, strict=True):
+        mixer_dtype = layer.mixer_norm.weight.dtype
+        pred = layer.mixer(x.to(mixer_dtype), attention_mask=attention_mask, position_ids=position_ids,
+                           position_embeddings=tables, cache=None)  # fmt: skip
+        err = (pred.float() - target.float()).pow(2)
+        if mask is None:
+            losses.append(err.mean())
+        else:
+            losses.append((err * mask).sum() / (mask.sum().clamp_min(1.0) * err.shape[-1]))
+    return torch.stack(losses)
+
+
+def kl_to_teacher(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """`T^2 * KL(teacher_T || student_T)` per predicted token (softmaxes at temperature `T`), summed over the
+    positions that carry a next-token label (`labels[:, 1:] != -100`, as the LM loss counts them) and averaged over
+    them (`reduction="mean"`) or returned as the sum (`"sum"`, for a caller that divides by the accumulated count)."""
+    s = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
+    per_token = (t.exp() * (t - s)).sum(-1) * temperature**2
+    keep = (labels[:, 1:] != -100).to(per_token.dtype) if labels is not None else torch.ones_like(per_token)
+    total = (per_token * keep).sum()
+    return total if reduction == "sum" else total / keep.sum().clamp_min(1.0)
