@@ -96,9 +96,18 @@ class MultiHeadSelfAttention(SoftmaxAttention):
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx, is_causal=not config.bidirectional)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        position_embeddings=None,
+        cache=None,
+        document_starts=None,
+    ):
         """`position_embeddings`: the rotary `(cos, sin)` tables the backbone computed for this forward, or `None`
-        (sinusoidal/learned positions were already added to the embeddings)."""
+        (sinusoidal/learned positions were already added to the embeddings). Packed documents
+        (`document_starts`) are already in `attention_mask`, block-diagonal."""
         q = self.split_heads(self.q_proj(hidden_states))
         k = self.split_heads(self.k_proj(hidden_states))
         v = self.split_heads(self.v_proj(hidden_states))

@@ -24,6 +24,7 @@ from .ffn import build_ffn
 from .hybrid import HybridAttention, attention_rotary, hybrid_masks
 from .input_checks import check_attention_mask_values, check_position_ids, check_token_inputs
 from .norms import DyT, build_norm
+from .packing import cross_document_mask_function, packed_document_starts
 from .positions import positions_from_mask, rotary_cos_sin
 
 
@@ -135,11 +136,13 @@ class SequenceBlock(GradientCheckpointingLayer):
         encoder_hidden_states=None,
         encoder_attention_mask=None,
         cross_cache=None,
+        document_starts=None,
         **kwargs,
     ):
         """`attention_mask` is what the mixer gets (see `SequenceBackbone.mixer_attention_mask`); `padding_mask`, the
         2-D mask of the new tokens for the FFN (MoE statistics over real tokens), defaults to `attention_mask`;
-        `position_embeddings` the rotary `(cos, sin)` tables the backbone computed once for every layer (or `None`).
+        `position_embeddings` the rotary `(cos, sin)` tables the backbone computed once for every layer (or `None`);
+        `document_starts` the `(B, T)` boundaries of packed documents (or `None`; see `packing.packed_document_starts`).
         `encoder_*` and `cross_cache` (an `EncoderDecoderCache`) feed the cross-attention of a decoder block."""
         dtype = self.mixer_norm.weight.dtype
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
@@ -150,6 +153,7 @@ class SequenceBlock(GradientCheckpointingLayer):
             position_ids=position_ids,
             position_embeddings=position_embeddings,
             cache=cache,
+            document_starts=document_starts,
         )
         hidden_states = residual + self.dropout(mixed)
         if self.cross_attn is not None:
@@ -238,13 +242,20 @@ class SequenceBackbone(SharedPreTrainedModel):
         return inputs_embeds
 
     def mixer_attention_mask(
-        self, padding_mask, inputs_embeds: torch.Tensor, cache, position_ids: torch.Tensor, prefix_mask=None
+        self,
+        padding_mask,
+        inputs_embeds: torch.Tensor,
+        cache,
+        position_ids: torch.Tensor,
+        prefix_mask=None,
+        document_starts=None,
     ):
         """What every mixer receives as `attention_mask`.
 
         `padding_mask` is the validated 2-D mask (past and new tokens, or new tokens only) or `None`. Recurrent mixers
-        take its new-token columns; a pairwise-attention family returns a 4-D causal/bidirectional mask instead, and a
-        prefix-LM family joins the two by `prefix_mask` (validated by `forward`).
+        take its new-token columns (they get `document_starts` separately); a pairwise-attention family returns a 4-D
+        causal/bidirectional mask instead, block-diagonal over packed documents (`document_starts`), and a prefix-LM
+        family joins the two by `prefix_mask` (validated by `forward`).
         """
         return padding_mask[:, -inputs_embeds.shape[1] :] if padding_mask is not None else None
 
@@ -266,7 +277,12 @@ class SequenceBackbone(SharedPreTrainedModel):
         seq2seq decoder stack, whose `cache` is then an `EncoderDecoderCache`. `prefix_mask` (1 = source token, seen
         both ways; columns missing at the end count as target) needs a config with `prefix_lm=True`.
         `output_hidden_states` (embeddings, then every block's output, the last one after the final norm) and
-        `return_dict` are handled by transformers' `capture_outputs` (hooks on `SequenceBlock`)."""
+        `return_dict` are handled by transformers' `capture_outputs` (hooks on `SequenceBlock`).
+
+        Packed (padding-free) batches, as transformers' `DataCollatorWithFlattening` writes them: `position_ids` that
+        restart at 0 for each document, or `seq_idx` / `cu_seq_lens_q` (in `kwargs`). Every mixer then keeps the
+        documents apart (a recurrent state and conv window reset at each start, block-diagonal attention), so each
+        document gives the outputs it gives alone. Positions derived from `attention_mask` never mark documents."""
         cache = pop_cache_kwarg(cache, kwargs)
         cross_cache = None
         if isinstance(cache, EncoderDecoderCache):  # the mixers keep the self-state, cross-attention the encoder k/v
@@ -280,6 +296,7 @@ class SequenceBackbone(SharedPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         if position_ids is not None:
             check_position_ids(position_ids, batch_size, seq_len)
+            position_ids = position_ids.view(-1, seq_len).expand(batch_size, -1)
 
         if self.config.bidirectional or (self.gradient_checkpointing and self.training):
             use_cache = False
@@ -290,12 +307,17 @@ class SequenceBackbone(SharedPreTrainedModel):
 
         full_mask = padding_mask(attention_mask, batch_size, seq_len, past_len)
         new_mask = full_mask[:, -seq_len:] if full_mask is not None else None
+        document_starts = packed_document_starts(
+            batch_size, seq_len, new_mask, position_ids, kwargs.get("seq_idx"), kwargs.get("cu_seq_lens_q")
+        )
         if position_ids is None:
             position_ids = positions_from_mask(full_mask, seq_len, past_len, inputs_embeds.device)
         if position_ids.shape[0] != batch_size:
             position_ids = position_ids.expand(batch_size, -1)
         inputs_embeds = self.finish_embeddings(inputs_embeds, position_ids)
-        mixer_mask = self.mixer_attention_mask(full_mask, inputs_embeds, cache, position_ids, prefix_mask)
+        mixer_mask = self.mixer_attention_mask(
+            full_mask, inputs_embeds, cache, position_ids, prefix_mask, document_starts=document_starts
+        )
         cross = {}
         if encoder_hidden_states is not None:
             cross_mask = create_bidirectional_mask(
@@ -303,6 +325,8 @@ class SequenceBackbone(SharedPreTrainedModel):
                 inputs_embeds=inputs_embeds,
                 attention_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
+                # packed pairs: target document i attends to source document i only
+                and_mask_function=cross_document_mask_function(document_starts, kwargs.get("encoder_document_starts")),
             )
             cross = dict(
                 encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=cross_mask, cross_cache=cross_cache
@@ -316,7 +340,7 @@ class SequenceBackbone(SharedPreTrainedModel):
         layer_masks = {"linear_attention": mixer_mask}
         layer_positions = {"linear_attention": position_embeddings}
         if self.layer_kinds is not None:  # the attention blocks of a hybrid: their own masks and rotary tables
-            layer_masks.update(hybrid_masks(self.config, full_mask, inputs_embeds, cache, position_ids))
+            layer_masks.update(hybrid_masks(self.config, full_mask, inputs_embeds, cache, document_starts))
             rotary = attention_rotary(self.config, position_ids)
             layer_positions.update(full_attention=rotary, sliding_attention=rotary)
         hidden_states = inputs_embeds
@@ -329,6 +353,7 @@ class SequenceBackbone(SharedPreTrainedModel):
                 position_embeddings=layer_positions[kind],
                 cache=cache,
                 padding_mask=new_mask,
+                document_starts=document_starts,
                 **cross,
             )
             if aux is not None:

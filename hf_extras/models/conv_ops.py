@@ -1,50 +1,74 @@
-"""Causal depthwise convolution over time with a cacheable tail (GLA's short q/k/v conv, Mamba's conv1d)."""
+"""Causal depthwise convolution over time with a cacheable tail, padding and document boundaries (GLA's short q/k/v
+conv, Mamba's conv1d, Gated DeltaNet's and Mamba-2's convs)."""
 
 import torch
 import torch.nn.functional as F
 
 
 def causal_depthwise_conv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tail: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tail: torch.Tensor | None = None,
+    *,
+    padding_mask: torch.Tensor | None = None,
+    document_starts: torch.Tensor | None = None,
+    keep_tail: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Convolve `x` `(batch, time, channels)` causally with a depthwise `weight` `(channels, 1, kernel)`
     (`nn.Conv1d`'s).
 
     `tail` holds the previous `kernel - 1` inputs `(batch, channels, kernel - 1)` (zeros at the start of a sequence),
     so a prefill followed by one-token steps gives the same outputs as one pass. Returns `(y, new_tail)`, `y` in the
-    input's `(batch, time, channels)` layout.
+    input's `(batch, time, channels)` layout; `new_tail` is `None` when `keep_tail` is False (no cache to write).
+
+    `padding_mask` `(batch, time)` (1 = real): a pad's input is zeroed, so it reaches no later token, and the new
+    tail holds the last real inputs (a right- or interior-padded prefill then continues as the unpadded one).
+    `document_starts` `(batch, time)` bool (True at the first token of each packed document, see `packing.py`) stops
+    the window there: a tap that would read an earlier document's input reads zero, as if the document ran alone,
+    and the new tail keeps only the last document's inputs (the old tail belongs to the row's first document).
 
     Written as `kernel` shifted multiply-adds in the channels-last layout: the same numbers as
     `F.conv1d(..., groups=channels)` (to float rounding), without two transposes and without the depthwise `conv1d`
     weight-gradient kernel, which is very slow on multi-threaded CPUs (measurements: benchmarks/results/NOTES.md).
     """
     kernel, seq_len = weight.shape[-1], x.shape[1]
+    if padding_mask is not None:
+        x = x * padding_mask[..., None].to(x.dtype)
     if tail is None:
         padded = F.pad(x, (0, 0, kernel - 1, 0))
     else:
         padded = torch.cat([tail.transpose(1, 2).to(x.dtype), x], dim=1)
+    doc = doc_padded = None
+    if document_starts is not None and kernel > 1:
+        doc = torch.cumsum(document_starts.to(torch.int32), dim=1)  # the document index of each token in its row
+        doc_padded = F.pad(doc, (kernel - 1, 0))  # the old tail is in the row's first document
     taps = weight[:, 0, :].t().to(x.dtype)  # (kernel, channels)
-    y = padded[:, :seq_len] * taps[0] if bias is None else torch.addcmul(bias.to(x.dtype), padded[:, :seq_len], taps[0])
-    for k in range(1, kernel):
-        y = torch.addcmul(y, padded[:, k : k + seq_len], taps[k])
-    return y, padded[:, padded.shape[1] - (kernel - 1) :].transpose(1, 2)
-
-
-def conv_tail_of_real_tokens(
-    x: torch.Tensor, mask: torch.Tensor, tail: torch.Tensor | None, kernel: int
-) -> torch.Tensor:
-    """The conv tail to cache after a padded chunk: the last `kernel - 1` inputs of *real* tokens.
-
-    `x` `(batch, time, channels)`, `mask` `(batch, time)` (1 = real), `tail` `(batch, channels, kernel - 1)` or
-    `None` (zeros: the start of the sequence, which counts as real). Returns `(batch, channels, kernel - 1)`, the
-    layout of `causal_depthwise_conv`'s tails. Without this, a right- or interior-padded prefill would leave pads in
-    the tail and the next decoded token would see zeros instead of the prompt's last tokens. A stable sort moves the
-    real entries, in order, to the end of each row: no loop, no host sync.
-    """
-    batch, _, channels = x.shape
+    y = None if bias is None else bias.to(x.dtype)
+    for k in range(kernel):
+        term = padded[:, k : k + seq_len]  # tap k reads the input kernel - 1 - k tokens back
+        if doc is not None and k < kernel - 1:
+            term = term * (doc_padded[:, k : k + seq_len] == doc)[..., None].to(x.dtype)
+        y = term * taps[k] if y is None else torch.addcmul(y, term, taps[k])
+    if not keep_tail:
+        return y, None
     width = kernel - 1
-    prev = x.new_zeros(batch, width, channels) if tail is None else tail.transpose(1, 2).to(x.dtype)
-    seq = torch.cat([prev, x], dim=1)
-    real = torch.cat([mask.new_ones(batch, width), mask], dim=1).to(torch.int8)
-    order = torch.sort(real, dim=1, stable=True).indices[:, seq.shape[1] - width :]
+    if padding_mask is None and doc is None:
+        return y, padded[:, padded.shape[1] - width :].transpose(1, 2)
+    batch = x.shape[0]
+    keep = torch.ones(batch, padded.shape[1], dtype=torch.bool, device=x.device)
+    if padding_mask is not None:
+        keep[:, width:] = padding_mask.bool()
+    if doc is not None:
+        keep = keep & (doc_padded == doc[:, -1:])
+    return y, last_kept_inputs(padded, keep, width)
+
+
+def last_kept_inputs(seq: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
+    """The last `width` entries of `seq` `(batch, time, channels)` where `keep` `(batch, time)` is True, in order,
+    zeros in front when fewer are kept; returned as a conv tail `(batch, channels, width)`. A stable sort moves the
+    kept entries to the end of each row: no loop, no host sync."""
+    channels = seq.shape[-1]
+    seq = seq * keep[..., None].to(seq.dtype)
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, seq.shape[1] - width :]
     return seq.gather(1, order[..., None].expand(-1, -1, channels)).transpose(1, 2)

@@ -28,6 +28,9 @@ from transformers.utils import can_return_tuple
 from .backbone import SharedPreTrainedModel, pop_cache_kwarg
 from .input_checks import check_labels, check_sequence_labels, check_span_positions, input_shape
 
+# the padding-free batch markers of transformers' DataCollatorWithFlattening that the backbone reads (see packing.py)
+PACKING_KWARGS = ("seq_idx", "cu_seq_lens_q")
+
 
 class LayerFeatures(nn.Module):
     """ELMo-style features: `scale * sum_l softmax(w)_l * h_l` over the embeddings and every layer's output."""
@@ -96,6 +99,7 @@ class BackboneHead(SharedPreTrainedModel):
             use_cache=use_cache,
             output_hidden_states=want_hidden,
             prefix_mask=prefix_mask,
+            **{name: kwargs[name] for name in PACKING_KWARGS if kwargs.get(name) is not None},
         )
         features = (
             self.layer_features(outputs.hidden_states) if self.layer_features is not None else outputs.last_hidden_state

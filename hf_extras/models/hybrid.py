@@ -16,6 +16,7 @@ from transformers.masking_utils import (
 )
 
 from .attention import MultiHeadSelfAttention
+from .packing import same_document_mask_function
 from .positions import rotary_cos_sin
 
 HYBRID_ROPE_THETA = 10000.0
@@ -69,24 +70,34 @@ def attention_rotary(config, position_ids: torch.Tensor) -> tuple[torch.Tensor, 
     return rotary_cos_sin(position_ids, attention_head_dim(config), theta)
 
 
-def hybrid_masks(config, padding_mask, inputs_embeds: torch.Tensor, cache, position_ids: torch.Tensor) -> dict:
-    """The mask of each attention kind in the schedule, from the 2-D padding mask (past and new tokens, or new only).
+def hybrid_masks(config, padding_mask, inputs_embeds: torch.Tensor, cache, document_starts=None) -> dict:
+    """The mask of each attention kind in the schedule, from the 2-D padding mask (past and new tokens, or new only)
+    and the packed documents' boundaries (`document_starts`: block-diagonal, each document sees only itself).
 
     Built by transformers' masking utilities for the configured attention implementation: bidirectional for encoders
     (no causal part), causal for full layers, causal and windowed for sliding ones.
     """
     kinds = set(config.resolved_layer_types) - {"linear_attention"}
+    past_length = cache.get_seq_length() if cache is not None else 0
     if padding_mask is not None and cache is not None:
         # cached tokens not covered by the mask count as real (as in DyT)
-        missing = cache.get_seq_length() + inputs_embeds.shape[1] - padding_mask.shape[1]
+        missing = past_length + inputs_embeds.shape[1] - padding_mask.shape[1]
         if missing > 0:
             padding_mask = torch.cat([padding_mask.new_ones(padding_mask.shape[0], missing), padding_mask], dim=1)
+    same_document = same_document_mask_function(document_starts, past_length)
     masks = {}
     if config.bidirectional:
-        mask = create_bidirectional_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=padding_mask)
+        mask = create_bidirectional_mask(
+            config=config, inputs_embeds=inputs_embeds, attention_mask=padding_mask, and_mask_function=same_document
+        )
         return dict.fromkeys(kinds, mask)
     arguments = dict(
-        config=config, inputs_embeds=inputs_embeds, attention_mask=padding_mask, cache=cache, position_ids=position_ids
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=padding_mask,
+        cache=cache,
+        position_ids=None,  # the boundaries are ours (no second, syncing detection in the masking utilities)
+        and_mask_function=same_document,
     )
     if "full_attention" in kinds:
         masks["full_attention"] = create_causal_mask(**arguments)

@@ -28,6 +28,7 @@ from .heads import (
     ForSequenceClassificationHead,
     ForTokenClassificationHead,
 )
+from .packing import same_document_mask_function
 from .positions import sinusoidal_embedding
 from .seq2seq import ForConditionalGenerationHead
 
@@ -103,8 +104,16 @@ class DyTModel(DyTPreTrainedModel, SequenceBackbone):
         return hidden
 
     def mixer_attention_mask(
-        self, padding_mask, inputs_embeds: torch.Tensor, cache, position_ids: torch.Tensor, prefix_mask=None
+        self,
+        padding_mask,
+        inputs_embeds: torch.Tensor,
+        cache,
+        position_ids: torch.Tensor,
+        prefix_mask=None,
+        document_starts=None,
     ):
+        past_length = cache.get_seq_length() if cache is not None else 0
+        same_document = same_document_mask_function(document_starts, past_length)
         if padding_mask is not None and cache is not None:
             # a mask that covers only the new tokens: the cached ones are taken as real (the KV cache does not keep the
             # padding mask), so a left-padded batch must pass the whole mask, as generate() does
@@ -113,15 +122,19 @@ class DyTModel(DyTPreTrainedModel, SequenceBackbone):
                 padding_mask = torch.cat([padding_mask.new_ones(padding_mask.shape[0], missing), padding_mask], dim=1)
         if self.config.bidirectional:
             return create_bidirectional_mask(
-                config=self.config, inputs_embeds=inputs_embeds, attention_mask=padding_mask
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=padding_mask,
+                and_mask_function=same_document,
             )
         return create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=padding_mask,
             cache=cache,
-            position_ids=position_ids,
+            position_ids=None,  # the boundaries are ours (no second, syncing detection in the masking utilities)
             block_sequence_ids=self.prefix_blocks(prefix_mask, inputs_embeds, cache),
+            and_mask_function=same_document,
         )
 
     @staticmethod

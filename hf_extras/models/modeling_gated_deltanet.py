@@ -18,6 +18,7 @@ from transformers import initialization as init
 
 from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_gated_deltanet import GatedDeltaNetConfig
+from .conv_ops import causal_depthwise_conv
 from .delta_ops import gated_delta_rule, pick_mode
 from .fla_delta_dispatch import fla_gated_delta_rule
 from .heads import (
@@ -33,48 +34,6 @@ from .seq2seq import ForConditionalGenerationHead
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """`x / sqrt(|x|^2 + eps)` over the last dim (fla's and transformers' Qwen3-Next `l2norm`)."""
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
-
-
-def document_starts(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, seq_len: int):
-    """`(B, T)` bool: the first token of every document after the first column of a packed row (position ids that
-    restart at 0, as transformers' `DataCollatorWithFlattening` writes them), real tokens only; `None` without ids."""
-    if position_ids is None:
-        return None
-    starts = (position_ids == 0) & (torch.arange(seq_len, device=position_ids.device) > 0)
-    if attention_mask is not None:
-        starts = starts & attention_mask.bool()
-    return starts
-
-
-def causal_conv_within_documents(
-    x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None, starts: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise conv of `x` `(B, T, C)` with `weight` `(C, 1, K)` whose window stops at document starts.
-
-    `tail` `(B, C, K - 1)`: the previous inputs (a cache; zeros when `None`). Written as K shifted multiply-adds
-    (channels last) so each tap can be masked where it would reach into an earlier document; the returned tail
-    keeps only the last document's inputs, so decoding continues that document alone. Returns `(y, new_tail)`.
-    """
-    K, T = weight.shape[-1], x.shape[1]
-    if tail is None:
-        padded = F.pad(x, (0, 0, K - 1, 0))
-    else:
-        padded = torch.cat([tail.transpose(1, 2).to(x.dtype), x], dim=1)
-    seg = None
-    if starts is not None:
-        seg = torch.cumsum(starts.to(torch.int32), dim=1)  # document index within the row
-        seg_padded = F.pad(seg, (K - 1, 0))  # the tail belongs to the row's first document
-    taps = weight[:, 0, :].t().to(x.dtype)  # (K, C); tap i reads padded[t + i], i.e. x[t - (K - 1 - i)]
-    y = None
-    for i in range(K):
-        term = padded[:, i : i + T] * taps[i]
-        if seg is not None and i < K - 1:
-            term = term * (seg_padded[:, i : i + T] == seg)[..., None].to(x.dtype)
-        y = term if y is None else y + term
-    new_tail = padded[:, padded.shape[1] - (K - 1) :]
-    if seg is not None:
-        new_tail = new_tail * (seg_padded[:, -(K - 1) :] == seg[:, -1:])[..., None].to(x.dtype)
-    return y, new_tail.transpose(1, 2)
 
 
 class GatedRMSNorm(nn.Module):
@@ -155,17 +114,31 @@ class GatedDeltaNetMixer(nn.Module):
         a = self.a_proj(hidden_states).float() + self.dt_bias.float()
         return (-torch.exp(self.A_log.float()) * F.softplus(a)).transpose(1, 2)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        position_embeddings=None,
+        cache=None,
+        document_starts=None,
+    ):
+        """`document_starts`: packed documents' boundaries (`None` when the batch is not packed)."""
         batch, seq_len, _ = hidden_states.shape
-        keep = attention_mask[..., None].to(hidden_states.dtype) if attention_mask is not None else None
-        starts = document_starts(position_ids, attention_mask, seq_len)
+        starts = document_starts
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        if self.conv_size > 0:
+        if self.conv_size > 0:  # pads and earlier documents never reach a token through the conv window
             qkv = torch.cat([q, k, v], dim=-1)
-            if keep is not None:  # padded inputs must not reach real tokens through the conv
-                qkv = qkv * keep
             tail = cache.read_conv(self.layer_idx) if cache is not None else None
-            mixed, new_tail = causal_conv_within_documents(qkv, self.conv1d.weight, tail, starts)
+            mixed, new_tail = causal_depthwise_conv(
+                qkv,
+                self.conv1d.weight,
+                None,
+                tail,
+                padding_mask=attention_mask,
+                document_starts=starts,
+                keep_tail=cache is not None,
+            )
             if cache is not None:
                 cache.write_conv(self.layer_idx, new_tail, self.conv_size - 1)
             q, k, v = F.silu(mixed).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -178,7 +151,7 @@ class GatedDeltaNetMixer(nn.Module):
         q, k, v = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), v.transpose(1, 2)
         beta = torch.sigmoid(self.b_proj(hidden_states).float()).transpose(1, 2)
         log_decay = self.log_decay(hidden_states)
-        if keep is not None:  # a padded token writes nothing and keeps the state: k = v = 0, log decay 0
+        if attention_mask is not None:  # a padded token writes nothing and keeps the state: k = v = 0, log decay 0
             keep_t = attention_mask[:, None, :]
             k = k * keep_t[..., None].to(k.dtype)
             v = v * keep_t[..., None].to(v.dtype)

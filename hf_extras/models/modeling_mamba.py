@@ -89,14 +89,30 @@ class HfxMambaMixer(nn.Module):
         if config.rescale_prenorm_residual:
             init.copy_(self.out_proj.weight, self.out_proj.weight / math.sqrt(config.num_hidden_layers))
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        position_embeddings=None,
+        cache=None,
+        document_starts=None,
+    ):
+        """`document_starts`: packed documents' boundaries, where the state and the conv window reset (`None` when
+        the batch is not packed); a pad reaches no later token through the conv and passes the state (`dt = 0`)."""
         dtype = hidden_states.dtype
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         keep = attention_mask[..., None].to(x.dtype) if attention_mask is not None else None
-        if keep is not None:  # a padded token must not reach later tokens through the conv window
-            x = x * keep
         tail = cache.read_conv(self.layer_idx) if cache is not None else None
-        x, new_tail = causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias, tail)
+        x, new_tail = causal_depthwise_conv(
+            x,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            tail,
+            padding_mask=attention_mask,
+            document_starts=document_starts,
+            keep_tail=cache is not None,
+        )
         if cache is not None:
             cache.write_conv(self.layer_idx, new_tail, self.conv_kernel_size - 1)
         x = self.act(x)
@@ -121,6 +137,7 @@ class HfxMambaMixer(nn.Module):
             initial_state=state,
             output_final_state=cache is not None,
             bidirectional=self.bidirectional,
+            reset=document_starts,
         )
         if cache is not None:
             cache.write_recurrent(self.layer_idx, new_state)

@@ -27,7 +27,7 @@ from transformers.activations import ACT2FN
 
 from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_mamba2 import HfxMamba2Config
-from .conv_ops import causal_depthwise_conv, conv_tail_of_real_tokens
+from .conv_ops import causal_depthwise_conv
 from .fla_dispatch import fla_decayed_linear_attention
 from .heads import (
     ForCausalLMHead,
@@ -145,19 +145,32 @@ class HfxMamba2Mixer(nn.Module):
         per_group = self.num_heads // self.n_groups
         return t.unsqueeze(2).expand(-1, -1, per_group, -1, -1).reshape(batch, self.num_heads, seq_len, width)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        position_embeddings=None,
+        cache=None,
+        document_starts=None,
+    ):
+        """`document_starts`: packed documents' boundaries, where the state and the conv window reset (`None` when
+        the batch is not packed); a pad reaches no later token through the conv and passes the state (`dt = 0`)."""
         batch, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype
         z, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         keep = attention_mask[..., None].to(xBC.dtype) if attention_mask is not None else None
-        if keep is not None:  # a padded token must not reach later tokens through the conv window
-            xBC = xBC * keep
         tail = cache.read_conv(self.layer_idx) if cache is not None else None
-        conv_in = xBC
-        xBC, new_tail = causal_depthwise_conv(xBC, self.conv1d.weight, self.conv1d.bias, tail)
+        xBC, new_tail = causal_depthwise_conv(
+            xBC,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            tail,
+            padding_mask=attention_mask,
+            document_starts=document_starts,
+            keep_tail=cache is not None,
+        )
         if cache is not None:
-            if attention_mask is not None:  # keep the last real inputs, not trailing pads, for the next token
-                new_tail = conv_tail_of_real_tokens(conv_in, attention_mask, tail, self.conv_kernel_size)
             cache.write_conv(self.layer_idx, new_tail, self.conv_kernel_size - 1)
         xBC = self.act(xBC)
         if keep is not None:
@@ -181,7 +194,12 @@ class HfxMamba2Mixer(nn.Module):
         mode = self.forward_mode
         if mode == "auto":
             mode = pick_mode(seq_len, self.chunk_size, state is not None)
-        kwargs = dict(initial_state=state, output_final_state=cache is not None, bidirectional=self.bidirectional)
+        kwargs = dict(
+            initial_state=state,
+            output_final_state=cache is not None,
+            bidirectional=self.bidirectional,
+            reset=document_starts,
+        )
         result = fla_decayed_linear_attention(q, k, v, log_decay, mode=mode, **kwargs)  # None unless CUDA + fla
         if result is None:
             result = decayed_linear_attention(q, k, v, log_decay, mode=mode, chunk_size=self.chunk_size, **kwargs)

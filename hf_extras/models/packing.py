@@ -22,6 +22,8 @@ never changes the state (``log_decay_with_padding`` sets the log decay).
 This file is copied into saved checkpoints: it imports only torch.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -32,6 +34,11 @@ __all__ = [
     "boundaries_from_kwargs",
     "log_decay_with_boundaries",
     "log_decay_with_padding",
+    "packed_document_starts",
+    "document_ids",
+    "same_document_mask_function",
+    "cross_document_mask_function",
+    "padding_touches_state",
 ]
 
 
@@ -130,3 +137,93 @@ def log_decay_with_padding(log_decay: Tensor, attention_mask: Tensor) -> Tensor:
 
 def _describe(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def packed_document_starts(
+    batch_size: int,
+    seq_len: int,
+    padding_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    cu_seq_lens_q: Tensor | None = None,
+) -> Tensor | None:
+    """The ``(B, T)`` boundaries a backbone hands its mixers: True at the first token of every packed document after
+    column 0, or None when the batch is not packed.
+
+    Column 0 is never a boundary (there is no earlier document in the row; a cached state there is the caller's
+    choice), and with a ``padding_mask`` (new tokens, 1 = real) a boundary needs a real token preceded by a real
+    token: position ids restarting after left pads (what ``generate()`` writes) are no document start. On CPU outside
+    ``torch.compile`` an all-False mask becomes None (the check costs no device sync there), so unpacked batches keep
+    the fixed-decay kernels; on accelerators the mask is passed as is.
+    """
+    starts = boundaries_from_kwargs(batch_size, seq_len, position_ids, seq_idx, cu_seq_lens_q)
+    if starts is None or seq_len < 2:
+        return None
+    interior = torch.zeros_like(starts)
+    interior[:, 1:] = starts[:, 1:]
+    if padding_mask is not None:
+        real = padding_mask.bool()
+        interior[:, 1:] &= real[:, 1:] & real[:, :-1]
+    if interior.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(interior.any()):
+        return None
+    return interior
+
+
+def document_ids(document_starts: Tensor, past_length: int = 0) -> Tensor:
+    """``(B, past_length + T)`` int: the document index of every token of each row (cached tokens belong to the
+    row's first document), the form transformers' masking utilities compare (``packed_sequence_mask_function``)."""
+    ids = torch.cumsum(document_starts.to(torch.int32), dim=1)
+    if past_length:
+        ids = torch.cat([ids.new_zeros(ids.shape[0], past_length), ids], dim=1)
+    return ids
+
+
+def same_document_mask_function(document_starts: Tensor | None, past_length: int = 0) -> Callable | None:
+    """A transformers mask function (``and_mask_function`` of ``create_causal_mask`` and friends) that lets a query
+    see a key only inside its own packed document: softmax attention's block-diagonal mask. None without
+    boundaries. Indices are absolute (cached tokens first), as the masking utilities pass them."""
+    if document_starts is None:
+        return None
+    ids = document_ids(document_starts, past_length)
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        return ids[batch_idx, q_idx] == ids[batch_idx, kv_idx]
+
+    return inner
+
+
+def cross_document_mask_function(query_starts: Tensor | None, key_starts: Tensor | None) -> Callable | None:
+    """Cross-attention of packed seq2seq pairs: decoder document ``i`` sees encoder document ``i`` only (both rows
+    hold the same number of documents, in order). None unless both sides are packed; raises if only one is."""
+    if query_starts is None and key_starts is None:
+        return None
+    if query_starts is None or key_starts is None:
+        side = "decoder" if query_starts is None else "encoder"
+        raise ValueError(
+            f"packed seq2seq needs boundaries on both sides: the {side} input has none. Pass position ids that restart "
+            "at 0 for each pair in both the source (`position_ids`) and the target (`decoder_position_ids`)."
+        )
+    q_ids, k_ids = document_ids(query_starts), document_ids(key_starts)
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        return q_ids[batch_idx, q_idx] == k_ids[batch_idx, kv_idx]
+
+    return inner
+
+
+def padding_touches_state(log_decay: Tensor, attention_mask: Tensor, carried_state: bool = False) -> bool:
+    """Whether the log decay must be zeroed at pads (``log_decay_with_padding``) for a pad to leave the state alone.
+
+    Always for a per-token decay (the masking is free there) and when a state is carried in (a cache). A fixed
+    ``(H,)`` decay (RetNet) otherwise keeps its faster kernel path when no pad follows a real token (no padding, or
+    left padding only: the state before the first real token is zero, which a decay does not change). Deciding that
+    reads the mask, which on CPU outside ``torch.compile`` costs no device sync; elsewhere a fixed decay is made per
+    token whenever a mask is given.
+    """
+    if log_decay.dim() > 1 or carried_state:
+        return True
+    if attention_mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    real = attention_mask.bool()
+    seen_real = torch.cummax(real.to(torch.int8), dim=1).values.bool()
+    return bool((seen_real & ~real).any())

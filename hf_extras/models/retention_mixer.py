@@ -14,7 +14,7 @@ from torch import nn
 from .conv_ops import causal_depthwise_conv
 from .fla_dispatch import fla_decayed_linear_attention
 from .norms import RMSNorm
-from .packing import log_decay_with_padding
+from .packing import log_decay_with_padding, padding_touches_state
 from .positions import apply_rotary
 from .retention_ops import decayed_linear_attention, pick_mode
 
@@ -58,24 +58,39 @@ class RetentionMixer(nn.Module):
         """`None`, `(H,)`, `(B, H, T)` or `(B, H, T, Dk)` log decays (<= 0); see `retention_ops`."""
         raise NotImplementedError
 
-    def _project(self, hidden_states, attention_mask, cache):
+    def _project(self, hidden_states, attention_mask, cache, document_starts):
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        if self.conv_size > 0:
+        if self.conv_size > 0:  # pads and earlier documents never reach a token through the conv window
             qkv = torch.cat([q, k, v], dim=-1)
-            if attention_mask is not None:  # padded inputs must not reach real tokens through the conv
-                qkv = qkv * attention_mask[..., None].to(qkv.dtype)
             tail = cache.read_conv(self.layer_idx) if cache is not None else None
-            mixed, new_tail = causal_depthwise_conv(qkv, self.conv1d.weight, None, tail)
+            mixed, new_tail = causal_depthwise_conv(
+                qkv,
+                self.conv1d.weight,
+                None,
+                tail,
+                padding_mask=attention_mask,
+                document_starts=document_starts,
+                keep_tail=cache is not None,
+            )
             if cache is not None:
                 cache.write_conv(self.layer_idx, new_tail, self.conv_size - 1)
             q, k, v = F.silu(mixed).split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
         return q, k, v
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        position_embeddings=None,
+        cache=None,
+        document_starts=None,
+    ):
         """`position_embeddings`: the rotary `(cos, sin)` tables the backbone computed once for every layer (`None`
-        without rotary positions, `config.rotary_positions`)."""
+        without rotary positions, `config.rotary_positions`); `document_starts`: packed documents' boundaries, where
+        the state and the conv window reset (`None` when the batch is not packed)."""
         batch, seq_len, _ = hidden_states.shape
-        q, k, v = self._project(hidden_states, attention_mask, cache)
+        q, k, v = self._project(hidden_states, attention_mask, cache, document_starts)
         q = self.feature_map(q.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2))
         k = self.feature_map(k.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2))
         v = v.view(batch, seq_len, self.num_heads, self.value_dim).transpose(1, 2)
@@ -91,9 +106,18 @@ class RetentionMixer(nn.Module):
         if mode == "auto":
             mode = pick_mode(seq_len, self.chunk_size, state is not None)
         log_decay = self.log_decay(hidden_states)
-        if attention_mask is not None and log_decay is not None and log_decay.dim() > 1:
+        if (
+            attention_mask is not None
+            and log_decay is not None
+            and padding_touches_state(log_decay, attention_mask, carried_state=state is not None)
+        ):
             log_decay = log_decay_with_padding(log_decay, attention_mask)  # a pad neither writes nor decays the state
-        kwargs = dict(initial_state=state, output_final_state=cache is not None, bidirectional=self.bidirectional)
+        kwargs = dict(
+            initial_state=state,
+            output_final_state=cache is not None,
+            bidirectional=self.bidirectional,
+            reset=document_starts,
+        )
         result = fla_decayed_linear_attention(q, k, v, log_decay, mode=mode, **kwargs)  # None unless CUDA + fla
         if result is None:
             result = decayed_linear_attention(q, k, v, log_decay, mode=mode, chunk_size=self.chunk_size, **kwargs)

@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput, can_return_tuple, logging
 from .backbone import SharedPreTrainedModel, pop_cache_kwarg
 from .heads import scaled_aux_loss
 from .input_checks import check_seq2seq_inputs
+from .packing import packed_document_starts
 
 logger = logging.get_logger(__name__)
 
@@ -47,6 +48,14 @@ def saved_as_encoder_decoder(pretrained_model_name_or_path, kwargs: dict) -> boo
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub)
     return bool(config_dict.get("is_encoder_decoder", False))
+
+
+def source_document_starts(encoder_states: torch.Tensor, attention_mask, position_ids) -> torch.Tensor | None:
+    """The packed sources' boundaries (as the encoder found them), for the decoder's cross-attention mask."""
+    if position_ids is None:
+        return None
+    batch, length = encoder_states.shape[:2]
+    return packed_document_starts(batch, length, attention_mask, position_ids.view(-1, length).expand(batch, -1))
 
 
 class ForConditionalGenerationHead(SharedPreTrainedModel, GenerationMixin):
@@ -198,8 +207,12 @@ class ForConditionalGenerationHead(SharedPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
+        """Packed pairs (padding-free training): `position_ids` restarting at 0 at each source and
+        `decoder_position_ids` restarting at 0 at each target, the i-th target of a row answering its i-th source;
+        the encoder and the decoder then keep documents apart and cross-attention stays within each pair."""
         cache = pop_cache_kwarg(cache, kwargs)
         check_seq2seq_inputs(
             self.config.hidden_size, input_ids if encoder_outputs is None else None, inputs_embeds, attention_mask,
@@ -209,6 +222,7 @@ class ForConditionalGenerationHead(SharedPreTrainedModel, GenerationMixin):
             encoder_outputs = self.encoder(
                 input_ids,
                 attention_mask=attention_mask,
+                position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
                 output_hidden_states=output_hidden_states,
             )
@@ -239,6 +253,9 @@ class ForConditionalGenerationHead(SharedPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=attention_mask,
+            encoder_document_starts=source_document_starts(
+                encoder_outputs.last_hidden_state, attention_mask, position_ids
+            ),
         )
         logits = self.lm_head(decoder_outputs.last_hidden_state)
 
