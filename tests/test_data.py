@@ -308,7 +308,7 @@ def test_causal_packing_exact_ids(tok):
     ds = DatasetDict(
         train=Dataset.from_dict({"text": ["ab", "cde", "é"]}), validation=Dataset.from_dict({"text": ["xyz"]})
     )
-    packed = prepare_causal_lm_dataset(ds, tok, block_size=3)
+    packed = prepare_causal_lm_dataset(ds, tok, block_size=3, packing="concat")
     b = lambda s: [x + 7 for x in s.encode("utf-8")]  # noqa: E731
     eos = tok.eos_token_id
     stream = b("ab") + [eos] + b("cde") + [eos] + b("é") + [eos]  # 10 tokens -> 3 blocks
@@ -320,8 +320,8 @@ def test_causal_packing_exact_ids(tok):
 
 def test_causal_packing_default_corpus(tok, monkeypatch):
     corpus = load_default_corpus(validation_fraction=0.25, max_documents=8)
-    packed = prepare_causal_lm_dataset(corpus, tok, block_size=128)
-    again = prepare_causal_lm_dataset(corpus, tok, block_size=128)
+    packed = prepare_causal_lm_dataset(corpus, tok, block_size=128, packing="concat")
+    again = prepare_causal_lm_dataset(corpus, tok, block_size=128, packing="concat")
     for split in ("train", "validation"):
         ids = np.array(packed[split]["input_ids"][:])
         assert ids.ndim == 2 and ids.shape[1] == 128 and ids.shape[0] > 10
@@ -356,7 +356,7 @@ def test_causal_packing_multiprocess_matches(tok):
 
 
 def test_causal_collator(tok):
-    collate = causal_lm_collator(tok)
+    collate = causal_lm_collator(tok, packing="concat")  # transformers' collator (other modes: test_recipes_packing)
     eos = tok.eos_token_id
     batch = collate([{"input_ids": [10, 11, eos, 12]}, {"input_ids": [13, eos]}])
     assert batch["input_ids"].tolist() == [[10, 11, eos, 12], [13, eos, 0, 0]]

@@ -1,26 +1,41 @@
 """Causal language-model pretraining (`task: causal_lm`): tokenise, separate documents with eos, pack; its `Task`.
 
-Why packing: the default corpus is a few hundred long files; padding each to a block would
-waste most compute, so documents are concatenated (each followed by ``eos`` so the model
-learns where one ends) and cut into full ``block_size`` blocks. Labels are made by the
-collator (``DataCollatorForLanguageModeling(mlm=False)`` copies ``input_ids``; the model
-shifts them).
+Why packing: the default corpus is a few hundred long files; padding each to a block would waste most compute, so
+documents (each followed by ``eos`` so the model learns where one ends) are packed into full ``block_size`` blocks.
+``packing`` says how (``hf_extras.data.packing``): ``documents`` (default) marks each document start with
+``position_ids`` restarting at 0, transformers' padding-free convention, so the model keeps documents apart and the
+first token of a document is not predicted from the previous one; ``concat`` is the plain eos-separated stream;
+``pad`` gives each document its own padded row. Labels are made by the collator (``LanguageModelingCollator``:
+``input_ids``, -100 at pads and at each document's first token; the model shifts them).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
+from ..data.packing import Packing, check_packing, pack_documents
 from ..data.tokenizer import NUM_SPECIAL_TOKENS, is_byte_tokenizer
+from ..errors import ConfigError
 from .base import Task
+from .metrics import IGNORE_INDEX
 
-__all__ = ["CausalLMArguments", "CausalLMTask", "causal_lm_collator", "prepare_causal_lm_dataset"]
+__all__ = [
+    "CausalLMArguments",
+    "CausalLMTask",
+    "LanguageModelingCollator",
+    "PackedTextArguments",
+    "causal_lm_collator",
+    "document_labels",
+    "prepare_causal_lm_dataset",
+]
 
 
 def prepare_causal_lm_dataset(
@@ -29,16 +44,18 @@ def prepare_causal_lm_dataset(
     block_size: int,
     num_proc: int | None = None,
     batch_size: int = 1000,
+    packing: Packing = "documents",
 ) -> DatasetDict:
-    """Tokenise ``text`` (no special tokens), append eos per document, pack into blocks.
+    """Tokenise ``text`` (no special tokens), append eos per document, pack into rows (``pack_documents``).
 
-    Returns every split with only ``input_ids`` and ``attention_mask`` (all ones, int64), each
-    row exactly ``block_size`` tokens. Packing runs per ``map`` batch of ``batch_size``
-    documents and drops each batch's remainder (under ``block_size`` tokens per batch), as
-    transformers' ``run_clm`` does; the result is deterministic for a given dataset and
-    tokenizer. With hf_extras' byte tokenizer, ids come straight from the UTF-8 bytes (same
-    ids, ~100x faster than its ByteLevel pre-tokenizer).
+    ``documents`` (default): ``input_ids`` and ``position_ids`` (restarting at 0 at each document start), every row
+    exactly ``block_size`` tokens; ``concat``: ``input_ids`` and ``attention_mask`` (all ones), the same blocks;
+    ``pad``: one ``input_ids``/``attention_mask`` row per document, cut to ``block_size``. All int64. Blocks are cut
+    per ``map`` batch of ``batch_size`` documents, each batch's remainder (under ``block_size`` tokens) dropped, as
+    transformers' ``run_clm`` does; the result is deterministic for a given dataset and tokenizer. With hf_extras'
+    byte tokenizer, ids come straight from the UTF-8 bytes (same ids, ~100x faster than its ByteLevel pre-tokenizer).
     """
+    check_packing(packing)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     eos_id = tokenizer.eos_token_id
@@ -49,13 +66,8 @@ def prepare_causal_lm_dataset(
             raise ValueError(f"split {name!r} has no 'text' column (columns: {split.column_names})")
     encode = _byte_encoder(tokenizer) if is_byte_tokenizer(tokenizer) else _generic_encoder(tokenizer)
 
-    def tokenize_and_pack(batch: dict[str, list[Any]]) -> dict[str, np.ndarray]:
-        eos = np.array([eos_id], dtype=np.int64)
-        pieces = [part for doc in encode(batch["text"]) for part in (doc, eos)]
-        stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-        n = len(stream) // block_size * block_size
-        blocks = stream[:n].reshape(-1, block_size)
-        return {"input_ids": blocks, "attention_mask": np.ones_like(blocks)}
+    def tokenize_and_pack(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        return pack_documents(encode(batch["text"]), eos_id, block_size, packing)
 
     return DatasetDict(
         {
@@ -65,7 +77,7 @@ def prepare_causal_lm_dataset(
                 batch_size=batch_size,
                 num_proc=num_proc,
                 remove_columns=split.column_names,
-                desc=f"tokenise and pack {name} into blocks of {block_size}",
+                desc=f"tokenise and pack {name} ({packing}, {block_size} tokens)",
             )
             for name, split in dataset.items()
         }
@@ -103,23 +115,89 @@ def _byte_encoder(tokenizer: PreTrainedTokenizerBase):
     return encode
 
 
-def causal_lm_collator(
-    tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None
-) -> DataCollatorForLanguageModeling:
-    """transformers' causal-LM collator: ``labels = input_ids`` with pad positions at -100.
-
-    With the byte tokenizer pad (0) differs from eos (1), so eos stays a training target.
-    """
-    return DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False, pad_to_multiple_of=pad_to_multiple_of)
+def document_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal-LM labels: ``input_ids``, -100 at pads (``attention_mask`` 0) and at each document's first token
+    (``position_ids`` 0, or without them each row's first real token), as ``DataCollatorWithFlattening`` writes them:
+    a document's first token is never predicted from the previous document (or from a left pad)."""
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    first = position_ids == 0 if position_ids is not None else real & (real.cumsum(-1) == 1)
+    return input_ids.masked_fill(~real | first, IGNORE_INDEX)
 
 
 @dataclass
-class CausalLMArguments:
+class LanguageModelingCollator(DataCollatorForLanguageModeling):
+    """transformers' ``DataCollatorForLanguageModeling`` for rows of any ``packing`` (``hf_extras.data.packing``).
+
+    ``concat``: transformers' behaviour unchanged. ``documents``: rows of one length with ``position_ids`` are stacked
+    (no padding, no ``attention_mask``: transformers' padding-free form) and ``position_ids`` reach the model; causal
+    labels are -100 at each document's first token. ``pad``: rows are padded per batch; causal labels are -100 at
+    pads (by ``attention_mask``, so a pad token equal to eos keeps eos a target) and at each row's first token. With
+    ``mlm=True`` transformers' masking applies on top of any packing (targets are drawn among non-special tokens).
+    """
+
+    mlm: bool = False
+    packing: Packing = "documents"
+
+    def __post_init__(self):
+        check_packing(self.packing)
+        super().__post_init__()
+
+    def torch_call(self, examples: list[Any]) -> dict[str, Any]:
+        packed = isinstance(examples[0], Mapping) and "position_ids" in examples[0]
+        if packed and len({len(e["input_ids"]) for e in examples}) > 1:
+            raise ValueError(
+                "rows with position_ids (packing='documents') must all have one length (block_size); "
+                "use packing='pad' for rows of different lengths"
+            )
+        batch = super().torch_call(examples)
+        if packed and "attention_mask" not in examples[0]:
+            batch.pop("attention_mask", None)  # all ones: tokenizer.pad added it
+        if not self.mlm and self.packing != "concat":
+            batch["labels"] = document_labels(
+                batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
+            )
+        return batch
+
+
+def causal_lm_collator(
+    tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None, packing: Packing = "documents"
+) -> LanguageModelingCollator:
+    """The causal-LM collator for rows made with ``packing`` (``LanguageModelingCollator``, ``mlm=False``).
+
+    With the byte tokenizer pad (0) differs from eos (1), so eos stays a training target in every mode.
+    """
+    return LanguageModelingCollator(tokenizer=tokenizer, pad_to_multiple_of=pad_to_multiple_of, packing=packing)
+
+
+PACKING_HELP = (
+    "How documents become rows: `documents` (default: blocks of block_size with position_ids restarting at each "
+    "document, so the model keeps documents apart and no document is predicted from the previous one), `concat` "
+    "(the same blocks, documents separated by eos only) or `pad` (one padded row per document, cut to block_size)."
+)
+
+
+@dataclass
+class PackedTextArguments:
+    """`block_size` and `packing`, shared by the causal- and masked-LM tasks."""
+
+    block_size: int = field(default=256, metadata={"help": "Tokens per packed training block."})
+    packing: Packing = field(default="documents", metadata={"help": PACKING_HELP})
+
+    def __post_init__(self):
+        try:
+            check_packing(self.packing)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+
+
+@dataclass
+class CausalLMArguments(PackedTextArguments):
     """Options of the `causal_lm` task."""
 
     _argument_group_name = "causal_lm task"
 
-    block_size: int = field(default=256, metadata={"help": "Tokens per packed training block."})
     sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the sample printed after training."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the sample (0 = no sample)."})
     sample_temperature: float = field(
@@ -134,15 +212,18 @@ class CausalLMTask(Task):
     arguments = CausalLMArguments
     auto_model = AutoModelForCausalLM
     pipeline_tag = "text-generation"
-    # count tokens for metrics.json (packed blocks: every token is real, so "all" is exact)
+    # count tokens for metrics.json (documents/concat blocks: every token is real, so "all" is exact; pad counts pads;
+    # "non_padding" cannot be a default: the command line parses this field as a boolean)
     training_defaults: ClassVar[dict[str, Any]] = {"include_num_input_tokens_seen": True}
     result_metrics = (("eval loss", "eval_loss"), ("perplexity", "eval_perplexity"))
 
     def prepare(self, task_args, tokenizer, raw, num_proc):
-        return prepare_causal_lm_dataset(raw, tokenizer, task_args.block_size, num_proc=num_proc)
+        return prepare_causal_lm_dataset(
+            raw, tokenizer, task_args.block_size, num_proc=num_proc, packing=task_args.packing
+        )
 
     def collator(self, task_args, tokenizer):
-        return causal_lm_collator(tokenizer)
+        return causal_lm_collator(tokenizer, packing=task_args.packing)
 
     def derived_metrics(self, metrics):
         loss = metrics.get("eval_loss")

@@ -33,6 +33,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
 from ..convert.linearize import LINEARIZE_TARGETS, attention_transfer_loss, kl_to_teacher, linearize
+from ..data.packing import Packing
 from ..errors import ConfigError
 from .causal_lm import CausalLMArguments, CausalLMTask
 
@@ -44,6 +45,14 @@ class LinearizeArguments(CausalLMArguments):
     """Options of the `linearize` task (plus the causal-LM task's `block_size` and sample settings)."""
 
     _argument_group_name = "linearize task"
+
+    packing: Packing = field(
+        default="concat",
+        metadata={
+            "help": "Only `concat` (eos-separated blocks): stage 1's attention transfer and the teacher's KL logits "
+            "do not read document boundaries."
+        },
+    )
 
     teacher_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Folder of the teacher (a transformers Llama/Mistral/Qwen2/Qwen3 causal LM)."}
@@ -73,6 +82,14 @@ class LinearizeArguments(CausalLMArguments):
     ignore_sliding_window: bool = field(
         default=False, metadata={"help": "Accept a teacher trained with a sliding window (a linear mixer has none)."}
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.packing != "concat":
+            raise ConfigError(
+                f"packing={self.packing!r} is not supported by task linearize: stage 1's attention transfer and the "
+                "teacher's KL logits see whole blocks and do not read document boundaries; set packing: concat"
+            )
 
 
 class AttentionTransfer(nn.Module):

@@ -27,6 +27,7 @@ from ..data.qa_spans import answer_token_positions, best_spans, default_max_answ
 from ..errors import ConfigError
 from .base import DataArguments, Task
 from .metrics import squad_scores
+from .padding_free import PaddingFreeArguments, refuse_padding_free
 
 __all__ = [
     "QuestionAnsweringArguments",
@@ -41,7 +42,7 @@ __all__ = [
 
 
 @dataclass
-class QuestionAnsweringArguments:
+class QuestionAnsweringArguments(PaddingFreeArguments):
     """Options of the `question_answering` task."""
 
     _argument_group_name = "question_answering task"
@@ -59,6 +60,12 @@ class QuestionAnsweringArguments:
     )
 
     def __post_init__(self):
+        refuse_padding_free(
+            self,
+            "question_answering",
+            "start_positions/end_positions index one window per row and the answer is chosen within a row, so a "
+            "padding-free row of several windows would be one window; batches are padded per batch instead",
+        )
         for key in ("max_seq_length", "n_best_size", "max_answer_length"):
             value = getattr(self, key)
             if value is not None and value < 1:

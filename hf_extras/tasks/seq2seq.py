@@ -8,12 +8,17 @@ Offline default data: code-to-docstring pairs from the Python standard library (
 documented function of `stdlib_sets.STDLIB_MODULES`, the source is the function's code without its docstring
 (`ast.unparse`) and the target is the docstring's summary line; train and validation are split by module, so the
 split is deterministic and no module contributes to both.
+
+`padding_free: true` trains on one padding-free row per batch (`padding_free.Seq2SeqFlatteningCollator`: packed
+sources, packed targets, cross-attention kept within each pair by the model); evaluation, which generates from each
+source, still gets padded batches (`eval_data_collator` of the trainer).
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ from transformers import (
 from ..errors import ConfigError
 from .base import Task
 from .labels import check_columns
+from .padding_free import PaddingFreeArguments, Seq2SeqFlatteningCollator
 from .stdlib_sets import _split, _summary, stdlib_sources
 
 __all__ = [
@@ -41,7 +47,7 @@ __all__ = [
 
 
 @dataclass
-class Seq2SeqArguments:
+class Seq2SeqArguments(PaddingFreeArguments):
     """Options of the `seq2seq` task."""
 
     _argument_group_name = "seq2seq task"
@@ -164,7 +170,35 @@ class GenerationConfigKeepingSeq2SeqTrainer(Seq2SeqTrainer):
     `top_k=50`, ...) into `model.generation_config`; a model saved after an evaluation then pins them in its
     `generation_config.json`, and every later `generate(max_new_tokens=...)` warns that both `max_new_tokens` and
     `max_length` are set. Generation during evaluation is unchanged.
+
+    `eval_data_collator` (optional) batches evaluation and prediction instead of `data_collator` (padding-free training
+    rows cannot be generated from); a `Seq2SeqFlatteningCollator` without a start token gets the model config's.
     """
+
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+        collator = self.data_collator
+        if isinstance(collator, Seq2SeqFlatteningCollator) and collator.decoder_start_token_id is None:
+            start = self.model.config.decoder_start_token_id
+            self.data_collator = dataclasses.replace(collator, decoder_start_token_id=start)
+
+    @contextmanager
+    def _evaluation_collator(self) -> Iterator[None]:
+        training_collator = self.data_collator
+        self.data_collator = self.eval_data_collator or training_collator
+        try:
+            yield
+        finally:
+            self.data_collator = training_collator
+
+    def get_eval_dataloader(self, *args, **kwargs):
+        with self._evaluation_collator():
+            return super().get_eval_dataloader(*args, **kwargs)
+
+    def get_test_dataloader(self, *args, **kwargs):
+        with self._evaluation_collator():
+            return super().get_test_dataloader(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         with _generation_config_kept(self.model):
@@ -173,6 +207,11 @@ class GenerationConfigKeepingSeq2SeqTrainer(Seq2SeqTrainer):
     def predict(self, *args, **kwargs):
         with _generation_config_kept(self.model):
             return super().predict(*args, **kwargs)
+
+
+def _padded_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+    """Sources padded per batch; targets padded with -100 (the model shifts them into decoder inputs)."""
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
 
 class Seq2SeqTask(Task):
@@ -209,7 +248,10 @@ class Seq2SeqTask(Task):
             raise ConfigError(str(error)) from error
 
     def collator(self, task_args, tokenizer):
-        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+        return Seq2SeqFlatteningCollator() if task_args.padding_free else _padded_collator(tokenizer)
+
+    def trainer_kwargs(self, task_args):
+        return {"eval_data_collator": _padded_collator(self.tokenizer)} if task_args.padding_free else {}
 
     def metrics_function(self, task_args, eval_dataset):
         def compute(eval_pred) -> dict[str, float]:

@@ -6,7 +6,8 @@ whether a line of English from the standard library is a `comment` or a `docstri
 (`stdlib_sets.comment_docstring_dataset`). Label names become `id2label`/`label2id` in the model config. Pairs go
 through the tokenizer as pairs, so its post-processor joins them with the separator token (hf_extras' byte
 tokenizer: `<cls> A <sep> B <sep>`). Pooling is the model config's `classifier_pooling` (last real token for a
-causal backbone, mean for a bidirectional one, unless set).
+causal backbone, mean for a bidirectional one, unless set). `padding_free: true` is refused: the head pools one vector
+per row, so a padding-free row of several examples would be classified as one (`tasks.padding_free`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from datasets import DatasetDict
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from .labels import LabelledTextTask, check_columns, map_labelled_splits
+from .padding_free import PaddingFreeArguments, refuse_padding_free
 from .stdlib_sets import comment_docstring_dataset
 
 __all__ = ["SequenceClassificationArguments", "SequenceClassificationTask", "prepare_sequence_classification_dataset"]
 
 
 @dataclass
-class SequenceClassificationArguments:
+class SequenceClassificationArguments(PaddingFreeArguments):
     """Options of the `sequence_classification` task (the text column is `text_column`)."""
 
     _argument_group_name = "sequence_classification task"
@@ -34,6 +36,14 @@ class SequenceClassificationArguments:
         default=None, metadata={"help": "Column holding the second text of a pair (unset = single texts)."}
     )
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per example (longer inputs are truncated)."})
+
+    def __post_init__(self):
+        refuse_padding_free(
+            self,
+            "sequence_classification",
+            "the head pools one vector per row (last or mean token), so a padding-free row of several examples "
+            "would get one prediction; batches are padded per batch instead",
+        )
 
 
 def prepare_sequence_classification_dataset(

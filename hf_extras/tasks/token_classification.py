@@ -6,7 +6,10 @@ library source lines with its `tokenize` type (`stdlib_sets.token_type_dataset`)
 `is_split_into_words=True`; `word_ids()` aligns labels: a word's label goes on its first sub-token, `-100` on its
 other sub-tokens and on special tokens, so only one prediction per word is trained and scored. With
 `prefix_space` (default) every word but the first gets a leading space, as RoBERTa's `add_prefix_space` does, so
-a byte-level tokenizer sees the word boundaries (without it `["x", "=", "1"]` would read `x=1`).
+a byte-level tokenizer sees the word boundaries (without it `["x", "=", "1"]` would read `x=1`). With
+`padding_free: true` a batch is one row without padding (`padding_free.TokenLabelFlatteningCollator`: transformers'
+`DataCollatorWithFlattening`, position ids restarting per example, every token label kept), which the model keeps
+apart example by example.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from transformers import AutoModelForTokenClassification, DataCollatorForTokenCl
 
 from .labels import LabelledTextTask, map_labelled_splits
 from .metrics import IGNORE_INDEX, argmax_logits
+from .padding_free import PaddingFreeArguments, TokenLabelFlatteningCollator
 from .stdlib_sets import token_type_dataset
 
 __all__ = [
@@ -31,7 +35,7 @@ __all__ = [
 
 
 @dataclass
-class TokenClassificationArguments:
+class TokenClassificationArguments(PaddingFreeArguments):
     """Options of the `token_classification` task (the list of words is in `text_column`)."""
 
     _argument_group_name = "token_classification task"
@@ -108,4 +112,6 @@ class TokenClassificationTask(LabelledTextTask):
         )[0]
 
     def collator(self, task_args, tokenizer):
+        if task_args.padding_free:
+            return TokenLabelFlatteningCollator()
         return DataCollatorForTokenClassification(tokenizer)
