@@ -131,6 +131,8 @@ def test_unknown_packing_is_named(tok):
 
 
 def test_ragged_documents_rows_are_refused(tok):
+    with pytest.raises(ValueError, match="choose block_size"):
+        causal_lm_collator(tok, pad_to_multiple_of=8)
     with pytest.raises(ValueError, match="packing='pad'"):
         causal_lm_collator(tok)(
             [{"input_ids": [5, 6], "position_ids": [0, 1]}, {"input_ids": [7], "position_ids": [0]}]

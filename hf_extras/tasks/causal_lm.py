@@ -142,6 +142,11 @@ class LanguageModelingCollator(DataCollatorForLanguageModeling):
 
     def __post_init__(self):
         check_packing(self.packing)
+        if self.packing == "documents" and self.pad_to_multiple_of:
+            raise ValueError(
+                "pad_to_multiple_of does not apply to packing='documents' (rows are block_size long, never padded): "
+                "choose block_size as that multiple instead"
+            )
         super().__post_init__()
 
     def torch_call(self, examples: list[Any]) -> dict[str, Any]:
