@@ -31,7 +31,7 @@ class FakeFla:
             self.calls.append((name + "/varlen", dict(sequences=cu_seqlens.tolist())))
             outs, finals = [], []
             for i, (a, b) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
-                piece = lambda x: None if x is None else x[:, a:b]  # noqa: E731
+                piece = lambda x, a=a, b=b: None if x is None else x[:, a:b]  # noqa: E731
                 s0 = initial_state[i : i + 1] if initial_state is not None else None
                 o, state = self._run(name, piece(q), piece(k), piece(v), piece(g), g_gamma, scale, s0, True, kwargs)
                 self.calls.pop()
