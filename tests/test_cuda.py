@@ -145,6 +145,21 @@ def test_fla_dispatch_inside_models_matches_pytorch_forms(fla, family, monkeypat
     assert_rel_close(dispatched, reference, REL[torch.float32], "logits")
 
 
+@pytest.mark.parametrize(
+    "family", [f for f in FAMILIES if f.name in ("retnet", "gla", "gated_retnet", "mamba2")], ids=lambda f: f.name
+)
+def test_fla_varlen_dispatch_of_packed_rows_matches_pytorch_forms(fla, family, monkeypatch):
+    """Packed documents (position ids restarting at 0) through fla's cu_seqlens kernels vs our forms' resets."""
+    model = _model(family, torch.float32).eval()
+    ids = torch.randint(3, 96, (2, 500), device=CUDA)
+    positions = torch.cat([torch.arange(130), torch.arange(300), torch.arange(70)]).to(CUDA).expand(2, -1)
+    with torch.no_grad():
+        dispatched = model(input_ids=ids, position_ids=positions).logits
+        monkeypatch.setenv("HF_EXTRAS_FLA", "0")
+        reference = model(input_ids=ids, position_ids=positions).logits
+    assert_rel_close(dispatched, reference, REL[torch.float32], "logits")
+
+
 @pytest.fixture
 def fla_delta():
     from hf_extras.models import fla_delta_dispatch

@@ -24,8 +24,20 @@ class FakeFla:
     def __init__(self):
         self.calls: list[tuple[str, dict]] = []
 
-    def _run(self, name, q, k, v, g, g_gamma, scale, initial_state, output_final_state, kwargs):
+    def _run(self, name, q, k, v, g, g_gamma, scale, initial_state, output_final_state, kwargs, cu_seqlens=None):
         assert "head_first" not in kwargs and q.shape == k.shape and q.shape[:3] == v.shape[:3]
+        if cu_seqlens is not None:  # fla's varlen convention: batch 1, each sequence from its own initial state
+            assert q.shape[0] == 1 and cu_seqlens.dtype == torch.long and int(cu_seqlens[-1]) == q.shape[1]
+            self.calls.append((name + "/varlen", dict(sequences=cu_seqlens.tolist())))
+            outs, finals = [], []
+            for i, (a, b) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+                piece = lambda x, a=a, b=b: None if x is None else x[:, a:b]  # noqa: E731
+                s0 = initial_state[i : i + 1] if initial_state is not None else None
+                o, state = self._run(name, piece(q), piece(k), piece(v), piece(g), g_gamma, scale, s0, True, kwargs)
+                self.calls.pop()
+                outs.append(o)
+                finals.append(state)
+            return torch.cat(outs, 1), torch.cat(finals) if output_final_state else None
         self.calls.append(
             (
                 name,
@@ -57,13 +69,15 @@ class FakeFla:
         cu_seqlens=None,
         **kwargs,
     ):
-        return self._run("simple_gla", q, k, v, g, g_gamma, scale, initial_state, output_final_state, kwargs)
+        return self._run(
+            "simple_gla", q, k, v, g, g_gamma, scale, initial_state, output_final_state, kwargs, cu_seqlens
+        )
 
     def chunk_gla(
         self, q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs
     ):
         assert g.dim() == 4
-        return self._run("gla", q, k, v, g, None, scale, initial_state, output_final_state, kwargs)
+        return self._run("gla", q, k, v, g, None, scale, initial_state, output_final_state, kwargs, cu_seqlens)
 
 
 @pytest.fixture
@@ -102,6 +116,28 @@ def test_fake_fla_gets_the_mapped_arguments(family, fake_fla, monkeypatch):
     fake_fla.calls.clear()
     torch.testing.assert_close(dispatched, _logits(model, ids), rtol=1e-5, atol=1e-5)
     assert fake_fla.calls == []
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.name in ("retnet", "gla", "gated_retnet", "mamba2")])
+def test_packed_rows_go_through_fla_varlen(family, fake_fla, monkeypatch):
+    """Packed rows (two rows, documents restarting at 0) reach fla as one varlen sequence per document; outputs and
+    the rows' final states (through a continued decoding step) equal the PyTorch forms'."""
+    torch.manual_seed(0)
+    model = family.cls("ForCausalLM")(family.config(initializer_range=0.2)).eval()
+    ids = torch.randint(3, 96, (2, 20))
+    positions = torch.stack([torch.cat([torch.arange(7), torch.arange(13)]), torch.cat([torch.arange(20)])])
+    with torch.no_grad():
+        out = model(ids, position_ids=positions, use_cache=True)
+        step = model(ids[:, :1], cache=out.cache, position_ids=torch.full((2, 1), 20)).logits
+    names = {name for name, _ in fake_fla.calls}
+    assert names and all(name.endswith("/varlen") for name in names)
+    assert fake_fla.calls[0][1]["sequences"] == [0, 7, 20, 40]
+    monkeypatch.setenv("HF_EXTRAS_FLA", "0")
+    with torch.no_grad():
+        ref = model(ids, position_ids=positions, use_cache=True)
+        ref_step = model(ids[:, :1], cache=ref.cache, position_ids=torch.full((2, 1), 20)).logits
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step, ref_step, rtol=1e-5, atol=1e-5)
 
 
 def test_fake_fla_prefill_state_seeds_decoding(fake_fla):

@@ -150,9 +150,7 @@ def test_packed_seq2seq_keeps_pairs_apart(family):
     sources, targets = _documents(lengths=(4, 7)), _documents(lengths=(3, 5), seed=1)
     src, src_pos = _packed(sources)
     tgt, tgt_pos = _packed(targets)
-    packed = model(
-        input_ids=src, position_ids=src_pos, decoder_input_ids=tgt, decoder_position_ids=tgt_pos
-    ).logits
+    packed = model(input_ids=src, position_ids=src_pos, decoder_input_ids=tgt, decoder_position_ids=tgt_pos).logits
     for got, s, t in zip(_split(packed, targets), sources, targets):
         want = model(input_ids=s[None], decoder_input_ids=t[None]).logits[0]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

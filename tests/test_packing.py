@@ -130,20 +130,3 @@ def test_collated_row_through_the_kernels_equals_documents_alone(kind):
         y_alone, _ = selective_scan(x[:, s], dt[:, s], A, B[:, s], C[:, s])
         torch.testing.assert_close(y[:, s], y_alone, rtol=1e-12, atol=1e-12)
         a += n
-
-
-def test_packed_rows_are_not_sent_to_fla(monkeypatch):
-    """Until fla's `cu_seqlens` path is wired, a call with `reset` runs the PyTorch forms (never fla's kernels)."""
-    from hf_extras.models import fla_dispatch
-
-    def boom(*args, **kwargs):
-        raise AssertionError("dispatched")
-
-    monkeypatch.setattr(fla_dispatch, "DISPATCH_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setattr(fla_dispatch, "_KERNELS", {"fla": (boom, boom)})
-    monkeypatch.delenv("HF_EXTRAS_FLA", raising=False)
-    q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
-    reset = torch.zeros(1, 12, dtype=torch.bool)
-    assert fla_dispatch.fla_decayed_linear_attention(q, k, v, None, mode="chunkwise", reset=reset) is None
-    with pytest.raises(AssertionError, match="dispatched"):  # the stand-in is reachable without reset
-        fla_dispatch.fla_decayed_linear_attention(q, k, v, None, mode="chunkwise")

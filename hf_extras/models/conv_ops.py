@@ -32,9 +32,16 @@ def causal_depthwise_conv(
     `F.conv1d(..., groups=channels)` (to float rounding), without two transposes and without the depthwise `conv1d`
     weight-gradient kernel, which is very slow on multi-threaded CPUs (measurements: benchmarks/results/NOTES.md).
     """
-    kernel, seq_len = weight.shape[-1], x.shape[1]
     if padding_mask is not None:
         x = x * padding_mask[..., None].to(x.dtype)
+        if has_interior_pads(padding_mask):
+            return _conv_over_real_tokens(x, weight, bias, tail, padding_mask, document_starts, keep_tail)
+    return _conv(x, weight, bias, tail, padding_mask, document_starts, keep_tail)
+
+
+def _conv(x, weight, bias, tail, padding_mask, document_starts, keep_tail):
+    """The conv, where pads (already zeroed) sit only before the first or after the last real token."""
+    kernel, seq_len = weight.shape[-1], x.shape[1]
     if tail is None:
         padded = F.pad(x, (0, 0, kernel - 1, 0))
     else:
@@ -62,6 +69,31 @@ def causal_depthwise_conv(
     if doc is not None:
         keep = keep & (doc_padded == doc[:, -1:])
     return y, last_kept_inputs(padded, keep, width)
+
+
+def _conv_over_real_tokens(x, weight, bias, tail, padding_mask, document_starts, keep_tail):
+    """Interior pads: the window of a real token must reach the previous *real* tokens, as in the row without the
+    pads. The real tokens are moved, in order, to the front of each row (a stable sort: no loop, no host sync),
+    convolved there, and moved back; outputs at pads are zeros' convolution (ignored downstream)."""
+    real = padding_mask.bool()
+    order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices  # real tokens first, in order
+    inverse = torch.argsort(order, dim=1)
+    channels = x.shape[-1]
+    compact = x.gather(1, order[..., None].expand(-1, -1, channels))
+    starts = document_starts.gather(1, order) if document_starts is not None else None
+    y, new_tail = _conv(compact, weight, bias, tail, real.gather(1, order), starts, keep_tail)
+    return y.gather(1, inverse[..., None].expand(-1, -1, channels)), new_tail
+
+
+def has_interior_pads(padding_mask: torch.Tensor) -> bool:
+    """Whether some pad lies between two real tokens of a row. Read on CPU outside `torch.compile` (no device sync
+    there); elsewhere assumed (the exact path is taken whenever a mask is given)."""
+    if padding_mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    real = padding_mask.bool().to(torch.int8)
+    before = torch.cummax(real, dim=1).values
+    after = torch.cummax(real.flip(1), dim=1).values.flip(1)
+    return bool(((before & after) > real).any())
 
 
 def last_kept_inputs(seq: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:

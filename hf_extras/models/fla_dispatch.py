@@ -68,9 +68,13 @@ def fla_decayed_linear_attention(
     reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None] | None:
     """fla's result for `decayed_linear_attention` (same arguments, same return), or `None` when not dispatched:
-    fla missing or disabled, tensors not on CUDA, a bidirectional pass, a recurrent (decoding) step, or document
-    boundaries (`reset`; fla's `cu_seqlens` path is not wired yet, so packed rows run the PyTorch forms)."""
-    if reset is not None or bidirectional or mode == "recurrent":
+    fla missing or disabled, tensors not on CUDA, a bidirectional pass or a recurrent (decoding) step.
+
+    Packed documents (`reset`) go through fla's variable-length path: the rows are laid end to end as one sequence
+    and every document (and every row) becomes one of fla's `cu_seqlens` sequences, each starting from a zero state
+    (a row's first document from the row's `initial_state`); the returned state of a row is that of its last
+    document. Finding the starts reads the mask back (fla's varlen kernels read `cu_seqlens` on the host too)."""
+    if bidirectional or mode == "recurrent":
         return None
     if q.device.type not in DISPATCH_DEVICE_TYPES or not fla_enabled():
         return None
@@ -98,5 +102,31 @@ def fla_decayed_linear_attention(
             kwargs["g"] = log_decay.float().view(1, 1, -1).expand(B, T, -1).contiguous()
     if _accepts(fn, "head_first"):  # fla < 0.2 defaulted to head-first; newer versions reject the argument
         kwargs["head_first"] = False
-    o, final = fn(*args, **kwargs)
-    return o.transpose(1, 2).to(v.dtype), (final.float() if final is not None else None)
+    if reset is None:
+        o, final = fn(*args, **kwargs)
+        return o.transpose(1, 2).to(v.dtype), (final.float() if final is not None else None)
+    B, T = reset.shape
+    cu_seqlens, first, last = varlen_sequences(reset)
+    args = [x.reshape(1, B * T, *x.shape[2:]) for x in args]
+    if kwargs.get("g") is not None:
+        kwargs["g"] = kwargs["g"].reshape(1, B * T, *kwargs["g"].shape[2:])
+    if state is not None:  # one state per sequence: the row's for its first document, zeros for the others
+        seeded = state.new_zeros(cu_seqlens.numel() - 1, *state.shape[1:])
+        kwargs["initial_state"] = seeded.index_copy(0, first, state)
+    o, final = fn(*args, cu_seqlens=cu_seqlens, **kwargs)
+    o = o.reshape(B, T, *o.shape[2:])
+    return o.transpose(1, 2).to(v.dtype), (final[last].float() if final is not None else None)
+
+
+def varlen_sequences(reset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """fla's `cu_seqlens` for `(B, T)` rows laid end to end, each document (True in `reset`) and each row a sequence;
+    also the index of each row's first and last sequence. One host sync (the number of sequences)."""
+    B, T = reset.shape
+    starts = reset.clone()
+    starts[:, 0] = True
+    per_row = starts.sum(dim=1)
+    last = torch.cumsum(per_row, 0) - 1
+    first = last - per_row + 1
+    positions = torch.nonzero(starts.reshape(-1)).squeeze(1)
+    end = torch.full((1,), B * T, dtype=positions.dtype, device=positions.device)
+    return torch.cat([positions, end]), first, last

@@ -16,7 +16,7 @@ from transformers.masking_utils import (
 )
 
 from .attention import MultiHeadSelfAttention
-from .packing import same_document_mask_function
+from .packing import attention_document_mask_function
 from .positions import rotary_cos_sin
 
 HYBRID_ROPE_THETA = 10000.0
@@ -70,6 +70,18 @@ def attention_rotary(config, position_ids: torch.Tensor) -> tuple[torch.Tensor, 
     return rotary_cos_sin(position_ids, attention_head_dim(config), theta)
 
 
+def mask_with_cached_tokens(padding_mask, cache, new_tokens: int):
+    """A 2-D padding mask over the cached and the new tokens. A mask that covers only the new tokens gets ones for
+    the cached ones (the KV cache does not keep the padding mask), so a left-padded batch must pass the whole mask, as
+    generate() does."""
+    if padding_mask is None or cache is None:
+        return padding_mask
+    missing = cache.get_seq_length() + new_tokens - padding_mask.shape[1]
+    if missing <= 0:
+        return padding_mask
+    return torch.cat([padding_mask.new_ones(padding_mask.shape[0], missing), padding_mask], dim=1)
+
+
 def hybrid_masks(config, padding_mask, inputs_embeds: torch.Tensor, cache, document_starts=None) -> dict:
     """The mask of each attention kind in the schedule, from the 2-D padding mask (past and new tokens, or new only)
     and the packed documents' boundaries (`document_starts`: block-diagonal, each document sees only itself).
@@ -78,13 +90,8 @@ def hybrid_masks(config, padding_mask, inputs_embeds: torch.Tensor, cache, docum
     (no causal part), causal for full layers, causal and windowed for sliding ones.
     """
     kinds = set(config.resolved_layer_types) - {"linear_attention"}
-    past_length = cache.get_seq_length() if cache is not None else 0
-    if padding_mask is not None and cache is not None:
-        # cached tokens not covered by the mask count as real (as in DyT)
-        missing = past_length + inputs_embeds.shape[1] - padding_mask.shape[1]
-        if missing > 0:
-            padding_mask = torch.cat([padding_mask.new_ones(padding_mask.shape[0], missing), padding_mask], dim=1)
-    same_document = same_document_mask_function(document_starts, past_length)
+    padding_mask = mask_with_cached_tokens(padding_mask, cache, inputs_embeds.shape[1])
+    same_document = attention_document_mask_function(document_starts, cache)
     masks = {}
     if config.bidirectional:
         mask = create_bidirectional_mask(

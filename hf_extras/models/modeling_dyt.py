@@ -28,7 +28,8 @@ from .heads import (
     ForSequenceClassificationHead,
     ForTokenClassificationHead,
 )
-from .packing import same_document_mask_function
+from .hybrid import mask_with_cached_tokens
+from .packing import attention_document_mask_function
 from .positions import sinusoidal_embedding
 from .seq2seq import ForConditionalGenerationHead
 
@@ -112,14 +113,8 @@ class DyTModel(DyTPreTrainedModel, SequenceBackbone):
         prefix_mask=None,
         document_starts=None,
     ):
-        past_length = cache.get_seq_length() if cache is not None else 0
-        same_document = same_document_mask_function(document_starts, past_length)
-        if padding_mask is not None and cache is not None:
-            # a mask that covers only the new tokens: the cached ones are taken as real (the KV cache does not keep the
-            # padding mask), so a left-padded batch must pass the whole mask, as generate() does
-            missing = cache.get_seq_length() + inputs_embeds.shape[1] - padding_mask.shape[1]
-            if missing > 0:
-                padding_mask = torch.cat([padding_mask.new_ones(padding_mask.shape[0], missing), padding_mask], dim=1)
+        same_document = attention_document_mask_function(document_starts, cache)
+        padding_mask = mask_with_cached_tokens(padding_mask, cache, inputs_embeds.shape[1])
         if self.config.bidirectional:
             return create_bidirectional_mask(
                 config=self.config,

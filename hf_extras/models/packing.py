@@ -37,6 +37,7 @@ __all__ = [
     "packed_document_starts",
     "document_ids",
     "same_document_mask_function",
+    "attention_document_mask_function",
     "cross_document_mask_function",
     "padding_touches_state",
 ]
@@ -188,6 +189,35 @@ def same_document_mask_function(document_starts: Tensor | None, past_length: int
 
     def inner(batch_idx, head_idx, q_idx, kv_idx):
         return ids[batch_idx, q_idx] == ids[batch_idx, kv_idx]
+
+    return inner
+
+
+def attention_document_mask_function(document_starts: Tensor | None, cache) -> Callable | None:
+    """The packed-documents part of a softmax attention mask, for a forward with or without a KV cache.
+
+    With boundaries: block-diagonal (``same_document_mask_function``), and a cache remembers where each row's last
+    document starts (``cache.document_start``, absolute index), so later one-token steps of ``generate()`` after a
+    packed prompt attend to that document only, as a recurrent state does after its reset. Without boundaries: that
+    remembered start, if any, else None.
+    """
+    past_length = cache.get_seq_length() if cache is not None else 0
+    if document_starts is not None:
+        if cache is not None:
+            batch, length = document_starts.shape
+            columns = torch.arange(length, device=document_starts.device)
+            last = (document_starts.long() * columns).amax(dim=1) + past_length
+            previous = getattr(cache, "document_start", None)
+            if previous is None:
+                previous = torch.zeros(batch, dtype=torch.long, device=document_starts.device)
+            cache.document_start = torch.where(document_starts.any(dim=1), last, previous)
+        return same_document_mask_function(document_starts, past_length)
+    start = getattr(cache, "document_start", None) if cache is not None else None
+    if start is None:
+        return None
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx >= start[batch_idx]
 
     return inner
 
