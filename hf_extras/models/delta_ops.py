@@ -183,52 +183,145 @@ def _unit_lower_inverse(A: Tensor) -> Tensor:
     return T[..., :C, :C] if n != C else T
 
 
-class _InterChunk(torch.autograd.Function):
-    """The recurrence across chunks, ``u_n = U_n - W_n S_n``, ``S_{n+1} = g_n S_n + K_n u_n``, with a hand-written
-    backward: two small matmuls per chunk each way, the rest batched over all chunks afterwards (autograd through
-    the loop would add several ops and their bookkeeping per chunk, most of the run time for short chunks).
+class _Chunkwise(torch.autograd.Function):
+    """The whole chunkwise form (WY / UT representation) as one autograd node with a hand-written backward.
 
-    Layout chunk-major: W (N, BH, C, Dk), U (N, BH, C, Dv), K (N, BH, Dk, C) (the decayed keys, transposed),
-    g (N, BH, 1, 1) or None (no decay), S0 (BH, Dk, Dv). Returns the state entering each chunk (N, BH, Dk, Dv), the
-    corrected values u (N, BH, C, Dv) and the final state.
+    Inputs chunk-major: q, k (N, BH, C, Dk) (q already scaled), v (N, BH, C, Dv), beta (N, BH, C), g (N, BH, C) log
+    decays or None (DeltaNet), S0 (BH, Dk, Dv). Per chunk, with ``b`` the within-chunk cumulative log decay (``-inf``
+    replaced by 0) and segments cut at each ``-inf``::
+
+        L[t, s] = a_{s+1..t} for s < t in the same segment, else 0     gamma_t = a_{1..t}, eps_s = a_{s+1..C}
+        A = diag(beta) (k k^T) * L,   P = (q k^T) * (L + I)   (L alone when strict),   T = (I + A)^-1
+        U0 = T diag(beta) v,   W = T diag(beta gamma) k
+        u_n = U0_n - W_n S_n,   S_{n+1} = a_{1..C} S_n + (eps k)_n^T u_n,   o = gamma q S_n + P u_n
+
+    Returns o (N, BH, C, Dv) and the final state. Why one node: autograd through these ~40 small ops records and
+    replays each, and recomputes masks and decays; here the backward reuses the forward's pair products ``k k^T``,
+    ``q k^T``, the pair decays and the inverse, per-token scalings are folded into the C x C matrices, and the
+    recurrence across chunks runs two small matmuls per chunk each way, written in place into preallocated
+    chunk-major buffers (no per-chunk tensors to stack).
     """
 
     @staticmethod
-    def forward(ctx, W, U, K, g, S0):
-        states, news = [], []
-        S = S0
-        for n in range(W.shape[0]):
-            states.append(S)
-            u = torch.baddbmm(U[n], W[n], S, alpha=-1.0)
-            news.append(u)
-            S = torch.baddbmm(S if g is None else S * g[n], K[n], u)
-        states, news = torch.stack(states), torch.stack(news)
-        ctx.save_for_backward(W, K, g, states, news)
-        return states, news, S
+    def forward(ctx, q, k, v, beta, g, S0, strict: bool):
+        N, BH, C, Dk = q.shape
+        Dv = v.shape[-1]
+        q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
+        idx = torch.arange(C, device=q.device)
+        lower = idx[:, None] > idx[None, :]  # s < t
+        if g is None:
+            L = lower.to(q.dtype)
+            gamma = eps = reset = None
+        else:
+            L, gamma, eps, reset = _pair_decays(g.contiguous(), lower)
+        Kk = torch.matmul(k, k.transpose(-1, -2))  # [t, s] = k_t . k_s
+        Qk = torch.matmul(q, k.transpose(-1, -2))  # [t, s] = q_t . k_s
+        Tinv = _unit_lower_inverse(Kk * L * beta.unsqueeze(-1))  # (I + A)^-1
+        U0 = torch.matmul(Tinv * beta.unsqueeze(-2), v)
+        W = torch.matmul(Tinv * (beta if gamma is None else beta * gamma).unsqueeze(-2), k)
+        ke = k if eps is None else k * eps.unsqueeze(-1)  # writes, decayed to the chunk end
+        # across chunks: states[n] enters chunk n, states[N] is the final state
+        states = q.new_empty(N + 1, BH, Dk, Dv)
+        news = q.new_empty(N, BH, C, Dv)
+        states[0] = S0
+        st, nw, u0, w, ket = states.unbind(0), news.unbind(0), U0.unbind(0), W.unbind(0), ke.transpose(-1, -2).unbind(0)
+        ge = None if gamma is None else gamma[..., -1, None, None].unbind(0)  # the whole chunk's decay (BH, 1, 1)
+        for n in range(N):
+            torch.baddbmm(u0[n], w[n], st[n], alpha=-1.0, out=nw[n])
+            torch.baddbmm(st[n] if ge is None else st[n] * ge[n], ket[n], nw[n], out=st[n + 1])
+        states, final = states[:N], states[N].clone()
+        P = Qk * (L if strict else L + torch.eye(C, dtype=L.dtype, device=L.device))
+        o = torch.matmul(q if gamma is None else q * gamma.unsqueeze(-1), states)
+        o.view(N * BH, C, Dv).baddbmm_(P.view(N * BH, C, C), news.view(N * BH, C, Dv))
+        ctx.strict = strict
+        ctx.save_for_backward(q, k, v, beta, gamma, eps, reset, Kk, Qk, L, Tinv, W, ke, states, news)
+        return o, final
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_states, d_news, d_final):
-        W, K, g, states, news = ctx.saved_tensors
-        N = W.shape[0]
-        dS = d_final if d_final is not None else torch.zeros_like(states[0])
-        dS_next, du = [], []  # gradients of the state leaving each chunk and of u, last chunk first
+    def backward(ctx, do, d_final):
+        q, k, v, beta, gamma, eps, reset, Kk, Qk, L, Tinv, W, ke, states, news = ctx.saved_tensors
+        N, BH, C, Dk = q.shape
+        do = do.contiguous()
+        M = L if ctx.strict else L + torch.eye(C, dtype=L.dtype, device=L.device)
+        # o = gamma q S_n + P u_n: the parts that need no recurrence, batched over all chunks
+        dP = torch.matmul(do, news.transpose(-1, -2))
+        d_news = torch.matmul((Qk * M).transpose(-1, -2), do)
+        d_qg = torch.matmul(do, states.transpose(-1, -2))
+        d_states = torch.matmul((q if gamma is None else q * gamma.unsqueeze(-1)).transpose(-1, -2), do)
+        # the recurrence, last chunk first: du_n = d_news_n + ke_n dS_{n+1}; dS_n = g dS_{n+1} + d_states_n - W^T du_n
+        dS_next = torch.empty_like(states)  # gradient of the state leaving each chunk
+        du = torch.empty_like(news)
+        dS0 = torch.empty_like(states[0])
+        dsn, dun, dnw, ds = dS_next.unbind(0), du.unbind(0), d_news.unbind(0), d_states.unbind(0)
+        ke_, wt = ke.unbind(0), W.transpose(-1, -2).unbind(0)
+        ge = None if gamma is None else gamma[..., -1, None, None].unbind(0)
+        if d_final is None:
+            dsn[N - 1].zero_()
+        else:
+            dsn[N - 1].copy_(d_final)
         for n in range(N - 1, -1, -1):
-            dS_next.append(dS)
-            if d_news is None:
-                u_grad = torch.bmm(K[n].transpose(-1, -2), dS)
-            else:
-                u_grad = torch.baddbmm(d_news[n], K[n].transpose(-1, -2), dS)
-            du.append(u_grad)
-            carried = dS if g is None else dS * g[n]
-            if d_states is not None:
-                carried = carried + d_states[n]
-            dS = torch.baddbmm(carried, W[n].transpose(-1, -2), u_grad, alpha=-1.0)
-        dS_next, du = torch.stack(dS_next[::-1]), torch.stack(du[::-1])
-        dW = -torch.matmul(du, states.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
-        dK = torch.matmul(dS_next, news.transpose(-1, -2)) if ctx.needs_input_grad[2] else None
-        dg = (dS_next * states).sum((-1, -2), keepdim=True) if g is not None and ctx.needs_input_grad[3] else None
-        return dW, du, dK, dg, dS
+            torch.baddbmm(dnw[n], ke_[n], dsn[n], out=dun[n])
+            carried = ds[n] + dsn[n] if ge is None else torch.addcmul(ds[n], dsn[n], ge[n])
+            torch.baddbmm(carried, wt[n], dun[n], alpha=-1.0, out=dsn[n - 1] if n > 0 else dS0)
+        dW_neg = torch.matmul(du, states.transpose(-1, -2))  # -dL/dW
+        d_ke = torch.matmul(news, dS_next.transpose(-1, -2))
+        # U0 = (T * beta_col) v, W = (T * bg_col) k
+        bcol = beta.unsqueeze(-2)
+        bg = beta if gamma is None else beta * gamma
+        dv = torch.matmul((Tinv * bcol).transpose(-1, -2), du)
+        dTb = torch.matmul(du, v.transpose(-1, -2))  # d(T * beta_col)
+        dTbg_neg = torch.matmul(dW_neg, k.transpose(-1, -2))  # -d(T * bg_col)
+        dbeta = (dTb * Tinv).sum(-2)
+        dbg = (dTbg_neg * Tinv).sum(-2).neg_()
+        dTinv = torch.addcmul(dTb * bcol, dTbg_neg, bg.unsqueeze(-2), value=-1.0)
+        # through the inverse, d(X^-1) = -X^-1 dX X^-1, to A = (Kk * L) * beta_row, then to k and q
+        TinvT = Tinv.transpose(-1, -2)
+        dA = torch.matmul(torch.matmul(TinvT, dTinv), TinvT).neg_().mul_(L)  # zero off the same-segment pairs s < t
+        X = dA * Kk
+        dbeta = dbeta + X.sum(-1)
+        dKk = dA.mul_(beta.unsqueeze(-1))
+        dQk = dP.mul_(M)
+        dk = torch.matmul(dKk + dKk.transpose(-1, -2), k)
+        dk3 = dk.view(N * BH, C, Dk)
+        dk3.baddbmm_(dQk.view(N * BH, C, C).transpose(-1, -2), q.view(N * BH, C, Dk))
+        dk3.baddbmm_(
+            (Tinv * bg.unsqueeze(-2)).view(N * BH, C, C).transpose(-1, -2), dW_neg.view(N * BH, C, Dk), alpha=-1.0
+        )
+        dk.addcmul_(d_ke, eps.unsqueeze(-1)) if eps is not None else dk.add_(d_ke)
+        dq = torch.matmul(dQk, k)
+        dq.addcmul_(d_qg, gamma.unsqueeze(-1)) if gamma is not None else dq.add_(d_qg)
+        dg = None
+        if gamma is None:
+            dbeta = dbeta + dbg
+        else:
+            dbeta = dbeta + dbg * gamma
+            if ctx.needs_input_grad[4]:
+                # gradient of the within-chunk cumulative log decay b, then of g (b = cumsum g; -inf positions get 0).
+                # Pair decays exp(b_t - b_s): +row sums -column sums (the diagonal, exp(0), cancels).
+                Z = X.mul_(beta.unsqueeze(-1)).addcmul_(dQk, Qk)
+                db = Z.sum(-1) - Z.sum(-2) + ((d_qg * q).sum(-1) + dbg * beta) * gamma
+                t_eps = (d_ke * k).sum(-1) * eps  # eps_s = exp(b_C - b_s)
+                d_end = t_eps.sum(-1) + (dS_next * states).sum((-1, -2)) * gamma[..., -1]  # and gend = exp(b_C)
+                db = db - t_eps + torch.nn.functional.pad(d_end.unsqueeze(-1), (C - 1, 0))
+                dg = (db.sum(-1, keepdim=True) - db.cumsum(-1) + db).masked_fill(reset, 0.0)
+        return dq, dk, dv, dbeta, dg, dS0, None
+
+
+def _pair_decays(g: Tensor, lower: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Within-chunk decays from log decays ``g`` (..., C), ``-inf`` marking a boundary (the state resets before that
+    token writes): ``L`` (..., C, C) with ``L[t, s] = a_{s+1..t}`` for s < t in the same segment (else 0), ``gamma_t
+    = a_{1..t}`` (0 after a boundary in the chunk), ``eps_s = a_{s+1..C}`` (0 before the chunk's last boundary), and
+    the boundary mask. Nothing positive is exponentiated: -inf becomes 0 in the cumulative sum, and cut pairs are
+    -inf before the exp."""
+    reset = torch.isneginf(g)
+    seg = torch.cumsum(reset, dim=-1)  # segment of each token inside its chunk
+    b = torch.cumsum(g.masked_fill(reset, 0.0), dim=-1)  # <= 0
+    keep = (seg.unsqueeze(-1) == seg.unsqueeze(-2)) & lower
+    L = torch.exp(torch.where(keep, b.unsqueeze(-1) - b.unsqueeze(-2), float("-inf")))
+    gamma = torch.where(seg == 0, torch.exp(b), 0.0)
+    eps = torch.where(seg == seg[..., -1:], torch.exp(b[..., -1:] - b), 0.0)
+    return L, gamma, eps, reset
 
 
 def _chunkwise(q, k, v, beta, log_decay, initial_state, output_final_state, strict, scale, chunk_size):
@@ -246,61 +339,25 @@ def _chunkwise(q, k, v, beta, log_decay, initial_state, output_final_state, stri
         beta = torch.nn.functional.pad(beta, (0, pad))
         if g is not None:
             g = torch.nn.functional.pad(g, (0, pad))
-    qc, kc, vc = q.view(B, H, N, C, Dk), k.view(B, H, N, C, Dk), v.view(B, H, N, C, Dv)
-    bc = beta.view(B, H, N, C, 1)
-    idx = torch.arange(C, device=q.device)
-    lower = idx[:, None] > idx[None, :]  # s < t
-    out_mask = (idx[:, None] > idx[None, :]) if strict else (idx[:, None] >= idx[None, :])
+    BH = B * H
+    S0 = initial_state.to(fdt).reshape(BH, Dk, Dv) if initial_state is not None else q.new_zeros(BH, Dk, Dv)
 
-    if g is None:
-        lower_w, out_w = lower, out_mask  # the pair weights: masks only
-        gamma = gamma_end = eps = None
-    else:
-        # boundaries: -inf -> 0 in the sums, pairs across a boundary cut by segment ids (never exp(+x), never NaN)
-        reset = torch.isneginf(g).view(B, H, N, C)
-        seg = torch.cumsum(reset.to(fdt), dim=-1)  # segment of each token inside its chunk (small exact integers)
-        b = torch.cumsum(g.masked_fill(torch.isneginf(g), 0.0).view(B, H, N, C), dim=-1)  # within chunk, <= 0
-        same = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # [t, s]: no boundary in (s, t]
-        decay_pairs = torch.exp((b.unsqueeze(-1) - b.unsqueeze(-2)).clamp(max=0.0))  # [t, s] = a_{s+1..t}
-        lower_w, out_w = decay_pairs * (same & lower), decay_pairs * (same & out_mask)
-        gamma = (torch.exp(b) * (seg == 0)).unsqueeze(-1)  # chunk start -> t (inclusive), (B, H, N, C, 1)
-        b_end, seg_end = b[..., -1:], seg[..., -1:]
-        eps = (torch.exp(b_end - b) * (seg == seg_end)).unsqueeze(-1)  # s -> chunk end
-        gamma_end = (torch.exp(b_end) * (seg_end == 0)).unsqueeze(-1)  # whole chunk, (B, H, N, 1, 1)
+    def chunk_major(x):  # (B, H, N * C, ...) -> (N, B * H, C, ...)
+        return x.reshape(BH, N, C, *x.shape[3:]).transpose(0, 1)
 
-    kb = kc * bc
-    A = torch.matmul(kb, kc.transpose(-1, -2))  # [t, s] = beta_t k_t . k_s
-    P = torch.matmul(qc, kc.transpose(-1, -2))  # [t, s] = q_t . k_s
-    A = A * lower_w  # strictly lower: the unit diagonal is implicit
-    P = P * out_w
-    Tinv = _unit_lower_inverse(A)  # (I + A)^-1
-    U0 = torch.matmul(Tinv, vc * bc)  # u = U0 - W S (S = state entering the chunk)
-    W = torch.matmul(Tinv, kb if gamma is None else kb * gamma)
-
-    final = None
-    if initial_state is None and not output_final_state and N == 1:
-        o = torch.matmul(P, U0)
-    else:
-        q_in = qc if gamma is None else qc * gamma  # reads of the entering state
-        k_out = kc if eps is None else kc * eps  # writes, decayed to the chunk end
-
-        def chunk_major(x):  # (B, H, N, r, c) -> (N, B * H, r, c), contiguous
-            return x.movedim(2, 0).reshape(N, B * H, x.shape[-2], x.shape[-1])
-
-        def head_major(x):  # (N, B * H, r, c) -> (B, H, N, r, c)
-            return x.view(N, B, H, x.shape[-2], x.shape[-1]).movedim(0, 2)
-
-        S0 = initial_state.to(fdt) if initial_state is not None else q.new_zeros(B, H, Dk, Dv)
-        g_end = chunk_major(gamma_end) if gamma_end is not None else None
-        states, news, S = _InterChunk.apply(
-            chunk_major(W), chunk_major(U0), chunk_major(k_out.transpose(-1, -2)), g_end, S0.reshape(B * H, Dk, Dv)
-        )
-        o = torch.matmul(q_in, head_major(states)) + torch.matmul(P, head_major(news))
-        final = S.view(B, H, Dk, Dv) if output_final_state else None
-    o = o.reshape(B, H, N * C, Dv)
+    o, S = _Chunkwise.apply(
+        chunk_major(q),
+        chunk_major(k),
+        chunk_major(v),
+        chunk_major(beta),
+        chunk_major(g) if g is not None else None,
+        S0,
+        strict,
+    )
+    o = o.transpose(0, 1).reshape(B, H, N * C, Dv)
     if pad:
         o = o[:, :, :T]
-    return o.to(out_dtype), final
+    return o.to(out_dtype), (S.view(B, H, Dk, Dv) if output_final_state else None)
 
 
 def _parallel(q, k, v, beta, log_decay, initial_state, output_final_state, strict, scale):
