@@ -2,7 +2,8 @@
 
 Forward + backward of the kernel alone (gated: a data-dependent per-head decay), float32, one thread by default,
 B=1, H=4, Dk=Dv=64; transformers at its chunk 64, ours at chunks 64 and 32 (32 is faster on CPU). The two implementations run in interleaved rounds (ours, theirs, ours, ...) so a
-machine whose load changes during the run slows both alike; each reports its best round (best-of-N).
+machine whose load changes during the run slows both alike; each reports its best round and its median round, and
+the speed-ups of both.
 Both get the same inputs: L2-normalised q and k, `beta = sigmoid(.)`, log decays `logsigmoid(. + 3)`;
 transformers' function scales q by `Dk ** -0.5` itself, ours takes `scale=Dk ** -0.5`.
 
@@ -15,6 +16,7 @@ Prints one line per length: milliseconds of each, and our speed-up over transfor
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -86,9 +88,16 @@ def main(argv=None) -> None:
             for name, fn in fns.items():
                 times[name].append(_once(fn, inputs))
         best = {name: min(ts) * 1e3 for name, ts in times.items()}
-        theirs = best.pop("transformers")
-        row = "  ".join(f"{name} {ms:8.1f} ms ({theirs / ms:4.2f}x)" for name, ms in best.items())
-        print(f"T={T:6d}  transformers {theirs:8.1f} ms  {row}  (max |diff| {diff:.1e}, best of {args.rounds})")
+        med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+        theirs, theirs_med = best.pop("transformers"), med.pop("transformers")
+        row = "  ".join(
+            f"{name} {ms:7.1f} ms ({theirs / ms:4.2f}x; median {med[name]:.1f} ms, {theirs_med / med[name]:4.2f}x)"
+            for name, ms in best.items()
+        )
+        print(
+            f"T={T:6d}  transformers {theirs:7.1f} ms (median {theirs_med:.1f})  {row}  (max |diff| {diff:.1e}, "
+            f"{args.rounds} rounds)"
+        )
 
 
 if __name__ == "__main__":

@@ -147,6 +147,11 @@ def _recurrent(q, k, v, beta, log_decay, initial_state, output_final_state, stri
 # --------------------------------------------------------------------------------------------
 
 
+# The chunkwise form runs in blocks of chunks of about this many (token, head) rows x 64 channels (1 MB per q-sized
+# float32 tensor): small enough for the block's working set to stay in cache, large enough that the per-block op
+# overhead stays small (measured at B*H = 4, D = 64: 4096 rows 20% faster than one block at T = 2048 and 8192; 1024
+# rows slower again).
+_BLOCK_ROWS = 4096
 # The inverse starts from diagonal blocks of this size (a batched triangular solve), then doubles by matmuls.
 _INVERSE_BASE = 16
 
@@ -342,18 +347,20 @@ def _chunkwise(q, k, v, beta, log_decay, initial_state, output_final_state, stri
     BH = B * H
     S0 = initial_state.to(fdt).reshape(BH, Dk, Dv) if initial_state is not None else q.new_zeros(BH, Dk, Dv)
 
-    def chunk_major(x):  # (B, H, N * C, ...) -> (N, B * H, C, ...)
-        return x.reshape(BH, N, C, *x.shape[3:]).transpose(0, 1)
+    def chunk_major(x):  # (B, H, N * C, ...) -> (N, B * H, C, ...), contiguous: a run of chunks is a contiguous slice
+        return x.reshape(BH, N, C, *x.shape[3:]).transpose(0, 1).contiguous()
 
-    o, S = _Chunkwise.apply(
-        chunk_major(q),
-        chunk_major(k),
-        chunk_major(v),
-        chunk_major(beta),
-        chunk_major(g) if g is not None else None,
-        S0,
-        strict,
-    )
+    # blocks of chunks, one autograd node each, the state passed from block to block: each block's working set stays
+    # in cache (measured ~20% faster than one node over all chunks at T=2048, B*H=4). split, not slicing: its
+    # backward concatenates the blocks' gradients once (a slice's backward zero-fills a full-size tensor per block)
+    per = max(1, _BLOCK_ROWS * 64 // (BH * C * max(Dk, Dv)))
+    blocks = [chunk_major(x).split(per) for x in (q, k, v, beta)]
+    blocks.append(chunk_major(g).split(per) if g is not None else [None] * len(blocks[0]))
+    S, outs = S0, []
+    for qb, kb, vb, bb, gb in zip(*blocks):
+        o_blk, S = _Chunkwise.apply(qb, kb, vb, bb, gb, S, strict)
+        outs.append(o_blk)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
     o = o.transpose(0, 1).reshape(B, H, N * C, Dv)
     if pad:
         o = o[:, :, :T]
