@@ -44,6 +44,13 @@ def _kernels():
     return _KERNELS["fla"]
 
 
+def fla_available(device: torch.device) -> bool:
+    """Whether `fla_decayed_linear_attention` may run fla's kernels for tensors on `device` (dispatch enabled, the
+    device one of `DISPATCH_DEVICE_TYPES`, fla installed): callers that build fla's per-head inputs specially (Mamba-2's
+    grouped B/C) ask first, so CPU runs never build them."""
+    return device.type in DISPATCH_DEVICE_TYPES and fla_enabled() and _kernels() is not None
+
+
 def _accepts(fn, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters

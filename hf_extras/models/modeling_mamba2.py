@@ -28,7 +28,7 @@ from transformers.activations import ACT2FN
 from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_mamba2 import HfxMamba2Config
 from .conv_ops import causal_depthwise_conv
-from .fla_dispatch import fla_decayed_linear_attention
+from .fla_dispatch import fla_available, fla_decayed_linear_attention
 from .heads import (
     ForCausalLMHead,
     ForMaskedLMHead,
@@ -36,7 +36,7 @@ from .heads import (
     ForSequenceClassificationHead,
     ForTokenClassificationHead,
 )
-from .retention_ops import decayed_linear_attention, pick_mode
+from .retention_ops import grouped_decayed_linear_attention, pick_mode
 from .seq2seq import ForConditionalGenerationHead
 
 
@@ -183,12 +183,8 @@ class HfxMamba2Mixer(nn.Module):
             dt = dt.clamp(min=self.time_step_limit[0], max=self.time_step_limit[1])
         if keep is not None:  # dt = 0: the state passes a padded token unchanged
             dt = dt * keep.float()
-        dt = dt.transpose(1, 2)  # (batch, heads, time)
-        log_decay = dt * -torch.exp(self.A_log.float())[:, None]  # dt * A <= 0
-
-        q = self._heads(C, self.ssm_state_size)
-        k = self._heads(B, self.ssm_state_size) * dt[..., None]  # float32 dt, as transformers (not bf16)
-        v = x.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        log_decay = dt * -torch.exp(self.A_log.float())  # (batch, time, heads): dt * A <= 0
+        v = x.view(batch, seq_len, self.num_heads, self.head_dim)
 
         state = cache.read_recurrent(self.layer_idx) if cache is not None else None
         mode = self.forward_mode
@@ -200,14 +196,25 @@ class HfxMamba2Mixer(nn.Module):
             bidirectional=self.bidirectional,
             reset=document_starts,
         )
-        result = fla_decayed_linear_attention(q, k, v, log_decay, mode=mode, **kwargs)  # None unless CUDA + fla
-        if result is None:
-            result = decayed_linear_attention(q, k, v, log_decay, mode=mode, chunk_size=self.chunk_size, **kwargs)
-        y, new_state = result
+        result = None
+        if fla_available(v.device):  # fla's kernels take per-head, head-first q / k / v
+            q = self._heads(C, self.ssm_state_size)
+            k = self._heads(B, self.ssm_state_size) * dt.transpose(1, 2)[..., None]  # float32 dt, as transformers
+            result = fla_decayed_linear_attention(
+                q, k, v.transpose(1, 2), log_decay.transpose(1, 2), mode=mode, **kwargs
+            )
+            if result is not None:
+                result = result[0].transpose(1, 2), result[1]
+        if result is None:  # B / C shared by the heads of a group, never expanded per head (dt scales the keys)
+            groups = (batch, seq_len, self.n_groups, self.ssm_state_size)
+            result = grouped_decayed_linear_attention(
+                C.view(groups), B.view(groups), v, log_decay, dt, mode=mode, chunk_size=self.chunk_size, **kwargs
+            )
+        y, new_state = result  # (batch, time, heads, head_dim)
         if cache is not None:
             cache.write_recurrent(self.layer_idx, new_state)
-        y = y + v * self.D.to(y.dtype)[:, None, None]
-        y = y.transpose(1, 2).reshape(batch, seq_len, self.intermediate_size)
+        y = y + v * self.D.to(y.dtype)[:, None]
+        y = y.reshape(batch, seq_len, self.intermediate_size)
         return self.out_proj(self.norm(y, z).to(dtype))
 
 

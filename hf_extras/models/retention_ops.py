@@ -61,6 +61,7 @@ from torch import Tensor
 
 __all__ = [
     "decayed_linear_attention",
+    "grouped_decayed_linear_attention",
     "parallel_retention",
     "chunkwise_retention",
     "recurrent_retention",
@@ -131,6 +132,11 @@ def _check(
                 f"log_decay must have shape (H,)={(H,)}, (B, H, T)={(B, H, T)} or "
                 f"(B, H, T, Dk)={(B, H, T, Dk)}, got {tuple(log_decay.shape)}"
             )
+    _check_state_reset_chunk(B, H, T, Dk, Dv, initial_state, chunk_size, reset)
+
+
+def _check_state_reset_chunk(B, H, T, Dk, Dv, initial_state, chunk_size, reset) -> None:
+    """The checks shared by ``_check`` and ``_check_grouped``: the initial state, the resets and the chunk size."""
     if initial_state is not None:
         if not isinstance(initial_state, Tensor) or initial_state.shape != (B, H, Dk, Dv):
             shape = tuple(initial_state.shape) if isinstance(initial_state, Tensor) else initial_state
@@ -583,3 +589,286 @@ def decayed_linear_attention(
         o_b, _ = _run(mode, qf, kf, vf, g_f, None, False, True, chunk_size, r_f)
         o = o + torch.flip(o_b, fl)
     return o, final
+
+
+# --------------------------------------------------------------------------------------------
+# grouped queries/keys, one scalar decay per head (Mamba-2's SSD)
+# --------------------------------------------------------------------------------------------
+
+
+class _GroupedChunkwise(torch.autograd.Function):
+    """Chunkwise decayed linear attention with one scalar log decay per head and token, queries and keys shared by
+    the ``R`` heads of a group and scaled per head (Mamba-2's SSD: ``q = C``, ``k_h = dt_h B``, ``v = x``), as one
+    autograd node with a hand-written backward.
+
+    Layouts, chunk-major and token-major (the heads of a group side by side in the last dim, as Mamba's ``x``):
+    q, k (N, B, G, C, Dk); v (N, B, G, C, R, Dv); g log decays (N, B, G, R, C) (``-inf``: the state resets before
+    that token writes); ks key scales (N, B, G, R, C) or None; S0 (B, G, Dk, R * Dv) (head h's state in columns
+    ``h * Dv:(h + 1) * Dv``). Per chunk, with ``b`` the within-chunk cumulative log decay of a head::
+
+        L_h[t, s] = exp(b_t - b_s) (s <= t, or s < t when strict; same segment), gamma_t = exp(b_t), eps_s = exp(b_C - b_s)
+        o_h = ((q k^T) * L_h * ks_h[None, :]) v_h + gamma_h * (q S_h)
+        S_h <- exp(b_C) S_h + k^T (eps_h ks_h v_h)
+
+    Why: ``q k^T`` is computed once per group (not per head), the state products run as one ``(Dk x C) @ (C x R Dv)``
+    and one ``(C x Dk) @ (Dk x R Dv)`` matmul per chunk and group over all its heads, and the recurrence across
+    chunks is elementwise (a scalar per head), in place in a preallocated buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, ks, S0, strict: bool):
+        N, B, G, C, Dk = q.shape
+        R, Dv = v.shape[-2:]
+        L, gamma, eps, reset = _scalar_pair_decays(g, strict)
+        W = L if ks is None else L * ks.unsqueeze(-2)  # column s scaled by the key scale of s
+        Gqk = torch.matmul(q, k.transpose(-1, -2))  # (N, B, G, C, C), shared by the group's heads
+        w = eps if ks is None else eps * ks  # (N, B, G, R, C): a key's weight in the state at the chunk end
+        vt = v * w.transpose(-1, -2).unsqueeze(-1)  # (N, B, G, C, R, Dv)
+        U = torch.matmul(k.transpose(-1, -2), vt.view(N, B, G, C, R * Dv))  # (N, B, G, Dk, R Dv)
+        # across chunks: states[n] enters chunk n; elementwise, a scalar decay per head
+        ge = gamma[..., -1].view(N, B, G, 1, R, 1)
+        states = U.new_empty(N + 1, B, G, Dk, R * Dv)
+        states[0] = S0
+        st, us, gs = states.view(N + 1, B, G, Dk, R, Dv).unbind(0), U.view(N, B, G, Dk, R, Dv).unbind(0), ge.unbind(0)
+        for n in range(N):
+            torch.addcmul(us[n], st[n], gs[n], out=st[n + 1])
+        states, final = states[:N], states[N].clone()
+        QS = torch.matmul(q, states).view(N, B, G, C, R, Dv)  # q S_h, before the decay from the chunk start
+        P = Gqk.unsqueeze(3) * W  # (N, B, G, R, C, C)
+        o = torch.matmul(P, v.transpose(-2, -3)).transpose(-2, -3)  # intra-chunk, back to token-major
+        o = torch.addcmul(o, QS, gamma.transpose(-1, -2).unsqueeze(-1))
+        ctx.strict = strict
+        ctx.save_for_backward(q, k, v, ks, L, gamma, eps, reset, Gqk, vt, states, QS)
+        return o, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, d_final):
+        q, k, v, ks, L, gamma, eps, reset, Gqk, vt, states, QS = ctx.saved_tensors
+        N, B, G, C, Dk = q.shape
+        R, Dv = v.shape[-2:]
+        do = do.contiguous()
+        gamma_t = gamma.transpose(-1, -2).unsqueeze(-1)  # (N, B, G, C, R, 1)
+        # inter-chunk output o += gamma * (q S)
+        dQS = (do * gamma_t).view(N, B, G, C, R * Dv)
+        d_gamma = (do * QS).sum(-1).transpose(-1, -2)  # (N, B, G, R, C)
+        dq = torch.matmul(dQS, states.transpose(-1, -2))
+        dS_out = torch.matmul(q.transpose(-1, -2), dQS)  # (N, B, G, Dk, R Dv)
+        # the recurrence, last chunk first: dS_next[n] = gradient of the state leaving chunk n
+        ge = gamma[..., -1].view(N, B, G, 1, R, 1)
+        dS_next = torch.empty_like(states)
+        dS0 = torch.empty_like(states[0])
+        dsn = dS_next.view(N, B, G, Dk, R, Dv).unbind(0)
+        dso, gs = dS_out.view(N, B, G, Dk, R, Dv).unbind(0), ge.unbind(0)
+        if d_final is None:
+            dsn[N - 1].zero_()
+        else:
+            dsn[N - 1].copy_(d_final.view(B, G, Dk, R, Dv))
+        for n in range(N - 1, -1, -1):
+            torch.addcmul(dso[n], dsn[n], gs[n], out=dsn[n - 1] if n > 0 else dS0.view(B, G, Dk, R, Dv))
+        d_ge = (dS_next * states).view(N, B, G, Dk, R, Dv).sum((-3, -1))  # (N, B, G, R)
+        # state writes U = k^T vt
+        dk = torch.matmul(vt.view(N, B, G, C, R * Dv), dS_next.transpose(-1, -2))
+        dvt = torch.matmul(k, dS_next).view(N, B, G, C, R, Dv)
+        w = eps if ks is None else eps * ks
+        dw = (dvt * v).sum(-1).transpose(-1, -2)  # (N, B, G, R, C)
+        dv = dvt * w.transpose(-1, -2).unsqueeze(-1)
+        # intra-chunk: o_h += P_h v_h, P_h = Gqk * L_h * ks_h (columns)
+        W = L if ks is None else L * ks.unsqueeze(-2)
+        do_h = do.transpose(-2, -3)  # (N, B, G, R, C, Dv) view
+        dP = torch.matmul(do_h, v.transpose(-2, -3).transpose(-1, -2))  # (N, B, G, R, C, C)
+        dv += torch.matmul((Gqk.unsqueeze(3) * W).transpose(-1, -2), do_h).transpose(-2, -3)
+        dGqk = (dP * W).sum(3)
+        dq += torch.matmul(dGqk, k)
+        dk += torch.matmul(dGqk.transpose(-1, -2), q)
+        X = dP.mul_(Gqk.unsqueeze(3)).mul_(L)  # d(ks_s) contributions (before the column scale)
+        d_ks = None
+        if ks is not None:
+            d_ks = X.sum(-2) + dw * eps
+            Z = X.mul_(ks.unsqueeze(-2))  # = dP * P: the pair decays' share of the log-decay gradient
+            d_eps = dw * ks
+        else:
+            Z, d_eps = X, dw
+        # log decays: b = within-chunk cumsum; pair decays exp(b_t - b_s) give +row sums -column sums
+        t_eps = d_eps * eps  # eps_s = exp(b_C - b_s)
+        db = Z.sum(-1) - Z.sum(-2) + d_gamma * gamma - t_eps
+        d_end = t_eps.sum(-1) + d_ge * gamma[..., -1]  # and the chunk decay exp(b_C)
+        db = db + torch.nn.functional.pad(d_end.unsqueeze(-1), (C - 1, 0))
+        dg = (db.sum(-1, keepdim=True) - db.cumsum(-1) + db).masked_fill(reset, 0.0)
+        return dq, dk, dv, dg, d_ks, dS0, None
+
+
+def _scalar_pair_decays(g: Tensor, strict: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Within-chunk decays from per-token log decays ``g`` (..., C) (``-inf``: a boundary, the state resets before
+    that token writes): ``L`` (..., C, C), ``L[t, s] = exp(b_t - b_s)`` for s <= t (s < t when strict) in the same
+    segment, else 0; ``gamma_t = exp(b_t)`` (0 after a boundary in the chunk); ``eps_s = exp(b_C - b_s)`` (0 before
+    the chunk's last boundary); the boundary mask. ``b`` is the cumulative sum with ``-inf`` replaced by 0, and cut
+    pairs are ``-inf`` before the exp: nothing positive is exponentiated, no NaN."""
+    C = g.shape[-1]
+    reset = torch.isneginf(g)
+    seg = torch.cumsum(reset, dim=-1)
+    b = torch.cumsum(g.masked_fill(reset, 0.0), dim=-1)
+    keep = (seg.unsqueeze(-1) == seg.unsqueeze(-2)) & _causal_mask(C, strict, g.device)
+    L = torch.exp(torch.where(keep, b.unsqueeze(-1) - b.unsqueeze(-2), float("-inf")))
+    gamma = torch.where(seg == 0, torch.exp(b), 0.0)
+    eps = torch.where(seg == seg[..., -1:], torch.exp(b[..., -1:] - b), 0.0)
+    return L, gamma, eps, reset
+
+
+def _grouped_chunkwise(q, k, v, log_decay, key_scale, initial_state, output_final_state, strict, chunk_size, reset):
+    """Time-major inputs (see ``grouped_decayed_linear_attention``) -> padded, chunk-major, one ``_GroupedChunkwise``."""
+    B, T, G, Dk = q.shape
+    H, Dv = v.shape[-2:]
+    R = H // G
+    out_dtype = v.dtype
+    fdt = _float_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+    q, k, v = q.to(fdt), k.to(fdt), v.to(fdt)
+    g = log_decay.to(fdt)
+    if reset is not None:
+        g = g.masked_fill(reset[..., None], float("-inf"))
+    ks = key_scale.to(fdt) if key_scale is not None else None
+    if T == 0:
+        o = v.new_zeros(B, 0, H, Dv).to(out_dtype)
+        if not output_final_state:
+            return o, None
+        return o, (initial_state.to(fdt) if initial_state is not None else q.new_zeros(B, H, Dk, Dv))
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:  # zero q/k/v and log decay 0 (a = 1) in the pad: the state passes through unchanged
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+        g = torch.nn.functional.pad(g, (0, 0, 0, pad))
+        ks = torch.nn.functional.pad(ks, (0, 0, 0, pad)) if ks is not None else None
+
+    def chunk_major(x, width):  # (B, N * C, G, width...) -> (N, B, G, C, width...)
+        return x.reshape(B, N, C, G, *width).transpose(2, 3).transpose(0, 1)
+
+    def per_head(x):  # (B, N * C, H) -> (N, B, G, R, C)
+        return x.reshape(B, N, C, G, R).permute(1, 0, 3, 4, 2).contiguous()
+
+    if initial_state is None:
+        S0 = q.new_zeros(B, G, Dk, R * Dv)
+    else:  # (B, H, Dk, Dv) -> the group's heads side by side
+        S0 = initial_state.to(fdt).reshape(B, G, R, Dk, Dv).transpose(2, 3).reshape(B, G, Dk, R * Dv)
+    o, S = _GroupedChunkwise.apply(
+        chunk_major(q, (Dk,)).contiguous(),
+        chunk_major(k, (Dk,)).contiguous(),
+        chunk_major(v, (R, Dv)),
+        per_head(g),
+        per_head(ks) if ks is not None else None,
+        S0,
+        strict,
+    )
+    o = o.transpose(0, 1).transpose(2, 3).reshape(B, N * C, H, Dv)  # (N, B, G, C, R, Dv) -> time-major
+    if pad:
+        o = o[:, :T]
+    final = S.view(B, G, Dk, R, Dv).transpose(2, 3).reshape(B, H, Dk, Dv) if output_final_state else None
+    return o.to(out_dtype), final
+
+
+def grouped_decayed_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    key_scale: Tensor | None = None,
+    *,
+    mode: str = "chunkwise",
+    chunk_size: int = 64,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    bidirectional: bool = False,
+    reset: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``decayed_linear_attention`` with one scalar log decay per head and token, and queries / keys shared by the
+    heads of a group, scaled per head: Mamba-2's SSD (``q = C``, ``k = B``, ``key_scale = dt``, ``v = x``,
+    ``log_decay = dt * A``), in Mamba's time-major layout, without materialising per-head queries or keys.
+
+    Args:
+        q, k: (B, T, G, Dk), shared by the ``R = H / G`` consecutive heads of each group.
+        v: (B, T, H, Dv).
+        log_decay: (B, T, H), values <= 0 (``-inf`` resets, as in ``decayed_linear_attention``).
+        key_scale: None or (B, T, H): head h's key at t is ``key_scale[:, t, h] * k[:, t, h // R]``.
+        mode, chunk_size, initial_state (B, H, Dk, Dv), output_final_state, bidirectional, reset (B, T): as in
+            ``decayed_linear_attention`` (which this equals, head by head, to float rounding).
+
+    Returns ``(o, final_state)``: o is (B, T, H, Dv) in v's dtype; final_state (B, H, Dk, Dv) or None.
+    The chunkwise and parallel forms run ``_GroupedChunkwise`` (parallel = one chunk spanning the input); the
+    recurrent form (decoding) expands the groups and runs ``decayed_linear_attention``'s.
+    """
+    if mode == "auto":
+        T = q.shape[1] if isinstance(q, Tensor) and q.dim() == 4 else 0
+        mode = pick_mode(T, chunk_size, initial_state is not None)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES + ('auto',)}, got {mode!r}")
+    _check_grouped(q, k, v, log_decay, key_scale, initial_state, chunk_size, reset)
+    if mode == "recurrent":
+        B, T, G, Dk = q.shape
+        R = v.shape[2] // G
+
+        def heads(x):  # (B, T, G, Dk) -> (B, H, T, Dk)
+            return x.transpose(1, 2).repeat_interleave(R, dim=1)
+
+        kh = heads(k)
+        if key_scale is not None:
+            kh = kh * key_scale.transpose(1, 2).unsqueeze(-1)
+        o, final = decayed_linear_attention(
+            heads(q),
+            kh,
+            v.transpose(1, 2),
+            log_decay.transpose(1, 2),
+            mode="recurrent",
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            bidirectional=bidirectional,
+            reset=reset,
+        )
+        return o.transpose(1, 2), final
+    C = chunk_size if mode == "chunkwise" else max(q.shape[1], 1)
+    # float32 throughout (float64 for float64 inputs), also under autocast: the state is carried in float32
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _grouped_both_ways(
+            q, k, v, log_decay, key_scale, initial_state, output_final_state, bidirectional, C, reset
+        )
+
+
+def _grouped_both_ways(q, k, v, log_decay, key_scale, initial_state, output_final_state, bidirectional, C, reset):
+    o, final = _grouped_chunkwise(q, k, v, log_decay, key_scale, initial_state, output_final_state, False, C, reset)
+    if bidirectional:
+        # the anti-causal pass: the causal recurrence on the time-flipped sequence, strictly earlier tokens only
+        # (token t is counted in the causal pass); a document starting at r is cut at r - 1 in this direction
+        fl = [1]
+        r_f = None
+        if reset is not None:
+            r_f = torch.flip(torch.cat([reset[:, 1:], torch.zeros_like(reset[:, :1])], 1), fl)
+        ks_f = torch.flip(key_scale, fl) if key_scale is not None else None
+        flipped = (torch.flip(x, fl) for x in (q, k, v, log_decay))
+        o_b, _ = _grouped_chunkwise(*flipped, ks_f, None, False, True, C, r_f)
+        o = o + torch.flip(o_b, fl)
+    return o, final
+
+
+def _check_grouped(q, k, v, log_decay, key_scale, initial_state, chunk_size, reset) -> None:
+    """Shapes of ``grouped_decayed_linear_attention``'s arguments (no data inspection: compile-friendly)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a Tensor of shape (B, T, G or H, D) (time-major), got {got}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the same shape as q {tuple(q.shape)}, got {tuple(k.shape)}")
+    B, T, G, Dk = q.shape
+    H = v.shape[2]
+    if v.shape[:2] != (B, T) or H % G != 0:
+        raise ValueError(
+            f"v must have shape (B, T, H, Dv) with (B, T) = {(B, T)} and H a multiple of the {G} groups of q/k, "
+            f"got {tuple(v.shape)}"
+        )
+    for name, x in (("log_decay", log_decay), ("key_scale", key_scale)):
+        if x is None and name == "key_scale":
+            continue
+        if not isinstance(x, Tensor) or tuple(x.shape) != (B, T, H):
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"{name} must have shape (B, T, H) = {(B, T, H)} (one value per token and head), got {got}"
+            )
+    _check_state_reset_chunk(B, H, T, Dk, v.shape[3], initial_state, chunk_size, reset)
