@@ -620,8 +620,9 @@ class _GroupedChunkwise(torch.autograd.Function):
         N, B, G, C, Dk = q.shape
         R, Dv = v.shape[-2:]
         L, gamma, eps, reset = _scalar_pair_decays(g, strict)
-        W = L if ks is None else L * ks.unsqueeze(-2)  # column s scaled by the key scale of s
         Gqk = torch.matmul(q, k.transpose(-1, -2))  # (N, B, G, C, C), shared by the group's heads
+        GL = Gqk.unsqueeze(3) * L  # (N, B, G, R, C, C)
+        P = GL if ks is None else GL * ks.unsqueeze(-2)  # column s scaled by the key scale of s
         w = eps if ks is None else eps * ks  # (N, B, G, R, C): a key's weight in the state at the chunk end
         vt = v * w.transpose(-1, -2).unsqueeze(-1)  # (N, B, G, C, R, Dv)
         U = torch.matmul(k.transpose(-1, -2), vt.view(N, B, G, C, R * Dv))  # (N, B, G, Dk, R Dv)
@@ -634,17 +635,17 @@ class _GroupedChunkwise(torch.autograd.Function):
             torch.addcmul(us[n], st[n], gs[n], out=st[n + 1])
         states, final = states[:N], states[N].clone()
         QS = torch.matmul(q, states).view(N, B, G, C, R, Dv)  # q S_h, before the decay from the chunk start
-        P = Gqk.unsqueeze(3) * W  # (N, B, G, R, C, C)
-        o = torch.matmul(P, v.transpose(-2, -3)).transpose(-2, -3)  # intra-chunk, back to token-major
-        o = torch.addcmul(o, QS, gamma.transpose(-1, -2).unsqueeze(-1))
+        v_h = v.transpose(-2, -3).contiguous()  # head-major (N, B, G, R, C, Dv) for the per-head products
+        o = torch.empty_like(QS)
+        torch.addcmul(torch.matmul(P, v_h).transpose(-2, -3), QS, gamma.transpose(-1, -2).unsqueeze(-1), out=o)
         ctx.strict = strict
-        ctx.save_for_backward(q, k, v, ks, L, gamma, eps, reset, Gqk, vt, states, QS)
+        ctx.save_for_backward(q, k, v, v_h, ks, L, GL, gamma, eps, reset, vt, states, QS)
         return o, final
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, d_final):
-        q, k, v, ks, L, gamma, eps, reset, Gqk, vt, states, QS = ctx.saved_tensors
+        q, k, v, v_h, ks, L, GL, gamma, eps, reset, vt, states, QS = ctx.saved_tensors
         N, B, G, C, Dk = q.shape
         R, Dv = v.shape[-2:]
         do = do.contiguous()
@@ -664,24 +665,27 @@ class _GroupedChunkwise(torch.autograd.Function):
             dsn[N - 1].zero_()
         else:
             dsn[N - 1].copy_(d_final.view(B, G, Dk, R, Dv))
+        st = states.view(N, B, G, Dk, R, Dv).unbind(0)
+        d_ge = []  # gradient of each chunk's decay exp(b_C): <dS_{n+1}, S_n> per head, while both are in cache
         for n in range(N - 1, -1, -1):
+            d_ge.append((dsn[n] * st[n]).sum((-3, -1)))
             torch.addcmul(dso[n], dsn[n], gs[n], out=dsn[n - 1] if n > 0 else dS0.view(B, G, Dk, R, Dv))
-        d_ge = (dS_next * states).view(N, B, G, Dk, R, Dv).sum((-3, -1))  # (N, B, G, R)
+        d_ge = torch.stack(d_ge[::-1])  # (N, B, G, R)
         # state writes U = k^T vt
         dk = torch.matmul(vt.view(N, B, G, C, R * Dv), dS_next.transpose(-1, -2))
         dvt = torch.matmul(k, dS_next).view(N, B, G, C, R, Dv)
         w = eps if ks is None else eps * ks
         dw = (dvt * v).sum(-1).transpose(-1, -2)  # (N, B, G, R, C)
-        dv = dvt * w.transpose(-1, -2).unsqueeze(-1)
-        # intra-chunk: o_h += P_h v_h, P_h = Gqk * L_h * ks_h (columns)
-        W = L if ks is None else L * ks.unsqueeze(-2)
-        do_h = do.transpose(-2, -3)  # (N, B, G, R, C, Dv) view
-        dP = torch.matmul(do_h, v.transpose(-2, -3).transpose(-1, -2))  # (N, B, G, R, C, C)
-        dv += torch.matmul((Gqk.unsqueeze(3) * W).transpose(-1, -2), do_h).transpose(-2, -3)
+        dv = dvt.mul_(w.transpose(-1, -2).unsqueeze(-1))
+        # intra-chunk: o_h += P_h v_h, P_h = (q k^T) * L_h * ks_h (columns)
+        do_h = do.transpose(-2, -3).contiguous()  # head-major (N, B, G, R, C, Dv)
+        dP = torch.matmul(do_h, v_h.transpose(-1, -2))  # (N, B, G, R, C, C)
+        W, P = (L, GL) if ks is None else (L * ks.unsqueeze(-2), GL * ks.unsqueeze(-2))
+        dv += torch.matmul(P.transpose(-1, -2), do_h).transpose(-2, -3)
         dGqk = (dP * W).sum(3)
         dq += torch.matmul(dGqk, k)
         dk += torch.matmul(dGqk.transpose(-1, -2), q)
-        X = dP.mul_(Gqk.unsqueeze(3)).mul_(L)  # d(ks_s) contributions (before the column scale)
+        X = dP.mul_(GL)  # the pair weights' gradient before the column scale
         d_ks = None
         if ks is not None:
             d_ks = X.sum(-2) + dw * eps
@@ -698,18 +702,27 @@ class _GroupedChunkwise(torch.autograd.Function):
         return dq, dk, dv, dg, d_ks, dS0, None
 
 
+# A log-decay offset whose exp is exactly 0 in float32 and float64 (exp(-1000) underflows both).
+_CUT = 1000.0
+
+
 def _scalar_pair_decays(g: Tensor, strict: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Within-chunk decays from per-token log decays ``g`` (..., C) (``-inf``: a boundary, the state resets before
     that token writes): ``L`` (..., C, C), ``L[t, s] = exp(b_t - b_s)`` for s <= t (s < t when strict) in the same
     segment, else 0; ``gamma_t = exp(b_t)`` (0 after a boundary in the chunk); ``eps_s = exp(b_C - b_s)`` (0 before
-    the chunk's last boundary); the boundary mask. ``b`` is the cumulative sum with ``-inf`` replaced by 0, and cut
-    pairs are ``-inf`` before the exp: nothing positive is exponentiated, no NaN."""
+    the chunk's last boundary); the boundary mask. ``b`` is the cumulative sum with ``-inf`` replaced by 0; nothing
+    positive is exponentiated, no NaN."""
     C = g.shape[-1]
     reset = torch.isneginf(g)
-    seg = torch.cumsum(reset, dim=-1)
+    seg = torch.cumsum(reset.to(g.dtype), dim=-1)  # small integers, exact in float
     b = torch.cumsum(g.masked_fill(reset, 0.0), dim=-1)
-    keep = (seg.unsqueeze(-1) == seg.unsqueeze(-2)) & _causal_mask(C, strict, g.device)
-    L = torch.exp(torch.where(keep, b.unsqueeze(-1) - b.unsqueeze(-2), float("-inf")))
+    # exponent b_t - b_s, minus _CUT per boundary in (s, t] (0 exactly within a segment, so those pairs keep the
+    # plain cumsum's precision; exp(<= -_CUT) is exactly 0); clamped to <= 0 (the pairs s > t, masked after the exp).
+    # Float arithmetic only, in place in one (..., C, C) buffer: bool masks and bool x float products are several
+    # times slower on CPU.
+    L = torch.sub(b.unsqueeze(-1), b.unsqueeze(-2))
+    L.add_(seg.unsqueeze(-1) - seg.unsqueeze(-2), alpha=-_CUT).clamp_(max=0.0).exp_()
+    L.mul_(_causal_mask(C, strict, g.device).to(g.dtype))
     gamma = torch.where(seg == 0, torch.exp(b), 0.0)
     eps = torch.where(seg == seg[..., -1:], torch.exp(b[..., -1:] - b), 0.0)
     return L, gamma, eps, reset
