@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hf_extras.models.retention_ops import (
     chunkwise_retention,
     decayed_linear_attention,
+    grouped_decayed_linear_attention,
     parallel_retention,
     pick_mode,
     recurrent_retention,
@@ -648,3 +649,143 @@ def test_compile_fullgraph_with_boundaries():
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped queries / keys, per-head key scale (Mamba-2's SSD): against the per-head recurrence
+# ---------------------------------------------------------------------------------------------
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def make_grouped(B=2, T=45, G=2, R=3, Dk=8, Dv=5, dtype=torch.float64, seed=0, key_scale=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, G, Dk, generator=g, dtype=torch.float64)
+    k = torch.randn(B, T, G, Dk, generator=g, dtype=torch.float64)
+    v = torch.randn(B, T, G * R, Dv, generator=g, dtype=torch.float64)
+    ld = -F.softplus(torch.randn(B, T, G * R, generator=g, dtype=torch.float64))
+    ks = F.softplus(torch.randn(B, T, G * R, generator=g, dtype=torch.float64)) if key_scale else None
+    s0 = torch.randn(B, G * R, Dk, Dv, generator=g, dtype=torch.float64)
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), cast(ld), cast(ks), cast(s0)
+
+
+def grouped_reference(q, k, v, ld, ks, s0, bidirectional, reset):
+    """The same computation head by head: per-head queries and keys materialised, the recurrent form."""
+    R = v.shape[2] // q.shape[2]
+    qh, kh = (x.transpose(1, 2).repeat_interleave(R, dim=1) for x in (q, k))
+    if ks is not None:
+        kh = kh * ks.transpose(1, 2).unsqueeze(-1)
+    o, S = decayed_linear_attention(
+        qh,
+        kh,
+        v.transpose(1, 2),
+        ld.transpose(1, 2),
+        mode="recurrent",
+        initial_state=s0,
+        output_final_state=True,
+        bidirectional=bidirectional,
+        reset=reset,
+    )
+    return o.transpose(1, 2), S
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("groups", [(1, 4), (2, 3)])
+@pytest.mark.parametrize("key_scale", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("with_reset", [False, True])
+@pytest.mark.parametrize("T,chunk", [(1, 16), (45, 7), (45, 16)])
+def test_grouped_matches_the_per_head_recurrence(
+    mode, groups, key_scale, bidirectional, with_state, with_reset, T, chunk
+):
+    """Outputs, final state and every gradient (q, k, v, log decay, key scale) equal the per-head recurrent form in
+    float64, for chunk lengths that do not divide T, groups of 1 and > 1, both directions, packed documents."""
+    G, R = groups
+    q, k, v, ld, ks, s0 = make_grouped(T=T, G=G, R=R, key_scale=key_scale)
+    s0 = s0 if with_state else None
+    reset = None
+    if with_reset:
+        reset = torch.zeros(2, T, dtype=torch.bool)
+        reset[:, [i for i in (0, 5, 6, 20, 33) if i < T]] = True
+    ours = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, ld, ks)]
+    theirs = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, ld, ks)]
+    o, S = grouped_decayed_linear_attention(
+        *ours,
+        mode=mode,
+        chunk_size=chunk,
+        initial_state=s0,
+        output_final_state=True,
+        bidirectional=bidirectional,
+        reset=reset,
+    )
+    o_ref, S_ref = grouped_reference(*theirs, s0, bidirectional, reset)
+    assert o.shape == v.shape and rel_err(o, o_ref) <= 1e-12 and rel_err(S, S_ref) <= 1e-12
+    w = torch.randn_like(o)
+    ((o * w).sum() + S.sum()).backward()
+    ((o_ref * w).sum() + S_ref.sum()).backward()
+    for name, a, b in zip("q k v log_decay key_scale".split(), ours, theirs):
+        if a is not None:
+            assert rel_err(a.grad, b.grad) <= 1e-10, name
+
+
+def test_grouped_float32_boundaries_and_autocast():
+    """float32 within 1e-5 of the per-head form, with -inf log decays (per head) as boundaries and under bf16
+    autocast (the kernel computes in float32 there too); no NaN in the gradients."""
+    q, k, v, ld, ks, s0 = make_grouped(T=50, dtype=torch.float32)
+    ld = ld.clone()
+    ld[:, [3, 17, 40], :2] = float("-inf")
+    o_ref, S_ref = grouped_reference(q, k, v, ld, ks, s0, False, None)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, ld, ks)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, S = grouped_decayed_linear_attention(
+            *inputs, mode="chunkwise", chunk_size=16, initial_state=s0, output_final_state=True
+        )
+    assert o.dtype == torch.float32 and rel_err(o, o_ref) <= 1e-5 and rel_err(S, S_ref) <= 1e-5
+    o.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in inputs)
+    assert (inputs[3].grad[:, [3, 17, 40], :2] == 0).all()  # a boundary's log decay gets no gradient
+
+
+def test_grouped_gradcheck():
+    q, k, v, ld, ks, s0 = (x.requires_grad_() for x in make_grouped(B=1, T=11, G=1, R=2, Dk=3, Dv=2))
+    reset = torch.zeros(1, 11, dtype=torch.bool)
+    reset[0, 6] = True
+
+    def fn(*a):
+        return grouped_decayed_linear_attention(
+            *a[:5], chunk_size=4, initial_state=a[5], output_final_state=True, bidirectional=True, reset=reset
+        )
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, ld, ks, s0))
+
+
+def test_grouped_bad_inputs():
+    q, k, v, ld, ks, _ = make_grouped(T=10)
+    with pytest.raises(ValueError, match="multiple of the 2 groups"):
+        grouped_decayed_linear_attention(q, k, v[:, :, :5], ld[:, :, :5], ks[:, :, :5])
+    with pytest.raises(ValueError, match="log_decay must have shape"):
+        grouped_decayed_linear_attention(q, k, v, ld.transpose(1, 2), ks)
+    with pytest.raises(ValueError, match="key_scale must have shape"):
+        grouped_decayed_linear_attention(q, k, v, ld, ks[:, :5])
+    with pytest.raises(ValueError, match="time-major"):
+        grouped_decayed_linear_attention(q[0], k, v, ld, ks)
+
+
+@pytest.mark.slow
+def test_grouped_compile_fullgraph():
+    q, k, v, ld, ks, s0 = make_grouped(T=40, dtype=torch.float32)
+    reset = torch.zeros(2, 40, dtype=torch.bool)
+    reset[:, 13] = True
+
+    def fn(*a):
+        return grouped_decayed_linear_attention(
+            *a, chunk_size=16, initial_state=s0, output_final_state=True, bidirectional=True, reset=reset
+        )
+
+    o, S = torch.compile(fn, fullgraph=True)(q, k, v, ld, ks)
+    o_ref, S_ref = fn(q, k, v, ld, ks)
+    assert rel_err(o, o_ref) <= 1e-5 and rel_err(S, S_ref) <= 1e-5
