@@ -313,17 +313,23 @@ class _Chunkwise(torch.autograd.Function):
         return dq, dk, dv, dbeta, dg, dS0, None
 
 
+# A log-decay offset whose exp is exactly 0 in float32 and float64 (exp(-1000) underflows both).
+_CUT = 1000.0
+
+
 def _pair_decays(g: Tensor, lower: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Within-chunk decays from log decays ``g`` (..., C), ``-inf`` marking a boundary (the state resets before that
     token writes): ``L`` (..., C, C) with ``L[t, s] = a_{s+1..t}`` for s < t in the same segment (else 0), ``gamma_t
     = a_{1..t}`` (0 after a boundary in the chunk), ``eps_s = a_{s+1..C}`` (0 before the chunk's last boundary), and
-    the boundary mask. Nothing positive is exponentiated: -inf becomes 0 in the cumulative sum, and cut pairs are
-    -inf before the exp."""
+    the boundary mask. Nothing positive is exponentiated: -inf becomes 0 in the cumulative sum; a pair across a
+    boundary gets ``-_CUT`` per boundary added to its exponent (exactly 0 within a segment, so those pairs keep the
+    cumsum's precision) and underflows to 0. Float arithmetic in place in one (..., C, C) buffer (bool masks and
+    bool x float products are several times slower on CPU)."""
     reset = torch.isneginf(g)
-    seg = torch.cumsum(reset, dim=-1)  # segment of each token inside its chunk
+    seg = torch.cumsum(reset.to(g.dtype), dim=-1)  # segment of each token inside its chunk (small exact integers)
     b = torch.cumsum(g.masked_fill(reset, 0.0), dim=-1)  # <= 0
-    keep = (seg.unsqueeze(-1) == seg.unsqueeze(-2)) & lower
-    L = torch.exp(torch.where(keep, b.unsqueeze(-1) - b.unsqueeze(-2), float("-inf")))
+    L = torch.sub(b.unsqueeze(-1), b.unsqueeze(-2))
+    L.add_(seg.unsqueeze(-1) - seg.unsqueeze(-2), alpha=-_CUT).clamp_(max=0.0).exp_().mul_(lower.to(g.dtype))
     gamma = torch.where(seg == 0, torch.exp(b), 0.0)
     eps = torch.where(seg == seg[..., -1:], torch.exp(b[..., -1:] - b), 0.0)
     return L, gamma, eps, reset
