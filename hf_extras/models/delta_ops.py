@@ -19,8 +19,9 @@ Forms (all take and return the state, and agree to float tolerance):
 * ``chunkwise`` -- WY / UT representation: per chunk of C tokens one unit-lower-triangular system
   ``(I + A) [U0 | W] = [beta v | beta gamma k]`` with ``A_ts = beta_t (k_t . k_s) a_{s+1..t}`` (s < t), solved for
   all chunks at once through a blocked inverse (``_unit_lower_inverse``), matmuls for everything else, and across
-  chunks only ``u_n = U0_n - W_n S_n``, ``S_{n+1} = a_chunk S_n + K_n^T u_n`` (two small matmuls per chunk, with a
-  hand-written backward, ``_InterChunk``); outputs ``o = gamma q S_n + P u`` batched after the loop. O(T).
+  chunks only ``u_n = U0_n - W_n S_n``, ``S_{n+1} = a_chunk S_n + K_n^T u_n`` (two small matmuls per chunk); outputs
+  ``o = gamma q S_n + P u`` batched after the loop. The whole form is one autograd node per block of chunks
+  (``_Chunkwise``, hand-written backward; blocks of ~``_BLOCK_ROWS`` rows keep the working set in cache). O(T).
 * ``parallel``  -- the delta rule has no cheaper whole-sequence form than the triangular system itself, so this is
   the chunkwise form with one chunk spanning the input (quadratic memory; one solve of size T). Short inputs only.
 * ``recurrent`` -- one token at a time; the reference and the decoding step.
@@ -28,7 +29,7 @@ Forms (all take and return the state, and agree to float tolerance):
 Document boundaries and padding (as in every hf_extras kernel): a log decay of ``-inf`` at a token resets the state
 before that token writes (the document's first token): a packed row gives each document the outputs it has alone,
 forward and backward, with no NaN and nothing exponentiated above 0 (the chunkwise form replaces ``-inf`` by 0 in the
-cumulative sums and cuts the pairs that span a boundary with a mask). A pad (``k = 0`` and ``v = 0``, or ``beta = 0``,
+cumulative sums and cuts the pairs that span a boundary by an exponent offset that underflows to exactly 0). A pad (``k = 0`` and ``v = 0``, or ``beta = 0``,
 with log decay 0) leaves the state unchanged.
 
 Numerics: everything is computed in float32 (float64 for float64 inputs) whatever the input dtype, so bf16/fp16

@@ -5,9 +5,11 @@ State-space duality: Mamba-2's selective SSM with a scalar `A_h` per head,
     h_t = exp(dt_t A_h) h_{t-1} + dt_t B_t x_t^T,        y_t = C_t h_t + D_h x_t,
 
 is decayed linear attention `S_t = a_t S_{t-1} + k_t^T v_t`, `o_t = q_t S_t` with `q = C`, `k = dt * B`, `v = x`
-and the per-head, per-token log decay `log a_t = dt_t A_h <= 0`. So the scan is `retention_ops`'
-`decayed_linear_attention` (parallel / chunkwise / recurrent, bidirectional for encoders), not a second kernel, and
-on CUDA with flash-linear-attention it dispatches to `chunk_simple_gla` as gated retention does.
+and the per-head, per-token log decay `log a_t = dt_t A_h <= 0`. So the scan is `retention_ops`' decayed linear
+attention (parallel / chunkwise / recurrent, bidirectional for encoders), not a second kernel: its grouped variant
+`grouped_decayed_linear_attention` takes B / C once per group (shared by the group's heads, never expanded per head)
+and dt as a per-head key scale, in Mamba's time-major layout; on CUDA with flash-linear-attention the scan dispatches
+to `chunk_simple_gla` (per-head inputs) as gated retention does.
 
 The mixer's parameters (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`, `norm.weight`, `out_proj`) have the names,
 shapes, split order and initialisation of transformers' `Mamba2Mixer`; only the modules around it are named by the

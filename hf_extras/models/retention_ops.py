@@ -18,6 +18,11 @@ Three forms compute the same thing (to float tolerance) and all take / return th
 * ``chunkwise``  -- matmuls inside chunks, a recurrence across chunks; O(T), training default.
 * ``recurrent``  -- one token at a time; the reference and the decoding step.
 
+``grouped_decayed_linear_attention`` is the per-head-decay case with queries and keys shared by groups of heads and
+a per-head key scale (Mamba-2's SSD: ``q = C``, ``k = dt * B``, ``v = x``), time-major; its chunkwise form
+(``_GroupedChunkwise``, one autograd node with a hand-written backward) computes ``q k^T`` once per group and the
+state products for all heads of a group as one matmul.
+
 Document boundaries (packed rows): a boundary is a decay of zero, ``a_t = 0`` (log decay ``-inf``), at a
 document's first token, so the state is reset there and each document gives exactly its outputs alone. Pass them
 as ``reset`` (bool ``(B, T)``, True at each document's first token; ``packing.py`` builds it from transformers'
