@@ -210,3 +210,24 @@ def test_every_benchmark_script_imports_and_has_help():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     failed = {Path(script).name: status for script, status in report.items() if status != "ok"}
     assert not failed, failed
+
+
+def test_cache_bytes_grow_only_with_attention_layers():
+    """Cache after a prefill: Llama holds 2 x layers x width x ctx floats, a pure linear stack the same at any
+    context, a 3:1 hybrid a quarter of Llama's growth (one attention block in four)."""
+    dims = benchmark.Dims(hidden_size=32, num_hidden_layers=4, num_heads=2, vocab_size=64, max_positions=64)
+    per_token = 2 * dims.num_hidden_layers * dims.hidden_size * 4  # keys + values, float32
+    sizes = {}
+    for name in ("llama", "gated_deltanet", "gated_deltanet_hybrid", "gla_hybrid"):
+        torch.manual_seed(0)
+        model = benchmark.MODELS[name].build(dims)
+        sizes[name] = [benchmark.Decoder(model, ctx).cache_bytes for ctx in (8, 40)]
+    assert sizes["llama"] == [8 * per_token, 40 * per_token]
+    assert sizes["gated_deltanet"][0] == sizes["gated_deltanet"][1] > 0
+    for name in ("gated_deltanet_hybrid", "gla_hybrid"):
+        assert sizes[name][1] - sizes[name][0] == 32 * per_token // 4, name
+
+
+def test_cli_accepts_hybrid_models():
+    args = benchmark.parse_bench_args(["--models", "llama", "gated_deltanet", "gated_deltanet_hybrid", "gla_hybrid"])
+    assert args.models == ["llama", "gated_deltanet", "gated_deltanet_hybrid", "gla_hybrid"]

@@ -6,7 +6,8 @@ Three measurements, each a plain function usable on its own:
   `labels=input_ids`, backward, `AdamW.step`) on random token ids; median over `steps` timed steps after `warmup`.
 * `decode_latency(model, context_len, new_tokens, warmup)` -- ms per generated token, batch 1, greedy, through the
   model's own cache (`RecurrentCache` for hf_extras, `DynamicCache` for Llama) after a prefill of `context_len`
-  tokens. Only the one-token decode steps are timed (median), never the prefill.
+  tokens. Only the one-token decode steps are timed (median), never the prefill. `cache_bytes(cache)` is the tensor
+  storage the cache holds after the prefill (keys/values grow with the context, recurrent states do not).
 * `peak_memory_train_step(model, seq_len, batch_size)` -- how much one training step raises the process's peak
   resident set size (RSS), in MB. See "Memory method" below.
 
@@ -49,7 +50,7 @@ from .models import (
 )
 from .report import format_tables, save_plots, save_results, write_report
 from .suite import DECODE_KEYS, TRAIN_KEYS, environment_info, run_suite
-from .timing import Decoder, TrainStep, available_cores, decode_latency, median, train_throughput
+from .timing import Decoder, TrainStep, available_cores, cache_bytes, decode_latency, median, train_throughput
 
 __all__ = [
     "BASELINE",
@@ -66,6 +67,7 @@ __all__ = [
     "ModelSpec",
     "TrainStep",
     "available_cores",
+    "cache_bytes",
     "count_parameters",
     "decode_latency",
     "environment_info",

@@ -25,7 +25,7 @@ def _index(rows, kind: str, length_key: str, value_key: str):
         if row["kind"] != kind:
             continue
         labels.setdefault(row["model"], row.get("label") or row["model"])
-        table.setdefault(row["model"], {})[row[length_key]] = row[value_key] if _ok(row) else None
+        table.setdefault(row["model"], {})[row[length_key]] = row.get(value_key) if _ok(row) else None
         lengths.add(row[length_key])
     return table, labels, sorted(lengths)
 
@@ -53,7 +53,8 @@ def length_name(n: int) -> str:
 
 
 def format_tables(rows: list[dict[str, Any]], baseline: str = BASELINE) -> str:
-    """Markdown: parameters, training tokens/s, peak memory and decode latency, each with ratios against `baseline`."""
+    """Markdown: parameters, training tokens/s, peak memory, decode latency and cache size, each with ratios against
+    `baseline`."""
     sections = []
     params = {}
     for row in rows:
@@ -129,6 +130,22 @@ def format_tables(rows: list[dict[str, Any]], baseline: str = BASELINE) -> str:
             f"Context ratio: ms/token at the longest over the shortest context (1.00x = flat). "
             f"`{base_label} / model`: > 1 means faster than {base_label}.\n\n" + _md_table(header, body)
         )
+        cache, _, _ = _index(rows, "decode", "context_len", "cache_bytes")
+        if any(v is not None for per in cache.values() for v in per.values()):
+            mib = {m: {c: None if b is None else b / 2**20 for c, b in per.items()} for m, per in cache.items()}
+            header = ["model"] + [f"ctx {length_name(c)}" for c in contexts]
+            if baseline in mib:
+                header += [f"/ {base_label} @ {length_name(c)}" for c in contexts]
+            body = []
+            for m in mib:
+                cells = [labels[m]] + [_fmt(mib[m].get(c), 2) for c in contexts]
+                if baseline in mib:
+                    cells += [_fmt(_ratio(mib[m].get(c), mib[baseline].get(c)), 2, "x") for c in contexts]
+                body.append(cells)
+            sections.append(
+                "### Decode cache (MiB held by the cache after a prefill of ctx tokens, batch 1)\n\n"
+                + _md_table(header, body)
+            )
 
     failures = [row for row in rows if not _ok(row)]
     if failures:

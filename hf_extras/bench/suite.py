@@ -47,6 +47,7 @@ DECODE_KEYS = (
     "ms_per_token",
     "ms_per_token_all",
     "prefill_s",
+    "cache_bytes",
     "error",
 )
 
@@ -96,7 +97,8 @@ def run_suite(
     step in a fresh child process (see `hf_extras.bench.isolation`), else `None`.
 
     Decode rows (`kind="decode"`, keys `DECODE_KEYS`): for each context length, median ms per greedy token over
-    `new_tokens` steps after `decode_warmup`, batch 1, models taking turns token by token.
+    `new_tokens` steps after `decode_warmup`, batch 1, models taking turns token by token; `cache_bytes` is the size
+    of the model's cache after the prefill of the context (batch 1).
 
     A configuration that fails (e.g. out of memory) or that a model's `max_train_len` / `max_decode_context` skips
     gives a row with `error` set and `None` values; the suite goes on.
@@ -236,10 +238,12 @@ def run_suite(
                     ms_per_token=ms,
                     ms_per_token_all=[1000.0 * t for t in decoder.times],
                     prefill_s=decoder.prefill_s,
+                    cache_bytes=decoder.cache_bytes,
                 )
             )
             say(
-                f"  {spec.label:<22} decode ctx {context_len:>6}: {ms:8.2f} ms/token (prefill {decoder.prefill_s:.2f} s)"
+                f"  {spec.label:<22} decode ctx {context_len:>6}: {ms:8.2f} ms/token (prefill {decoder.prefill_s:.2f} s, "
+                f"cache {decoder.cache_bytes / 2**20:.2f} MiB)"
             )
         say(f"  [decode {context_len}: {time.perf_counter() - start:.0f} s]")
     say(f"suite done in {time.perf_counter() - suite_start:.0f} s")

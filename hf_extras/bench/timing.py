@@ -15,6 +15,7 @@ __all__ = [
     "Decoder",
     "TrainStep",
     "available_cores",
+    "cache_bytes",
     "decode_latency",
     "median",
     "model_device",
@@ -88,10 +89,37 @@ def _cache_of(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
+def _tensors(value, depth: int = 0):
+    """Every tensor held by `value` (an object's attributes, lists, tuples, dicts), a few levels deep."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth < 3:
+        if isinstance(value, dict):
+            items = value.values()
+        elif isinstance(value, (list, tuple)):
+            items = value
+        else:
+            items = vars(value).values() if hasattr(value, "__dict__") else ()
+        for item in items:
+            yield from _tensors(item, depth + 1)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of tensor storage a generation cache holds: keys/values of transformers' `DynamicCache` layers,
+    recurrent and conv states of `RecurrentCache` layers, both for a hybrid. Shared storages count once."""
+    storages = {}
+    for layer in getattr(cache, "layers", None) or [cache]:
+        for tensor in _tensors(layer):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 class Decoder:
     """One model's greedy decoding, one token per `step()`: prefill `context_len` random tokens first (untimed).
 
     `times` collects the wall time of the timed steps (seconds); the context grows by one token per step.
+    `cache_bytes`: the cache's size right after the prefill (`cache_bytes(cache)`).
     """
 
     def __init__(self, model, context_len: int, seed: int = 0):
@@ -105,6 +133,7 @@ class Decoder:
         self.cache = _cache_of(self.out)
         if self.cache is None:
             raise RuntimeError(f"{type(model).__name__} returned no cache from a `use_cache=True` forward pass.")
+        self.cache_bytes = cache_bytes(self.cache)
         self.times: list[float] = []
 
     def step(self, timed: bool = True) -> None:
