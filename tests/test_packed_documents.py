@@ -14,7 +14,6 @@ from transformers import DataCollatorWithFlattening
 
 LENGTHS = (5, 1, 9, 3)  # one single-token document, lengths across the tiny chunk size (8)
 FORMS = ("parallel", "chunkwise", "recurrent", "auto")
-SEQUENCE_FAMILIES = [f for f in FAMILIES]
 
 
 def _documents(vocab: int = 96, lengths=LENGTHS, seed: int = 0) -> list[torch.Tensor]:
@@ -47,7 +46,7 @@ def _split(out: torch.Tensor, docs) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("family", SEQUENCE_FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_packed_row_gives_each_document_its_logits_and_gradients(family, form):
     model = _model(family, "ForCausalLM", form)
     docs = _documents()
@@ -78,7 +77,7 @@ def test_packed_row_gives_each_document_its_logits_and_gradients(family, form):
         )
 
 
-@pytest.mark.parametrize("family", SEQUENCE_FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_bidirectional_rows_see_no_other_document(family):
     model = _model(family, "ForMaskedLM")
     docs = _documents(lengths=(4, 6, 2))
@@ -89,7 +88,7 @@ def test_bidirectional_rows_see_no_other_document(family):
 
 
 @pytest.mark.parametrize("head", ["Model", "ForTokenClassification"])
-@pytest.mark.parametrize("family", SEQUENCE_FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_every_collator_marker_and_several_packed_rows(family, head):
     """`seq_idx` and `cu_seq_lens_q` from the collator, and a batch of two packed rows (with right padding)."""
     model = _model(family, head)
@@ -120,7 +119,7 @@ def test_every_collator_marker_and_several_packed_rows(family, head):
     _close(two[1, :4], alone[2])
 
 
-@pytest.mark.parametrize("family", [f for f in SEQUENCE_FAMILIES if f.name in ("retnet", "gla", "mamba", "dyt")])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.name in ("retnet", "gla", "mamba", "dyt")])
 def test_left_padded_generate_positions_are_no_boundary(family):
     """generate() writes position ids that restart after left pads; that is padding, not a second document."""
     from hf_extras.models.packing import packed_document_starts
@@ -135,7 +134,7 @@ def test_left_padded_generate_positions_are_no_boundary(family):
     torch.testing.assert_close(a[:, 2:], b[:, 2:])
 
 
-@pytest.mark.parametrize("family", SEQUENCE_FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_packed_prefill_then_generate_continues_the_last_document(family):
     """generate() on a packed prompt: the continuation is that of the last document alone."""
     model = _model(family, "ForCausalLM")
@@ -148,7 +147,7 @@ def test_packed_prefill_then_generate_continues_the_last_document(family):
     _close(torch.stack(packed.scores), torch.stack(alone.scores))
 
 
-@pytest.mark.parametrize("family", SEQUENCE_FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_packed_seq2seq_keeps_pairs_apart(family):
     torch.manual_seed(0)
     model = family.cls("ForConditionalGeneration")(family.config(initializer_range=0.2)).eval()
@@ -161,7 +160,7 @@ def test_packed_seq2seq_keeps_pairs_apart(family):
         _close(got, want)
 
 
-@pytest.mark.parametrize("family", SEQUENCE_FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_16k_packed_tokens_in_bf16_stay_finite(family):
     model = _model(family, "ForCausalLM").to(torch.bfloat16)
     docs = _documents(lengths=(5000, 3, 7000, 4381))

@@ -19,12 +19,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.output_capturing import capture_outputs
 
 from .attention import CrossAttention
+from .attention_masks import cross_document_mask_function
 from .cache import RecurrentCache, as_recurrent_cache
 from .ffn import build_ffn
 from .hybrid import HybridAttention, attention_rotary, hybrid_masks
 from .input_checks import check_attention_mask_values, check_position_ids, check_token_inputs
 from .norms import DyT, build_norm
-from .packing import cross_document_mask_function, packed_document_starts
+from .packing import packed_document_starts
 from .positions import positions_from_mask, rotary_cos_sin
 
 

@@ -4,6 +4,8 @@ conv, Mamba's conv1d, Gated DeltaNet's and Mamba-2's convs)."""
 import torch
 import torch.nn.functional as F
 
+from .packing import document_ids, has_interior_pads
+
 
 def causal_depthwise_conv(
     x: torch.Tensor,
@@ -51,7 +53,7 @@ def _conv(x, weight, bias, tail, padding_mask, document_starts, keep_tail):
         padded = torch.cat([tail.transpose(1, 2).to(x.dtype), x], dim=1)
     doc = doc_padded = None
     if document_starts is not None and kernel > 1:
-        doc = torch.cumsum(document_starts.to(torch.int32), dim=1)  # the document index of each token in its row
+        doc = document_ids(document_starts)  # the document index of each token in its row
         doc_padded = F.pad(doc, (kernel - 1, 0))  # the old tail is in the row's first document
     taps = weight[:, 0, :].t().to(x.dtype)  # (kernel, channels)
     y = None if bias is None else bias.to(x.dtype)
@@ -86,17 +88,6 @@ def _conv_over_real_tokens(x, weight, bias, tail, padding_mask, document_starts,
     starts = document_starts.gather(1, order) if document_starts is not None else None
     y, new_tail = _conv(compact, weight, bias, tail, real.gather(1, order), starts, keep_tail)
     return y.gather(1, inverse[..., None].expand(-1, -1, channels)), new_tail
-
-
-def has_interior_pads(padding_mask: torch.Tensor) -> bool:
-    """Whether some pad lies between two real tokens of a row. Read on CPU outside `torch.compile` (no device sync
-    there); elsewhere assumed (the exact path is taken whenever a mask is given)."""
-    if padding_mask.device.type != "cpu" or torch.compiler.is_compiling():
-        return True
-    real = padding_mask.bool().to(torch.int8)
-    before = torch.cummax(real, dim=1).values
-    after = torch.cummax(real.flip(1), dim=1).values.flip(1)
-    return bool(((before & after) > real).any())
 
 
 def last_kept_inputs(seq: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from transformers.masking_utils import (
 )
 
 from .attention import MultiHeadSelfAttention
-from .packing import attention_document_mask_function
+from .attention_masks import attention_document_mask_function, mask_with_cached_tokens
 from .positions import rotary_cos_sin
 
 HYBRID_ROPE_THETA = 10000.0
@@ -68,18 +68,6 @@ def attention_rotary(config, position_ids: torch.Tensor) -> tuple[torch.Tensor, 
     family's own q/k width, and families without positions still need them here)."""
     theta = getattr(config, "rope_theta", HYBRID_ROPE_THETA)
     return rotary_cos_sin(position_ids, attention_head_dim(config), theta)
-
-
-def mask_with_cached_tokens(padding_mask, cache, new_tokens: int):
-    """A 2-D padding mask over the cached and the new tokens. A mask that covers only the new tokens gets ones for
-    the cached ones (the KV cache does not keep the padding mask), so a left-padded batch must pass the whole mask, as
-    generate() does."""
-    if padding_mask is None or cache is None:
-        return padding_mask
-    missing = cache.get_seq_length() + new_tokens - padding_mask.shape[1]
-    if missing <= 0:
-        return padding_mask
-    return torch.cat([padding_mask.new_ones(padding_mask.shape[0], missing), padding_mask], dim=1)
 
 
 def hybrid_masks(config, padding_mask, inputs_embeds: torch.Tensor, cache, document_starts=None) -> dict:

@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from .attention import MultiHeadSelfAttention
+from .attention_masks import attention_document_mask_function, mask_with_cached_tokens
 from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_dyt import DyTConfig
 from .heads import (
@@ -28,8 +29,6 @@ from .heads import (
     ForSequenceClassificationHead,
     ForTokenClassificationHead,
 )
-from .hybrid import mask_with_cached_tokens
-from .packing import attention_document_mask_function
 from .positions import sinusoidal_embedding
 from .seq2seq import ForConditionalGenerationHead
 

@@ -22,8 +22,6 @@ never changes the state (``log_decay_with_padding`` sets the log decay).
 This file is copied into saved checkpoints: it imports only torch.
 """
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -36,10 +34,9 @@ __all__ = [
     "log_decay_with_padding",
     "packed_document_starts",
     "document_ids",
-    "same_document_mask_function",
-    "attention_document_mask_function",
-    "cross_document_mask_function",
     "padding_touches_state",
+    "has_interior_pads",
+    "readable_on_host",
 ]
 
 
@@ -165,7 +162,7 @@ def packed_document_starts(
     if padding_mask is not None:
         real = padding_mask.bool()
         interior[:, 1:] &= real[:, 1:] & real[:, :-1]
-    if interior.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(interior.any()):
+    if readable_on_host(interior) and not bool(interior.any()):
         return None
     return interior
 
@@ -179,66 +176,27 @@ def document_ids(document_starts: Tensor, past_length: int = 0) -> Tensor:
     return ids
 
 
-def same_document_mask_function(document_starts: Tensor | None, past_length: int = 0) -> Callable | None:
-    """A transformers mask function (``and_mask_function`` of ``create_causal_mask`` and friends) that lets a query
-    see a key only inside its own packed document: softmax attention's block-diagonal mask. None without
-    boundaries. Indices are absolute (cached tokens first), as the masking utilities pass them."""
-    if document_starts is None:
-        return None
-    ids = document_ids(document_starts, past_length)
-
-    def inner(batch_idx, head_idx, q_idx, kv_idx):
-        return ids[batch_idx, q_idx] == ids[batch_idx, kv_idx]
-
-    return inner
+def readable_on_host(tensor: Tensor) -> bool:
+    """Whether a mask may be read back to choose a kernel path: on CPU outside ``torch.compile`` (no device sync, no
+    graph break). Elsewhere callers take the path that is exact for every mask."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def attention_document_mask_function(document_starts: Tensor | None, cache) -> Callable | None:
-    """The packed-documents part of a softmax attention mask, for a forward with or without a KV cache.
-
-    With boundaries: block-diagonal (``same_document_mask_function``), and a cache remembers where each row's last
-    document starts (``cache.document_start``, absolute index), so later one-token steps of ``generate()`` after a
-    packed prompt attend to that document only, as a recurrent state does after its reset. Without boundaries: that
-    remembered start, if any, else None.
-    """
-    past_length = cache.get_seq_length() if cache is not None else 0
-    if document_starts is not None:
-        if cache is not None:
-            batch, length = document_starts.shape
-            columns = torch.arange(length, device=document_starts.device)
-            last = (document_starts.long() * columns).amax(dim=1) + past_length
-            previous = getattr(cache, "document_start", None)
-            if previous is None:
-                previous = torch.zeros(batch, dtype=torch.long, device=document_starts.device)
-            cache.document_start = torch.where(document_starts.any(dim=1), last, previous)
-        return same_document_mask_function(document_starts, past_length)
-    start = getattr(cache, "document_start", None) if cache is not None else None
-    if start is None:
-        return None
-
-    def inner(batch_idx, head_idx, q_idx, kv_idx):
-        return kv_idx >= start[batch_idx]
-
-    return inner
+def _real_before_and_after(padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(real, seen_before, seen_after)`` int8 ``(B, T)``: the token is real; a real token is at or before it; at or
+    after it."""
+    real = padding_mask.bool().to(torch.int8)
+    before = torch.cummax(real, dim=1).values
+    after = torch.cummax(real.flip(1), dim=1).values.flip(1)
+    return real, before, after
 
 
-def cross_document_mask_function(query_starts: Tensor | None, key_starts: Tensor | None) -> Callable | None:
-    """Cross-attention of packed seq2seq pairs: decoder document ``i`` sees encoder document ``i`` only (both rows
-    hold the same number of documents, in order). None unless both sides are packed; raises if only one is."""
-    if query_starts is None and key_starts is None:
-        return None
-    if query_starts is None or key_starts is None:
-        side = "decoder" if query_starts is None else "encoder"
-        raise ValueError(
-            f"packed seq2seq needs boundaries on both sides: the {side} input has none. Pass position ids that restart "
-            "at 0 for each pair in both the source (`position_ids`) and the target (`decoder_position_ids`)."
-        )
-    q_ids, k_ids = document_ids(query_starts), document_ids(key_starts)
-
-    def inner(batch_idx, head_idx, q_idx, kv_idx):
-        return q_ids[batch_idx, q_idx] == k_ids[batch_idx, kv_idx]
-
-    return inner
+def has_interior_pads(padding_mask: Tensor) -> bool:
+    """Whether some pad lies between two real tokens of a row (assumed True where the mask is not readable)."""
+    if not readable_on_host(padding_mask):
+        return True
+    real, before, after = _real_before_and_after(padding_mask)
+    return bool(((before & after) > real).any())
 
 
 def padding_touches_state(log_decay: Tensor, attention_mask: Tensor, carried_state: bool = False) -> bool:
@@ -246,14 +204,10 @@ def padding_touches_state(log_decay: Tensor, attention_mask: Tensor, carried_sta
 
     Always for a per-token decay (the masking is free there) and when a state is carried in (a cache). A fixed
     ``(H,)`` decay (RetNet) otherwise keeps its faster kernel path when no pad follows a real token (no padding, or
-    left padding only: the state before the first real token is zero, which a decay does not change). Deciding that
-    reads the mask, which on CPU outside ``torch.compile`` costs no device sync; elsewhere a fixed decay is made per
-    token whenever a mask is given.
+    left padding only: the state before the first real token is zero, which a decay does not change); where the mask
+    is not readable (``readable_on_host``) a fixed decay is made per token whenever a mask is given.
     """
-    if log_decay.dim() > 1 or carried_state:
+    if log_decay.dim() > 1 or carried_state or not readable_on_host(attention_mask):
         return True
-    if attention_mask.device.type != "cpu" or torch.compiler.is_compiling():
-        return True
-    real = attention_mask.bool()
-    seen_real = torch.cummax(real.to(torch.int8), dim=1).values.bool()
-    return bool((seen_real & ~real).any())
+    real, before, _ = _real_before_and_after(attention_mask)
+    return bool((before > real).any())

@@ -92,6 +92,12 @@ _RECURRENT_MAX_LEN = 2  # with a state (decoding a few tokens at a time)
 # --------------------------------------------------------------------------------------------
 
 
+def backward_resets(reset: Tensor) -> Tensor:
+    """The resets of the anti-causal pass, in forward time order: a document starting at r must not be seen from
+    r - 1 and earlier, so that direction's state is dropped at r - 1 (``(B, T)`` bool; none at the last token)."""
+    return torch.cat([reset[:, 1:], torch.zeros_like(reset[:, :1])], 1)
+
+
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype for decays and the carried state: float32, or float64 for float64 inputs (also used by scan_ops)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -588,8 +594,7 @@ def decayed_linear_attention(
             g_f = log_decay if log_decay.dim() == 1 else torch.flip(log_decay, [2])
         r_f = None
         if reset is not None:
-            # t must not see s >= r (a document starting at r): zero decay at r - 1 in this direction
-            r_f = torch.flip(torch.cat([reset[:, 1:], torch.zeros_like(reset[:, :1])], 1), [1])
+            r_f = torch.flip(backward_resets(reset), [1])
         qf, kf, vf = torch.flip(q, fl), torch.flip(k, fl), torch.flip(v, fl)
         o_b, _ = _run(mode, qf, kf, vf, g_f, None, False, True, chunk_size, r_f)
         o = o + torch.flip(o_b, fl)
@@ -858,7 +863,7 @@ def _grouped_both_ways(q, k, v, log_decay, key_scale, initial_state, output_fina
         fl = [1]
         r_f = None
         if reset is not None:
-            r_f = torch.flip(torch.cat([reset[:, 1:], torch.zeros_like(reset[:, :1])], 1), fl)
+            r_f = torch.flip(backward_resets(reset), fl)
         ks_f = torch.flip(key_scale, fl) if key_scale is not None else None
         flipped = (torch.flip(x, fl) for x in (q, k, v, log_decay))
         o_b, _ = _grouped_chunkwise(*flipped, ks_f, None, False, True, C, r_f)

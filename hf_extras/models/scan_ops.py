@@ -61,7 +61,7 @@ must import only torch and the standard library.
 import torch
 from torch import Tensor
 
-from .retention_ops import _float_dtype
+from .retention_ops import _float_dtype, backward_resets
 from .scan_cpu_kernel import fused_scan, kernel_applies
 
 __all__ = [
@@ -454,7 +454,7 @@ def selective_scan(
     y, h = _causal(mode, x, dt, A, B, C, h0, chunk_size, reset=reset)
     if bidirectional:
         # the anti-causal decay at t multiplies h_bwd_{t+1}: a document starting at r is cut off at r - 1
-        reset_bwd = None if reset is None else torch.cat([reset[:, 1:], torch.zeros_like(reset[:, :1])], 1)
+        reset_bwd = None if reset is None else backward_resets(reset)
         h0_bwd = x.new_zeros(batch, d, A.shape[1]) if mode == "recurrent" else None
         y_bwd, _ = _causal(mode, x, dt, A, B, C, h0_bwd, chunk_size, reverse=True, reset=reset_bwd)
         # both scans counted token t itself: subtract C_t . (dt_t B_t x_t) once
