@@ -171,12 +171,19 @@ class SequenceBlock(GradientCheckpointingLayer):
 
 
 class SharedPreTrainedModel(PreTrainedModel):
-    """Base of every hf_extras model: initialisation, recurrent-cache opt-out, remote-code auto map."""
+    """Base of every hf_extras model: initialisation, recurrent-cache opt-out, remote-code auto map.
+
+    Softmax attention (DyT, hybrid attention layers, seq2seq cross-attention) goes through transformers' attention
+    interface, so every family declares SDPA and the registered backends: transformers then picks SDPA by default,
+    as for Llama (a family without attention layers never calls it).
+    """
 
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["SequenceBlock"]
     _is_stateful = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
     _family_auto_map: dict[str, str] = {}
 
     @classmethod

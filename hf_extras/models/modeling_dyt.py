@@ -55,8 +55,6 @@ class DyTPreTrainedModel(SharedPreTrainedModel):
     config_class = DyTConfig
     config: DyTConfig
     _is_stateful = False
-    _supports_sdpa = True
-    _supports_attention_backend = True
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
