@@ -14,8 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from hf_extras.convert import attention_transfer_loss, kl_to_teacher, linearize
-from hf_extras.convert.linearize import decay_schedule
+from hf_extras.convert.linearize import decay_schedule, teacher_attention_io, teacher_layer_types
 from hf_extras.errors import ConfigError
+from hf_extras.models.hybrid import HybridAttention, attention_rotary, hybrid_masks
 from hf_extras.models.positions import apply_rotary, rotary_cos_sin
 
 TARGETS = ["hfx_gated_retention", "hfx_retnet", "hfx_gated_deltanet"]
@@ -36,11 +37,29 @@ def tiny_llama(tie: bool = False, vocab_size: int = 96, **overrides) -> LlamaFor
     return model
 
 
+def tiny_mistral(sliding_window: int | None = 4, num_hidden_layers: int = 3) -> transformers.MistralForCausalLM:
+    config = transformers.MistralConfig(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=num_hidden_layers,
+        intermediate_size=48, vocab_size=96, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        sliding_window=sliding_window, rope_parameters={"rope_type": "default", "rope_theta": 20000.0},
+    )  # fmt: skip
+    return transformers.MistralForCausalLM(config).eval()
+
+
+HYBRID = ["full_attention", "linear_attention"]
+
+
+@pytest.mark.parametrize("layer_types", [None, HYBRID], ids=["linear", "hybrid"])
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("into", TARGETS)
-def test_copied_tensors_equal_the_teachers(into, tie):
+def test_copied_tensors_equal_the_teachers(into, tie, layer_types):
     teacher = tiny_llama(tie=tie)
-    student = linearize(teacher, into=into)
+    student = linearize(teacher, into=into, layer_types=layer_types)
+    kinds = layer_types or ["linear_attention"] * 2
+    assert [isinstance(layer.mixer, HybridAttention) for layer in student.model.layers] == [
+        kind != "linear_attention" for kind in kinds
+    ]
+    assert student.config.rope_theta == 500000.0  # the kept attention layers' rotary base
     group, head_dim = 2, 8
     assert student.config.norm_eps == 1e-5 and student.config.tie_word_embeddings is tie
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
@@ -165,14 +184,78 @@ def test_bad_arguments_name_the_field():
         linearize(teacher, hidden_size=64)
     with pytest.raises(ConfigError, match="hfx_mamba"):
         linearize(teacher, into="hfx_mamba")
-    with pytest.raises(NotImplementedError, match="layer_types"):
-        linearize(teacher, layer_types=["linear_attention", "full_attention"])
+    with pytest.raises(ConfigError, match="sliding_window"):
+        linearize(teacher, sliding_window=8)  # the teacher's window, not a free field
+    with pytest.raises(ConfigError, match=r"`layer_types` has 3 entries but the teacher has 2 layers"):
+        linearize(teacher, layer_types=["linear_attention"] * 3)
+    with pytest.raises(ConfigError, match=r"`layer_types` has unknown entries \['attention'\]"):
+        linearize(teacher, layer_types=["attention", "linear_attention"])
+    with pytest.raises(ConfigError, match="`layer_types`.*three to one"):
+        linearize(teacher, layer_types="three to one")
+    # a window the teacher does not have: "sliding without window"
+    with pytest.raises(ConfigError, match=r"layers \[1\] \"sliding_attention\".*no `sliding_window`"):
+        linearize(teacher, layer_types="1:1-sliding")
+    with pytest.raises(ConfigError, match="head_dim"):  # our attention heads are hidden_size / heads wide
+        linearize(tiny_llama(head_dim=16), into="hfx_gated_deltanet", layer_types=HYBRID)
+    assert linearize(tiny_llama(head_dim=16), into="hfx_gated_deltanet").config.key_head_dim == 16
+    with pytest.raises(ConfigError, match="rope_type"):  # kept attention layers rotate q/k with the default table
+        scaled = tiny_llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+        linearize(scaled, into="hfx_gated_deltanet", layer_types=HYBRID)
 
 
+def test_teacher_layer_types_follow_the_teachers_own_attention_modules():
+    """What each teacher layer is, checked against what transformers' modules do with the config."""
+    small = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+                 intermediate_size=48, vocab_size=96)  # fmt: skip
+    for cls, config in [
+        (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(use_sliding_window=True, sliding_window=8,
+                                                                 max_window_layers=1, **small)),
+        (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(use_sliding_window=True, sliding_window=8,
+                                                                 max_window_layers=2, head_dim=8, **small)),
+        (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**small)),
+    ]:  # fmt: skip
+        kinds, window = teacher_layer_types(config)
+        modules = [layer.self_attn.sliding_window for layer in cls(config).model.layers]
+        assert [window if kind == "sliding_attention" else None for kind in kinds] == modules
+    # Mistral slides in every layer when a window is set and ignores a `layer_types` entry; Llama never slides
+    mistral = transformers.MistralConfig(sliding_window=8, layer_types=["full_attention"] * 3, **small)
+    assert teacher_layer_types(mistral) == (["sliding_attention"] * 3, 8)
+    assert teacher_layer_types(transformers.MistralConfig(sliding_window=None, **small)) == (
+        ["full_attention"] * 3,
+        None,
+    )
+    llama = transformers.LlamaConfig(layer_types=["sliding_attention"] * 3, sliding_window=8, **small)
+    assert teacher_layer_types(llama) == (["full_attention"] * 3, None)
+
+
+def test_sliding_teacher_maps_to_sliding_layers_or_is_refused():
+    """A teacher's sliding layer is kept exactly as "sliding_attention"; made linear or full it sees the whole past,
+    refused unless `ignore_sliding_window` (the pure case as before hybrids)."""
+    teacher = tiny_mistral(sliding_window=4)
+    linear, full = r"\['linear_attention'\]", r"\['full_attention'\]"
+    for refused, layers, kinds in [
+        (None, r"\[0, 1, 2\]", linear),
+        ("1:1", r"\[0, 1, 2\]", r"\['full_attention', 'linear_attention'\]"),
+        ("1:1-sliding", r"\[0, 2\]", linear),
+        (["sliding_attention", "full_attention", "sliding_attention"], r"\[1\]", full),
+    ]:
+        expected = rf"layers {layers} .*sliding_window=4.*makes them {kinds}.*ignore_sliding_window"
+        with pytest.raises(ConfigError, match=expected):
+            linearize(teacher, into="hfx_gated_deltanet", layer_types=refused)
+    exact = linearize(teacher, into="hfx_gated_deltanet", layer_types=["sliding_attention"] * 3)
+    assert exact.config.sliding_window == 4 and all(layer.mixer.sliding_window == 4 for layer in exact.model.layers)
+    student = linearize(teacher, into="hfx_gated_deltanet", layer_types="1:1-sliding", ignore_sliding_window=True)
+    assert student.config.layer_types == ["linear_attention", "sliding_attention", "linear_attention"]
+    assert student.config.sliding_window == 4 and student.model.layers[1].mixer.sliding_window == 4
+    accepted = linearize(teacher, into="hfx_gated_deltanet", layer_types="1:1", ignore_sliding_window=True)
+    assert accepted.config.layer_types[1] == "full_attention" and accepted.config.sliding_window is None
+
+
+@pytest.mark.parametrize("layer_types", [None, "1:1"], ids=["linear", "hybrid"])
 @pytest.mark.parametrize("into", TARGETS)
-def test_saved_copy_runs_every_head(into, tmp_path):
+def test_saved_copy_runs_every_head(into, layer_types, tmp_path):
     teacher = tiny_llama()
-    student = linearize(teacher, into=into)
+    student = linearize(teacher, into=into, layer_types=layer_types)
     student.save_pretrained(tmp_path)
     ids = torch.randint(3, 96, (2, 9))
     with torch.no_grad():
@@ -192,6 +275,77 @@ def test_saved_copy_runs_every_head(into, tmp_path):
         assert qa(ids).start_logits.shape == (2, 9)
 
 
+@pytest.mark.parametrize("into", TARGETS)
+def test_all_full_attention_gives_the_teachers_logits(into):
+    """Every layer kept: the copy is the teacher (eager ours vs the teacher's SDPA), padded or not, and generates
+    the teacher's tokens."""
+    teacher = tiny_llama(num_hidden_layers=3)
+    student = linearize(teacher, into=into, layer_types=["full_attention"] * 3)
+    ids = torch.randint(3, 96, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding: both count positions from 0
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            expected = teacher(ids, attention_mask=attention_mask).logits
+            got = student(ids, attention_mask=attention_mask).logits
+            keep = slice(None) if attention_mask is None else attention_mask.bool()
+            torch.testing.assert_close(got[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    prompt = ids[:1, :6]
+    assert torch.equal(
+        student.generate(prompt, max_new_tokens=8, do_sample=False),
+        teacher.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+    )
+
+
+@pytest.mark.parametrize("into", ["hfx_gated_retention", "hfx_gated_deltanet"])
+def test_all_sliding_attention_gives_a_sliding_teachers_logits(into):
+    """Mistral with a window shorter than the text: its sliding layers map exactly onto ours (window copied)."""
+    teacher = tiny_mistral(sliding_window=4)
+    student = linearize(teacher, into=into, layer_types=["sliding_attention"] * 3)
+    ids = torch.randint(3, 96, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
+    wider = linearize(teacher, into=into, layer_types=["full_attention"] * 3, ignore_sliding_window=True)
+    with torch.no_grad():  # the check has teeth: without the window the logits differ past it
+        assert (wider(ids).logits - teacher(ids).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("make_teacher", "layer_types"),
+    [(lambda: tiny_llama(num_hidden_layers=3), "1:1"), (lambda: tiny_mistral(sliding_window=4), "1:1-sliding")],
+    ids=["llama_full", "mistral_sliding"],
+)
+@pytest.mark.parametrize("into", TARGETS)
+def test_kept_attention_layers_give_the_teachers_layer_outputs(into, make_teacher, layer_types):
+    """In a mixed schedule, each attention layer given the teacher's input to that layer gives its output."""
+    teacher = make_teacher()
+    student = linearize(teacher, into=into, layer_types=layer_types, ignore_sliding_window=True)
+    kept = [i for i, kind in enumerate(student.config.layer_types) if kind != "linear_attention"]
+    assert kept == [1]
+    ids = torch.randint(3, 96, (2, 13))
+    position_ids = torch.arange(13)[None].expand(2, -1)
+    inputs, outputs = teacher_attention_io(teacher, ids, None, position_ids)
+    tables = attention_rotary(student.config, position_ids)
+    for i in kept:
+        kind = student.config.layer_types[i]
+        mask = hybrid_masks(student.config, None, inputs[i], None)[kind]
+        with torch.no_grad():
+            got = student.model.layers[i].mixer(inputs[i], attention_mask=mask, position_embeddings=tables)
+        torch.testing.assert_close(got, outputs[i], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+@pytest.mark.parametrize("into", TARGETS)
+def test_hybrid_copy_generates_the_same_with_and_without_cache(into, mode):
+    teacher = tiny_mistral(sliding_window=4, num_hidden_layers=4)
+    schedule = ["linear_attention", "sliding_attention"] * 2
+    student = linearize(teacher, into=into, layer_types=schedule, ignore_sliding_window=True)
+    ids = torch.randint(3, 96, (2, 9))  # longer than the window
+    kwargs = dict(do_sample=False) if mode == "greedy" else dict(num_beams=3, do_sample=False)
+    outs = [student.generate(ids, max_new_tokens=8, use_cache=c, pad_token_id=0, **kwargs) for c in (True, False)]
+    assert outs[0].shape == (2, 17) and torch.equal(outs[0], outs[1])
+
+
 def test_attention_transfer_loss_is_zero_on_itself_and_reaches_only_mixers():
     teacher = tiny_llama()
     student = linearize(teacher, into="hfx_gated_retention")
@@ -205,27 +359,46 @@ def test_attention_transfer_loss_is_zero_on_itself_and_reaches_only_mixers():
     assert grads and all(".mixer." in n for n in grads)
 
 
+def test_attention_transfer_skips_kept_attention_layers():
+    teacher = tiny_llama(num_hidden_layers=3)
+    student = linearize(teacher, into="hfx_gated_deltanet", layer_types=["linear_attention", "full_attention",
+                                                                           "linear_attention"])  # fmt: skip
+    ids = torch.randint(3, 96, (2, 12))
+    losses = attention_transfer_loss(student, teacher, ids)
+    assert losses.shape == (2,) and bool((losses > 0).all())  # layers 0 and 2
+    losses.sum().backward()
+    grads = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(n.startswith(("model.layers.0.mixer.", "model.layers.2.mixer.")) for n in grads), grads
+    with pytest.raises(ConfigError, match="stage1_steps"):
+        attention_transfer_loss(linearize(teacher, layer_types=["full_attention"] * 3), teacher, ids)
+
+
 def tiny_blocks(n: int, length: int = 16, vocab: int = 96) -> Dataset:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(3, vocab, (n, length), generator=generator)
     return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 
 
-def test_stage1_lowers_every_layers_mse_and_freezes_the_rest(tmp_path):
+def stage1(student, teacher, tmp_path, steps: int = 8) -> dict:
+    """`run_attention_transfer` for `steps` steps at lr 1e-2 on 16 random blocks (evaluated on 8 of them)."""
     from hf_extras.tasks.causal_lm import causal_lm_collator
     from hf_extras.tasks.linearize import run_attention_transfer
     from hf_extras.training import load_tokenizer
 
-    teacher = tiny_llama(vocab_size=264)
-    student = linearize(teacher, into="hfx_gated_retention").train()
-    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if ".mixer." not in n}
     args = TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, per_device_eval_batch_size=8,
         report_to="none", save_strategy="no", logging_steps=1, seed=0, lr_scheduler_type="constant",
     )  # fmt: skip
     data = tiny_blocks(16, vocab=264)
     collator = causal_lm_collator(load_tokenizer(None))
-    metrics = run_attention_transfer(student, teacher, data, data.select(range(8)), collator, args, 8, 1e-2)
+    return run_attention_transfer(student, teacher, data, data.select(range(8)), collator, args, steps, 1e-2)
+
+
+def test_stage1_lowers_every_layers_mse_and_freezes_the_rest(tmp_path):
+    teacher = tiny_llama(vocab_size=264)
+    student = linearize(teacher, into="hfx_gated_retention").train()
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if ".mixer." not in n}
+    metrics = stage1(student, teacher, tmp_path)
     before, after = metrics["stage1_initial_layer_mse"], metrics["stage1_final_layer_mse"]
     assert len(before) == len(after) == 2
     assert all(b > a for b, a in zip(before, after, strict=True)), (before, after)
@@ -233,6 +406,29 @@ def test_stage1_lowers_every_layers_mse_and_freezes_the_rest(tmp_path):
         assert param.requires_grad, name  # restored for stage 2
         if name in frozen:
             assert torch.equal(param, frozen[name]), name
+
+
+def test_stage1_on_a_hybrid_trains_only_the_linear_layers(tmp_path):
+    """The kept attention layer is frozen and not reported; the linear layers' MSE falls."""
+    from hf_extras.tasks.linearize import stage1_parameters
+
+    teacher = tiny_llama(vocab_size=264, num_hidden_layers=3)
+    student = linearize(teacher, into="hfx_gated_retention", layer_types="1:1").train()
+    attention = {n: p.detach().clone() for n, p in student.model.layers[1].named_parameters()}
+    metrics = stage1(student, teacher, tmp_path)
+    assert metrics["stage1_layers"] == [0, 2]
+    before, after = metrics["stage1_initial_layer_mse"], metrics["stage1_final_layer_mse"]
+    assert len(before) == len(after) == 2
+    assert all(b > a for b, a in zip(before, after, strict=True)), (before, after)
+    for name, param in student.model.layers[1].named_parameters():
+        assert torch.equal(param, attention[name]), name
+    linear_mixers = {
+        f"model.layers.{i}.mixer.{n}" for i in (0, 2) for n, _ in student.model.layers[i].mixer.named_parameters()
+    }
+    assert set(stage1_parameters(student)) == linear_mixers
+    copied = ("q_proj", "k_proj", "v_proj", "o_proj")
+    new_only = {n for n in linear_mixers if n.split(".")[-2] not in copied}
+    assert set(stage1_parameters(student, "new")) == new_only and new_only
 
 
 def test_kl_to_teacher_matches_torch_kl_div():
@@ -306,21 +502,13 @@ def recipe(teacher_folder, out, *extra: str) -> int:
     )  # fmt: skip
 
 
-def test_recipe_runs_end_to_end_and_loads_without_hf_extras(teacher_folder, tmp_path):
-    out = tmp_path / "run"
-    assert recipe(teacher_folder, out, "--kl_weight", "0.5") == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["task"] == "linearize" and metrics["model_type"] == "hfx_gated_retention"
-    for key in ("teacher_eval_loss", "linearized_eval_loss", "initial_eval_loss", "final_eval_loss"):
-        assert metrics[key] > 0, key
-    assert metrics["stage1_final_mse"] < metrics["stage1_initial_mse"]
-    assert len(metrics["stage1_final_layer_mse"]) == 2 and metrics["steps"] == 2
-    assert not (out / "stage1").exists()
+def assert_loads_without_hf_extras(out, tmp_path, check: str = "") -> None:
+    """The run folder `out` loads with `trust_remote_code=True` where hf_extras cannot be imported, gives the logits
+    it gives here, and runs `check` (Python on `model`) there."""
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(3, 264, (1, 10))
     with torch.no_grad():
-        expected = model(ids).logits
-    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
     result = run_without_hf_extras(
         f"""
         import torch
@@ -333,6 +521,7 @@ def test_recipe_runs_end_to_end_and_loads_without_hf_extras(teacher_folder, tmp_
         ref = torch.load("{tmp_path}/expected.pt")
         model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True).eval()
         assert "hf_extras" not in type(model).__module__, type(model).__module__
+        {check}
         with torch.no_grad():
             torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], rtol=0, atol=0)
         AutoTokenizer.from_pretrained("{out}")
@@ -341,6 +530,58 @@ def test_recipe_runs_end_to_end_and_loads_without_hf_extras(teacher_folder, tmp_
         cwd=str(tmp_path),
     )
     assert "REMOTE_OK" in result.stdout, result.stdout + result.stderr
+
+
+def test_recipe_runs_end_to_end_and_loads_without_hf_extras(teacher_folder, tmp_path):
+    out = tmp_path / "run"
+    assert recipe(teacher_folder, out, "--kl_weight", "0.5") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "linearize" and metrics["model_type"] == "hfx_gated_retention"
+    for key in ("teacher_eval_loss", "linearized_eval_loss", "initial_eval_loss", "final_eval_loss"):
+        assert metrics[key] > 0, key
+    assert metrics["stage1_final_mse"] < metrics["stage1_initial_mse"]
+    assert len(metrics["stage1_final_layer_mse"]) == 2 and metrics["steps"] == 2
+    assert not (out / "stage1").exists()
+    assert_loads_without_hf_extras(out, tmp_path)
+
+
+def test_recipe_with_a_hybrid_schedule_loads_without_hf_extras(teacher_folder, tmp_path):
+    out = tmp_path / "hybrid"
+    assert recipe(teacher_folder, out, "--into", "hfx_gated_deltanet", "--layer_types", "1:1") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stage1_layers"] == [0] and len(metrics["stage1_final_layer_mse"]) == 1
+    assert metrics["stage1_final_mse"] < metrics["stage1_initial_mse"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.layer_types == ["linear_attention", "full_attention"]
+    assert model.config.rope_theta == 500000.0
+    assert_loads_without_hf_extras(
+        out, tmp_path, 'assert type(model.model.layers[1].mixer).__name__ == "HybridAttention"'
+    )
+
+
+def test_recipe_all_attention_skips_stage_one(teacher_folder, tmp_path):
+    out = tmp_path / "all"
+    layer_types = ["--layer_types", "full_attention", "full_attention"]
+    assert recipe(teacher_folder, out, "--stage2_steps", "1", "--kl_weight", "0", *layer_types) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stage1_steps"] == 0 and metrics["stage1_layers"] == []
+    assert abs(metrics["linearized_eval_loss"] - metrics["teacher_eval_loss"]) < 1e-4  # the copy is the teacher
+
+
+def test_recipe_checks_layer_types_when_parsing(teacher_folder):
+    from hf_extras.cli import parse_train_args
+
+    config = f"{REPO}/configs/linearize.yaml"
+    teacher = ["--teacher_model_name_or_path", str(teacher_folder)]
+    args = parse_train_args(config, [*teacher, "--layer_types", "1:1"])
+    assert args.task.layer_types == ["1:1"] and "layer_types" not in args.model_overrides
+    for bad, message in [
+        (["linear_attention"] * 3, "has 3 entries but the teacher has 2 layers"),
+        (["linear_attention", "global"], "unknown entries"),
+        (["linear_attention", "sliding_attention"], "no `sliding_window`"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_train_args(config, [*teacher, "--layer_types", *bad])
 
 
 def test_recipe_with_lora_in_stage_two(teacher_folder, tmp_path):

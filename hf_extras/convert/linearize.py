@@ -3,9 +3,10 @@
 `linearize(teacher, into=...)` returns our causal LM with every weight the two architectures share copied from the
 teacher (embeddings, block and final RMSNorms with their eps, SwiGLU FFNs, LM head tied or not, q/k/v/o projections),
 and the parameters the teacher lacks (decays, gates, norms) initialised so the copy starts as close to the teacher as
-the mixer allows. The copy is not yet a good model: softmax attention is not linear attention. The two-stage recipe
-(`hf-extras train configs/linearize.yaml`, `hf_extras.tasks.linearize`) then trains each new mixer to reproduce its
-teacher layer's attention output (`attention_transfer_loss`), then the whole model on next-token loss plus an optional
+the mixer allows; `layer_types` keeps chosen layers as the teacher's exact softmax attention (a hybrid). The copy is
+not yet a good model: softmax attention is not linear attention. The two-stage recipe (`hf-extras train
+configs/linearize.yaml`, `hf_extras.tasks.linearize`) then trains each new linear mixer to reproduce its teacher
+layer's attention output (`attention_transfer_loss`), then the whole model on next-token loss plus an optional
 distillation term (SUPRA, Mercat et al. 2024; LoLCATs, Zhang et al. 2024).
 
     >>> from transformers import AutoModelForCausalLM
@@ -13,17 +14,31 @@ distillation term (SUPRA, Mercat et al. 2024; LoLCATs, Zhang et al. 2024).
     >>> teacher = AutoModelForCausalLM.from_pretrained("path/to/llama")
     >>> student = linearize(teacher, into="hfx_gated_retention")      # gate="head", rotary, no output gate
     >>> student = linearize(teacher, into="hfx_gated_retention", gate="key", feature_map="elu")  # config overrides
+    >>> hybrid = linearize(teacher, into="hfx_gated_deltanet", layer_types="3:1")  # every 4th layer: attention
 
 Teachers: `llama`, `mistral`, `qwen2`, `qwen3` model types with Llama's layout. Refused, each with an error naming
-the field: q/k/v/o biases (`attention_bias`; Qwen2 always has them), `mlp_bias`, Qwen3's `q_norm`/`k_norm`, sliding
-windows (`sliding_window`, `layer_types`; pass `ignore_sliding_window=True` to accept one), rotary scaling
-(`rope_parameters["rope_type"]` other than `"default"`, `partial_rotary_factor`) for targets that rotate q/k.
+the field: q/k/v/o biases (`attention_bias`; Qwen2 always has them), `mlp_bias`, Qwen3's `q_norm`/`k_norm`, rotary
+scaling (`rope_parameters["rope_type"]` other than `"default"`, `partial_rotary_factor`) for targets that rotate q/k
+or keep attention layers, and sliding windows where the student would see more than the teacher (below).
+
+Hybrid students (`layer_types`, transformers' vocabulary, one entry per teacher layer, or a `hybrid_schedule` preset
+such as `"3:1"` / `"3:1-sliding"`): a `"full_attention"` or `"sliding_attention"` layer is our hybrid attention layer
+(DyT's softmax self-attention) with the teacher's q/k/v/o (k/v heads expanded as below: ours has no grouped heads),
+its `rope_theta` and, for sliding layers, its `sliding_window`, so it computes exactly the teacher's layer (same
+masks from transformers' masking utilities, scale `head_dim^-0.5`, same rotary convention); a model with every layer
+kept gives the teacher's logits. Linear layers are as below. What the teacher's layers are (`teacher_layer_types`):
+Llama none slide; Mistral slides in every layer when `sliding_window` is set (it ignores a `layer_types` entry);
+Qwen2/Qwen3 follow their `layer_types` (from `use_sliding_window`, `max_window_layers`). A teacher's sliding layer
+maps exactly to `"sliding_attention"`; made linear or `"full_attention"` it would see the whole past, refused unless
+`ignore_sliding_window=True` (exact for texts shorter than the window); `"sliding_attention"` where the teacher
+attends to the whole past is refused. Kept attention layers need the teacher's `head_dim` to be
+`hidden_size / num_attention_heads` (our attention heads' width).
 
 What maps where (teacher -> ours), `{i}` a block:
 
     model.embed_tokens.weight                   -> model.embed_tokens.weight
     model.layers.{i}.input_layernorm.weight     -> model.layers.{i}.mixer_norm.weight       (norm_eps = rms_norm_eps)
-    model.layers.{i}.self_attn.q_proj.weight    -> model.layers.{i}.mixer.q_proj.weight
+    model.layers.{i}.self_attn.q_proj.weight    -> model.layers.{i}.mixer.q_proj.weight  (linear or kept attention)
     model.layers.{i}.self_attn.{k,v}_proj.weight -> model.layers.{i}.mixer.{k,v}_proj.weight  (kv heads repeated)
     model.layers.{i}.self_attn.o_proj.weight    -> model.layers.{i}.mixer.o_proj.weight
     model.layers.{i}.post_attention_layernorm.weight -> model.layers.{i}.ffn_norm.weight
@@ -62,9 +77,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import ConfigError
+from ..models.configuration_common import SEQUENCE_LAYER_TYPES
 from ..models.configuration_gated_deltanet import GatedDeltaNetConfig
 from ..models.configuration_gated_retention import GatedRetentionConfig
 from ..models.configuration_retnet import RetNetConfig
+from ..models.hybrid import hybrid_schedule
 from ..models.modeling_gated_deltanet import GatedDeltaNetForCausalLM
 from ..models.modeling_gated_retention import GatedRetentionForCausalLM
 from ..models.modeling_retnet import RetNetForCausalLM
@@ -77,10 +94,13 @@ __all__ = [
     "check_teacher",
     "decay_schedule",
     "kl_to_teacher",
+    "linear_layer_indices",
     "linearize",
     "linearized_config",
     "repeat_kv_rows",
+    "resolve_layer_types",
     "teacher_attention_io",
+    "teacher_layer_types",
 ]
 
 SUPPORTED_TEACHERS = ("llama", "mistral", "qwen2", "qwen3")
@@ -127,6 +147,7 @@ _DERIVED = (
     "rope_theta",
     "tie_word_embeddings",
     "bidirectional",
+    "sliding_window",
 )
 
 
@@ -140,9 +161,10 @@ def _teacher_rope(config) -> tuple[float, str, float]:
     return float(theta), str(params.get("rope_type", "default")), float(partial)
 
 
-def check_teacher(teacher: PreTrainedModel, rotary: bool, ignore_sliding_window: bool = False) -> None:
-    """Refuse a teacher whose weights or positions do not map onto ours (`rotary`: the target rotates q/k), naming
-    the field and the fix."""
+def check_teacher(teacher: PreTrainedModel, rotary: bool) -> None:
+    """Refuse a teacher whose weights or positions do not map onto ours (`rotary`: the student rotates q/k, in its
+    linear mixers or in kept attention layers), naming the field and the fix. Sliding windows are checked against
+    the student's schedule by `resolve_layer_types`."""
     config = teacher.config
     if config.model_type not in SUPPORTED_TEACHERS:
         raise ConfigError(
@@ -168,26 +190,103 @@ def check_teacher(teacher: PreTrainedModel, rotary: bool, ignore_sliding_window:
             "linearize: the teacher normalises q and k per head (Qwen3's `q_norm`/`k_norm`), which our mixers lack; "
             "there is no weight-only map for an RMSNorm on q/k."
         )
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
-    if not ignore_sliding_window and (sliding is not None or "sliding_attention" in layer_types):
-        field = "sliding_window" if sliding is not None else "layer_types (use_sliding_window)"
-        raise ConfigError(
-            f"linearize: the teacher attends within a sliding window (`{field}`), a linear mixer sees the whole "
-            "past. Pass `ignore_sliding_window=True` to accept it (exact for texts shorter than the window)."
-        )
     theta, rope_type, partial = _teacher_rope(config)
     if rotary and rope_type != "default":
         raise ConfigError(
             f"linearize: the teacher's rotary positions are scaled (`rope_parameters['rope_type']={rope_type!r}`); "
             "ours compute the default table only. Pick a target without rotary (hfx_gated_deltanet, or "
-            "hfx_gated_retention with use_rotary=False)."
+            "hfx_gated_retention with use_rotary=False) and keep no attention layer (`layer_types`)."
         )
     if rotary and partial != 1.0:
         raise ConfigError(
             f"linearize: the teacher rotates a part of each head (`partial_rotary_factor={partial}`); ours rotate "
-            "whole heads. Pick a target without rotary."
+            "whole heads. Pick a target without rotary and keep no attention layer (`layer_types`)."
         )
+
+
+def teacher_layer_types(config) -> tuple[list[str], int | None]:
+    """Each teacher layer's attention kind (`"full_attention"` or `"sliding_attention"`) and the window, as the
+    teacher's own transformers model reads its config.
+
+    Mistral applies `sliding_window` (when set) to every layer and ignores a `layer_types` entry (its config only
+    warns); Qwen2/Qwen3 follow `layer_types`, which their configs derive from `use_sliding_window` and
+    `max_window_layers` (and which slide only when `sliding_window` is set); Llama has no window.
+    """
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "mistral":
+        return ["sliding_attention" if window is not None else "full_attention"] * n, window
+    kinds = getattr(config, "layer_types", None) if config.model_type in ("qwen2", "qwen3") else None
+    if kinds is None:
+        return ["full_attention"] * n, None
+    unknown = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ConfigError(f"linearize: the teacher's `layer_types` has kinds {unknown} that are not softmax attention.")
+    if "sliding_attention" in kinds and window is None:
+        raise ConfigError(
+            "linearize: the teacher's `layer_types` has sliding layers but its `sliding_window` is None "
+            "(`use_sliding_window=False`); transformers cannot run it either. Fix the teacher's config."
+        )
+    return list(kinds), window
+
+
+def resolve_layer_types(
+    teacher_config, layer_types: list[str] | str | None, ignore_sliding_window: bool = False
+) -> tuple[list[str] | None, int | None]:
+    """The student's schedule (`None`: every layer linear) and `sliding_window`, from `layer_types` (a list in
+    transformers' vocabulary, one entry per teacher layer, or a `hybrid_schedule` preset name such as `"3:1"`, also as
+    a one-entry list as the command line gives it), checked against the teacher's layers.
+
+    A kept attention layer must be the teacher's layer exactly: `"full_attention"` where the teacher attends to the
+    whole past, `"sliding_attention"` (with the teacher's window) where it slides. A linear or full layer where the
+    teacher slides sees more than the teacher did: refused unless `ignore_sliding_window` (exact for texts shorter
+    than the window). Errors name the field and the layers.
+    """
+    n = teacher_config.num_hidden_layers
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == 1 and layer_types[0] not in SEQUENCE_LAYER_TYPES:
+        layer_types = layer_types[0]  # `--layer_types 3:1`
+    if layer_types is None:
+        schedule = ["linear_attention"] * n
+    elif isinstance(layer_types, str):
+        try:
+            schedule = hybrid_schedule(layer_types, n)
+        except ValueError as error:
+            raise ConfigError(f"linearize: `layer_types`: {error}") from None
+    else:
+        schedule = list(layer_types)
+    unknown = sorted({str(kind) for kind in schedule if kind not in SEQUENCE_LAYER_TYPES})
+    if unknown:
+        raise ConfigError(
+            f"linearize: `layer_types` has unknown entries {unknown}: use {list(SEQUENCE_LAYER_TYPES)} "
+            '("linear_attention" is the target\'s own mixer) or a preset name such as "3:1" or "3:1-sliding".'
+        )
+    if len(schedule) != n:
+        raise ConfigError(
+            f"linearize: `layer_types` has {len(schedule)} entries but the teacher has {n} layers "
+            '(`num_hidden_layers`): give one entry per teacher layer, or a preset name such as "3:1".'
+        )
+    theirs, window = teacher_layer_types(teacher_config)
+    widened = [i for i, (a, b) in enumerate(zip(schedule, theirs)) if b == "sliding_attention" and a != b]
+    narrowed = [i for i, (a, b) in enumerate(zip(schedule, theirs)) if a == "sliding_attention" and a != b]
+    if narrowed:
+        raise ConfigError(
+            f'linearize: `layer_types` makes layers {narrowed} "sliding_attention", but the teacher attends to the '
+            'whole past there (no `sliding_window` there): keep them as "full_attention" (exact) or "linear_attention".'
+        )
+    if widened and not ignore_sliding_window:
+        raise ConfigError(
+            f"linearize: the teacher's layers {widened} attend within a sliding window (`sliding_window={window}`), "
+            f"but `layer_types` makes them {sorted({schedule[i] for i in widened})}, which see the whole past. Keep "
+            'them as "sliding_attention" (exact: the teacher\'s layer and window; preset "L:A-sliding"), or pass '
+            "`ignore_sliding_window=True` to accept it (exact for texts shorter than the window)."
+        )
+    resolved = None if layer_types is None else schedule
+    return resolved, window if "sliding_attention" in schedule else None
+
+
+def linear_layer_indices(config) -> list[int]:
+    """The blocks of our `config` whose mixer is the family's own (`"linear_attention"`): those stage 1 trains."""
+    return [i for i, kind in enumerate(config.resolved_layer_types) if kind == "linear_attention"]
 
 
 def decay_schedule(num_heads: int, horizons: tuple[float, float] = DEFAULT_DECAY_HORIZONS) -> torch.Tensor:
@@ -202,16 +301,22 @@ def decay_schedule(num_heads: int, horizons: tuple[float, float] = DEFAULT_DECAY
     return torch.log1p(-torch.exp(-steps)).float()
 
 
-def linearized_config(teacher_config, into: str, **config_overrides: Any) -> tuple[Any, int]:
-    """Our config for `teacher_config` (shape fields copied, target defaults, then `config_overrides`) and the
-    teacher's heads per kv head (`group`)."""
+def linearized_config(
+    teacher_config,
+    into: str,
+    layer_types: list[str] | str | None = None,
+    ignore_sliding_window: bool = False,
+    **config_overrides: Any,
+) -> tuple[Any, int]:
+    """Our config for `teacher_config` (shape fields and the layer schedule from the teacher and `layer_types`, see
+    `resolve_layer_types`; target defaults, then `config_overrides`) and the teacher's heads per kv head (`group`)."""
     if into not in LINEARIZE_TARGETS:
         raise ConfigError(f"linearize: `into={into!r}` is not supported; choose one of {', '.join(LINEARIZE_TARGETS)}")
     fixed = sorted(set(config_overrides) & set(_DERIVED))
     if fixed:
         raise ConfigError(
-            f"linearize: {', '.join(f'`{k}`' for k in fixed)} come from the teacher's weights and cannot be "
-            "overridden (the copy would not fit); change the teacher instead."
+            f"linearize: {', '.join(f'`{k}`' for k in fixed)} come from the teacher's weights and config and cannot "
+            "be overridden (the copy would not fit); change the teacher instead."
         )
     config_class, _, defaults = LINEARIZE_TARGETS[into]
     c = teacher_config
@@ -226,6 +331,13 @@ def linearized_config(teacher_config, into: str, **config_overrides: Any) -> tup
             "configs split the width evenly into heads."
         )
     width = heads * head_dim
+    schedule, window = resolve_layer_types(c, layer_types, ignore_sliding_window)
+    if schedule is not None and set(schedule) != {"linear_attention"} and width != c.hidden_size:
+        raise ConfigError(
+            f"linearize: kept attention layers (`layer_types`) have heads of `hidden_size / num_attention_heads` "
+            f"({c.hidden_size // heads}) channels, but the teacher's `head_dim` is {head_dim}; keep no attention "
+            "layer for this teacher."
+        )
     values: dict[str, Any] = dict(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
@@ -252,7 +364,9 @@ def linearized_config(teacher_config, into: str, **config_overrides: Any) -> tup
                 "hfx_gated_deltanet, whose head widths are free."
             )
         values.update(key_factor=width / c.hidden_size, value_factor=width // c.hidden_size)
-        values["rope_theta"] = _teacher_rope(c)[0]
+    values["rope_theta"] = _teacher_rope(c)[0]  # rotary mixers and kept attention layers
+    if schedule is not None:
+        values.update(layer_types=schedule, sliding_window=window)
     values.update(defaults)
     values.update(config_overrides)
     return config_class(**values), heads // kv_heads
@@ -297,7 +411,7 @@ def _init_new_parameters(mixer: nn.Module, into: str, config, horizons: tuple[fl
 def linearize(
     model: PreTrainedModel,
     into: str = "hfx_gated_retention",
-    layer_types: list[str] | None = None,
+    layer_types: list[str] | str | None = None,
     *,
     decay_horizons: tuple[float, float] = DEFAULT_DECAY_HORIZONS,
     ignore_sliding_window: bool = False,
@@ -305,20 +419,18 @@ def linearize(
 ) -> PreTrainedModel:
     """Our causal LM `into` a family, with the teacher `model`'s shared weights copied (see the module docstring).
 
-    `layer_types` (keep some layers as softmax attention) needs hybrid layer schedules, not in this build yet.
-    `decay_horizons`: (shortest, longest) initial memory in tokens of the data-dependent decays. Any other keyword is
-    a config field of the target (e.g. `gate="key"`, `feature_map="elu"`, `use_short_conv=True`). The result has the
-    teacher's dtype and device, in eval mode as `from_pretrained` leaves a model.
+    `layer_types` keeps some layers as softmax attention (a list in transformers' vocabulary, one entry per teacher
+    layer, or a `hybrid_schedule` preset such as `"3:1"`; `None`: every layer linear): those layers get the teacher's
+    q/k/v/o (k/v heads expanded), rotary base and window and compute exactly the teacher's layer; see
+    `resolve_layer_types` for what maps where. `decay_horizons`: (shortest, longest) initial memory in tokens of the
+    data-dependent decays. Any other keyword is a config field of the target (e.g. `gate="key"`,
+    `feature_map="elu"`, `use_short_conv=True`). The result has the teacher's dtype and device, in eval mode as
+    `from_pretrained` leaves a model.
     """
-    if layer_types is not None:
-        raise NotImplementedError(
-            "linearize: `layer_types` (keeping some layers as softmax attention) needs hybrid layer schedules "
-            "(`layer_types` on our configs), which are not in this build yet; linearize every layer (layer_types=None)."
-        )
-    check_teacher(model, rotary=False, ignore_sliding_window=ignore_sliding_window)
-    config, group = linearized_config(model.config, into, **config_overrides)
-    if config.rotary_positions:
-        check_teacher(model, rotary=True, ignore_sliding_window=ignore_sliding_window)
+    check_teacher(model, rotary=False)
+    config, group = linearized_config(model.config, into, layer_types, ignore_sliding_window, **config_overrides)
+    if config.rotary_positions or config.is_hybrid:  # the attention layers rotate q/k with the default table
+        check_teacher(model, rotary=True)
     _, lm_class, _ = LINEARIZE_TARGETS[into]
     student = lm_class(config)
     teacher = model.model
@@ -326,17 +438,19 @@ def linearize(
     with torch.no_grad():
         student.model.embed_tokens.weight.copy_(teacher.embed_tokens.weight)
         student.model.norm.weight.copy_(teacher.norm.weight)
-        for ours, theirs in zip(student.model.layers, teacher.layers, strict=True):
+        for kind, ours, theirs in zip(config.resolved_layer_types, student.model.layers, teacher.layers, strict=True):
             attn, mixer = theirs.self_attn, ours.mixer
             ours.mixer_norm.weight.copy_(theirs.input_layernorm.weight)
             ours.ffn_norm.weight.copy_(theirs.post_attention_layernorm.weight)
+            # the same four projections in a linear mixer and in a kept attention layer (ours has no GQA: expanded)
             mixer.q_proj.weight.copy_(attn.q_proj.weight)
             mixer.k_proj.weight.copy_(repeat_kv_rows(attn.k_proj.weight, group, head_dim))
             mixer.v_proj.weight.copy_(repeat_kv_rows(attn.v_proj.weight, group, head_dim))
             mixer.o_proj.weight.copy_(attn.o_proj.weight)
             for name in ("gate_proj", "up_proj", "down_proj"):
                 getattr(ours.ffn, name).weight.copy_(getattr(theirs.mlp, name).weight)
-            _init_new_parameters(mixer, into, config, decay_horizons)
+            if kind == "linear_attention":
+                _init_new_parameters(mixer, into, config, decay_horizons)
         if not config.tie_word_embeddings:
             student.lm_head.weight.copy_(model.lm_head.weight)
     student.generation_config.pad_token_id = config.pad_token_id
@@ -344,11 +458,16 @@ def linearize(
 
 
 def teacher_attention_io(
-    teacher: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+    teacher: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    layers: list[int] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each teacher layer's attention input (after its input norm) and output (before the residual), no gradient.
+    """The attention input (after the input norm) and output (before the residual) of the teacher's `layers`
+    (default: every layer), in layer order, no gradient.
 
-    Read with forward hooks on every `self_attn` during one forward of the teacher's base model.
+    Read with forward hooks on those layers' `self_attn` during one forward of the teacher's base model.
     """
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
@@ -360,9 +479,11 @@ def teacher_attention_io(
         outputs.append(output[0] if isinstance(output, tuple) else output)
 
     handles = []
-    for layer in teacher.model.layers:
-        handles.append(layer.self_attn.register_forward_pre_hook(grab_input, with_kwargs=True))
-        handles.append(layer.self_attn.register_forward_hook(grab_output, with_kwargs=True))
+    chosen = range(len(teacher.model.layers)) if layers is None else layers
+    for index in chosen:
+        attn = teacher.model.layers[index].self_attn
+        handles.append(attn.register_forward_pre_hook(grab_input, with_kwargs=True))
+        handles.append(attn.register_forward_hook(grab_output, with_kwargs=True))
     try:
         with torch.no_grad():
             teacher.model(
@@ -380,23 +501,32 @@ def attention_transfer_loss(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-layer mean squared error `(num_layers,)` between each student mixer's output and its teacher layer's
-    attention output, both given the teacher's attention input (stage 1 of linearizing, "attention transfer").
+    """Per-layer mean squared error between each student linear mixer's output and its teacher layer's attention
+    output, both given the teacher's attention input (stage 1 of linearizing, "attention transfer").
 
-    Layers are independent (each sees the teacher's input, not the previous student layer's output), over real
-    tokens only; the gradient reaches the student mixers and nothing else.
+    One entry per linear layer, in block order (`linear_layer_indices`): the attention layers a hybrid student kept
+    are the teacher's own layers (their error is 0 up to rounding) and are skipped, not computed. Layers are
+    independent (each sees the teacher's input, not the previous student layer's output), over real tokens only;
+    the gradient reaches the student's linear mixers and nothing else.
     """
-    position_ids = positions_from_mask(attention_mask, input_ids.shape[1], 0, input_ids.device)
-    position_ids = position_ids.expand(input_ids.shape[0], -1)
-    layer_in, layer_out = teacher_attention_io(teacher, input_ids, attention_mask, position_ids)
     base = student.get_base_model().model if hasattr(student, "get_base_model") else student.model
     config = base.config
+    linear = linear_layer_indices(config)
+    if not linear:
+        raise ConfigError(
+            "attention_transfer_loss: every layer of the student is softmax attention (`layer_types`), copied "
+            "exactly from the teacher; there is no linear mixer to train (skip stage 1: stage1_steps=0)."
+        )
+    position_ids = positions_from_mask(attention_mask, input_ids.shape[1], 0, input_ids.device)
+    position_ids = position_ids.expand(input_ids.shape[0], -1)
+    layer_in, layer_out = teacher_attention_io(teacher, input_ids, attention_mask, position_ids, linear)
     tables = None
     if config.rotary_positions:
         tables = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
     mask = attention_mask[..., None].to(torch.float32) if attention_mask is not None else None
     losses = []
-    for layer, x, target in zip(base.layers, layer_in, layer_out, strict=True):
+    for index, x, target in zip(linear, layer_in, layer_out, strict=True):
+        layer = base.layers[index]
         mixer_dtype = layer.mixer_norm.weight.dtype
         pred = layer.mixer(x.to(mixer_dtype), attention_mask=attention_mask, position_ids=position_ids,
                            position_embeddings=tables, cache=None)  # fmt: skip

@@ -6,7 +6,7 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers.utils.type_validators import positive_int_field
 
-from .configuration_common import SequenceConfig
+from .configuration_common import SequenceConfig, positive
 
 
 @strict
@@ -28,6 +28,8 @@ class GatedDeltaNetConfig(SequenceConfig):
         use_output_gate (`bool`): the output passes a per-head RMS norm gated by `silu(x_t W_z)` (Qwen3-Next's
             `RMSNormGated`); `False` keeps the plain per-head RMS norm.
         chunk_size (`int`): as in every family, but 32 by default (faster for the delta rule on CPU).
+        rope_theta (`float`): rotary base of the softmax attention layers of a hybrid schedule (`layer_types`);
+            the delta-rule layers take no positions.
     """
 
     model_type = "hfx_gated_deltanet"
@@ -43,6 +45,7 @@ class GatedDeltaNetConfig(SequenceConfig):
     # the delta rule's chunkwise form is fastest on CPU at 32-token chunks (its per-chunk triangular system grows
     # as C^2; benchmarks/delta_kernel.py: 1.9x / 3.7x transformers' kernel at 2k / 8k tokens vs 1.6x / 3.0x at 64)
     chunk_size: int = positive_int_field(default=32)
+    rope_theta: float = positive(10000.0)
 
     def __post_init__(self, **kwargs):
         if self.num_key_heads is None:

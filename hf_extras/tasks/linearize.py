@@ -4,11 +4,15 @@ The run (`hf-extras train configs/linearize.yaml --teacher_model_name_or_path FO
 
 1. `hf_extras.convert.linearize` copies the teacher (a transformers Llama-style causal LM folder, loaded with
    `AutoModelForCausalLM`) into `into` (`hfx_gated_retention`, `hfx_retnet` or `hfx_gated_deltanet`; the run's
-   `model_type`, whose config keys such as `gate` or `feature_map` are accepted as overrides).
-2. Stage 1, attention transfer (`stage1_steps`): every new mixer learns to reproduce its teacher layer's attention
-   output given the teacher's input to that layer (`attention_transfer_loss`, MSE per layer, layers independent);
-   every other weight is frozen. It runs on a `Trainer` whose model is `AttentionTransfer` (the student, plus the
-   teacher kept out of its parameters), with its own learning rate (`stage1_learning_rate`).
+   `model_type`, whose config keys such as `gate` or `feature_map` are accepted as overrides). `layer_types` (a list,
+   one entry per teacher layer, or a preset name such as `3:1`; checked against the teacher's config when the
+   arguments are parsed) keeps some teacher layers as softmax attention, exactly the teacher's.
+2. Stage 1, attention transfer (`stage1_steps`): every new linear mixer learns to reproduce its teacher layer's
+   attention output given the teacher's input to that layer (`attention_transfer_loss`, MSE per layer, layers
+   independent); every other weight is frozen, kept attention layers included (they are exact: skipped, not
+   reported; with no linear layer at all, stage 1 is skipped). It runs on a `Trainer` whose model is
+   `AttentionTransfer` (the student, plus the teacher kept out of its parameters), with its own learning rate
+   (`stage1_learning_rate`).
 3. Stage 2 (`stage2_steps`, or `max_steps`): the whole model, or LoRA / the other methods of `finetune_method`, on
    next-token loss plus `kl_weight * T^2 KL(teacher_T || student_T)` at temperature `temperature`
    (`DistillationTrainer`). This is the run's main Trainer: its evaluation before training is the model after
@@ -16,13 +20,14 @@ The run (`hf-extras train configs/linearize.yaml --teacher_model_name_or_path FO
    without hf_extras).
 
 `metrics.json` adds the teacher's validation loss, the copy's before stage 1, and stage 1's per-layer MSE before and
-after, so one run gives the teacher / after stage 1 / after stage 2 comparison. Data: the causal-LM task's packed
-blocks (embedded offline corpus by default).
+after (the linear layers, whose block indices are `stage1_layers`), so one run gives the teacher / after stage 1 /
+after stage 2 comparison. Data: the causal-LM task's packed blocks (embedded offline corpus by default).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -30,14 +35,28 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
-from ..convert.linearize import LINEARIZE_TARGETS, attention_transfer_loss, kl_to_teacher, linearize
+from ..convert.linearize import (
+    LINEARIZE_TARGETS,
+    attention_transfer_loss,
+    kl_to_teacher,
+    linear_layer_indices,
+    linearize,
+    resolve_layer_types,
+)
 from ..data.packing import Packing
 from ..errors import ConfigError
 from .causal_lm import CausalLMArguments, CausalLMTask
 
-__all__ = ["AttentionTransfer", "DistillationTrainer", "LinearizeArguments", "LinearizeTask", "run_attention_transfer"]
+__all__ = [
+    "AttentionTransfer",
+    "DistillationTrainer",
+    "LinearizeArguments",
+    "LinearizeTask",
+    "run_attention_transfer",
+    "stage1_parameters",
+]
 
 
 @dataclass
@@ -79,8 +98,20 @@ class LinearizeArguments(CausalLMArguments):
         default_factory=lambda: [32.0, 2048.0],
         metadata={"help": "Initial memory (tokens) of the shortest and longest data-dependent decay."},
     )
+    layer_types: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher layers kept as softmax attention: one entry per teacher layer (linear_attention, "
+            "full_attention, sliding_attention where the teacher slides) or a preset name (3:1, 3:1-sliding); "
+            "unset = every layer linear."
+        },
+    )
     ignore_sliding_window: bool = field(
-        default=False, metadata={"help": "Accept a teacher trained with a sliding window (a linear mixer has none)."}
+        default=False,
+        metadata={
+            "help": "Accept linear (or full attention) layers where the teacher attends within a sliding window "
+            "(they see the whole past)."
+        },
     )
 
     def __post_init__(self):
@@ -90,12 +121,26 @@ class LinearizeArguments(CausalLMArguments):
                 f"packing={self.packing!r} is not supported by task linearize: stage 1's attention transfer and the "
                 "teacher's KL logits see whole blocks and do not read document boundaries; set packing: concat"
             )
+        self.check_layer_types()
+
+    def check_layer_types(self) -> None:
+        """Check `layer_types` against the teacher's config when its folder is there (before any data loads); a
+        missing or unreadable folder is reported when the teacher loads."""
+        path = self.teacher_model_name_or_path
+        if path is None or not (Path(path) / "config.json").is_file():
+            return
+        try:
+            teacher_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError):
+            return
+        resolve_layer_types(teacher_config, self.layer_types, self.ignore_sliding_window)
 
 
 class AttentionTransfer(nn.Module):
     """The stage-1 model for `Trainer`: `forward` returns the mean per-layer attention-transfer MSE as `loss` and the
-    per-layer values as `layer_mse` `(batch, num_layers)` (gathered by evaluation). The student is a submodule (so
-    the Trainer, DDP included, sees its trainable mixers); the teacher is kept out of the parameters."""
+    per-layer values as `layer_mse` `(batch, linear layers)` (gathered by evaluation; kept attention layers are
+    skipped). The student is a submodule (so the Trainer, DDP included, sees its trainable mixers); the teacher is
+    kept out of the parameters."""
 
     accepts_loss_kwargs = False  # a per-batch mean: the Trainer divides it for gradient accumulation
 
@@ -109,9 +154,10 @@ class AttentionTransfer(nn.Module):
         return {"loss": layer_mse.mean(), "layer_mse": layer_mse.detach()[None].expand(input_ids.shape[0], -1)}
 
 
-def _layer_mse_metrics(prediction) -> dict[str, float]:
+def _layer_mse_metrics(prediction, layers: list[int]) -> dict[str, float]:
+    """`mse_layer_{i}` per linear block `i` (`layers`, the columns of `layer_mse`)."""
     per_layer = np.asarray(prediction.predictions, dtype=np.float64).reshape(-1, np.shape(prediction.predictions)[-1])
-    return {f"mse_layer_{i}": float(v) for i, v in enumerate(per_layer.mean(0))}
+    return {f"mse_layer_{i}": float(v) for i, v in zip(layers, per_layer.mean(0), strict=True)}
 
 
 def _per_layer(metrics: dict[str, float]) -> list[float]:
@@ -128,6 +174,19 @@ def _stage_args(training_args: TrainingArguments, **changes: Any) -> TrainingArg
     )  # fmt: skip
 
 
+def stage1_parameters(student: PreTrainedModel, train: str = "mixer") -> list[str]:
+    """Names of the parameters stage 1 trains: those of the linear layers' mixers (`train="mixer"`), or only the
+    ones the teacher lacks (`"new"`: not the copied q/k/v/o). Kept attention layers are the teacher's own: frozen
+    (they take no part in the transfer loss, and a trainable unused parameter would also trip DDP)."""
+    copied = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mixers = tuple(f".layers.{i}.mixer." for i in linear_layer_indices(student.config))
+    return [
+        name
+        for name, _ in student.named_parameters()
+        if any(m in f".{name}" for m in mixers) and not (train == "new" and any(f".{c}." in name for c in copied))
+    ]
+
+
 def run_attention_transfer(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
@@ -139,15 +198,21 @@ def run_attention_transfer(
     learning_rate: float,
     train: str = "mixer",
 ) -> dict[str, Any]:
-    """Stage 1 on a `Trainer`: train the student's mixers (`train="mixer"`) or their new parameters only (`"new"`)
-    to reproduce the teacher's attention outputs for `steps` steps; everything else is frozen, then unfrozen again.
-    Returns the eval mean and per-layer MSE before and after."""
-    trainable = {}
-    copied = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Stage 1 on a `Trainer`: train the student's linear mixers (`train="mixer"`) or their new parameters only
+    (`"new"`) to reproduce the teacher's attention outputs for `steps` steps; everything else, the attention layers a
+    hybrid student kept included (they are the teacher's layers), is frozen, then unfrozen again.
+    Returns the eval mean and per-layer MSE before and after, over the linear layers (`stage1_layers`, block
+    indices; kept attention layers are not reported)."""
+    linear = linear_layer_indices(student.config)
+    if not linear:
+        raise ConfigError(
+            "stage 1 (attention transfer) has nothing to train: every layer of `layer_types` is softmax attention, "
+            "copied exactly from the teacher; set stage1_steps: 0"
+        )
+    trainable = {name: param.requires_grad for name, param in student.named_parameters()}
+    trained = set(stage1_parameters(student, train))
     for name, param in student.named_parameters():
-        trainable[name] = param.requires_grad
-        in_mixer = ".mixer." in name
-        param.requires_grad_(in_mixer and not (train == "new" and any(f".{c}." in name for c in copied)))
+        param.requires_grad_(name in trained)
     args = _stage_args(
         training_args,
         output_dir=str(Path(training_args.output_dir) / "stage1"),
@@ -162,7 +227,7 @@ def run_attention_transfer(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
-        compute_metrics=_layer_mse_metrics,
+        compute_metrics=functools.partial(_layer_mse_metrics, layers=linear),
     )
     try:
         before = trainer.evaluate(metric_key_prefix="stage1")
@@ -175,6 +240,7 @@ def run_attention_transfer(
             Path(args.output_dir).rmdir()  # nothing saved there (save_strategy "no")
     return {
         "stage1_steps": steps,
+        "stage1_layers": linear,
         "stage1_initial_mse": before["stage1_loss"],
         "stage1_final_mse": after["stage1_loss"],
         "stage1_initial_layer_mse": _per_layer(before),
@@ -263,6 +329,7 @@ class LinearizeTask(CausalLMTask):
         return linearize(
             self.teacher,
             into=model_type,
+            layer_types=task_args.layer_types,
             decay_horizons=tuple(task_args.decay_horizons),
             ignore_sliding_window=task_args.ignore_sliding_window,
             **overrides,
@@ -284,7 +351,9 @@ class LinearizeTask(CausalLMTask):
             "teacher_eval_loss": teacher_eval.evaluate()["eval_loss"],
             "linearized_eval_loss": copy_eval.evaluate()["eval_loss"],
         }
-        if task_args.stage1_steps > 0:
+        if task_args.stage1_steps > 0 and not linear_layer_indices(model.config):
+            metrics.update(stage1_steps=0, stage1_layers=[])  # every layer is the teacher's attention: nothing to learn
+        elif task_args.stage1_steps > 0:
             metrics.update(
                 run_attention_transfer(
                     model, self.teacher, train_dataset, eval_dataset, collator, training_args,
