@@ -102,10 +102,10 @@ def scratch_run(config_json: Path, out: Path, steps: int, args: argparse.Namespa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=Path("runs/teacher"), help="teacher folder (made if absent)")
-    parser.add_argument("--teacher_steps", type=int, default=2000)
+    parser.add_argument("--teacher_steps", type=int, default=1000)
     parser.add_argument("--into", nargs="+", default=["hfx_gated_retention", "hfx_gated_deltanet"])
-    parser.add_argument("--stage1_steps", type=int, default=50)
-    parser.add_argument("--stage2_steps", type=int, default=150)
+    parser.add_argument("--stage1_steps", type=int, default=25)
+    parser.add_argument("--stage2_steps", type=int, default=75)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--linearize_arg", action="append", default=[], help="KEY=VALUE for every linearize run")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary one)")

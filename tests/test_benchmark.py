@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from hf_extras import bench as benchmark
@@ -231,3 +232,31 @@ def test_cache_bytes_grow_only_with_attention_layers():
 def test_cli_accepts_hybrid_models():
     args = benchmark.parse_bench_args(["--models", "llama", "gated_deltanet", "gated_deltanet_hybrid", "gla_hybrid"])
     assert args.models == ["llama", "gated_deltanet", "gated_deltanet_hybrid", "gla_hybrid"]
+
+
+@pytest.mark.slow
+def test_linearize_demo_runs_end_to_end(tmp_path):
+    """`benchmarks/linearize_demo.py` on a 2-step, 32-wide teacher: every run of the pipeline (teacher, linearize
+    stages, scratch at equal tokens) completes and the rows hold what the README table reads (about a minute)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import linearize_demo
+    from pretrain_teacher import pretrain_teacher
+
+    tiny = ["--hidden_size", "32", "--intermediate_size", "64", "--max_eval_samples", "4"]
+    pretrain_teacher(tmp_path / "teacher", 2, tiny)
+    out = tmp_path / "demo.json"
+    linearize_demo.main(
+        ["--teacher", str(tmp_path / "teacher"), "--into", "hfx_gated_retention", "--stage1_steps", "1",
+         "--stage2_steps", "2", "--batch_size", "2", "--workdir", str(tmp_path / "runs"), "--out", str(out)]
+    )  # fmt: skip
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["tokens"] == row["scratch_tokens"] == 3 * 2 * 256
+    for key in ("teacher_eval_loss", "copy_eval_loss", "stage1_eval_loss", "stage2_eval_loss", "scratch_eval_loss"):
+        assert math.isfinite(row[key]), key
+    scratch = json.loads((tmp_path / "runs" / "scratch_hfx_gated_retention" / "config.json").read_text())
+    linearized = json.loads((tmp_path / "runs" / "linearize_hfx_gated_retention" / "config.json").read_text())
+    for key in ("hidden_size", "num_heads", "gate", "use_rotary", "key_factor", "intermediate_size"):
+        assert scratch[key] == linearized[key], key
