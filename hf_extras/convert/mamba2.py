@@ -137,6 +137,10 @@ def mamba2_config_from_hfx(config: HfxMamba2Config):
     from transformers import Mamba2Config
 
     check_exportable(config, "Mamba2")
+    options = {"D_has_hdim": False, "output_norm": True, "norm_before_gate": False}  # mamba_ssm's, not transformers'
+    changed = {name: getattr(config, name) for name, default in options.items() if getattr(config, name) != default}
+    if changed:
+        raise ValueError(f"cannot export to transformers' Mamba2ForCausalLM, which has no option for {changed}.")
     kwargs = {name: getattr(config, name) for name in _SAME_FIELDS}
     kwargs["time_step_limit"] = tuple(_float_limit(config.time_step_limit))
     kwargs["layer_norm_epsilon"] = config.norm_eps

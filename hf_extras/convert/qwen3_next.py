@@ -66,6 +66,11 @@ def _shapes(config: GatedDeltaNetConfig) -> tuple[int, int, int, int, int]:
             f"use_output_gate=True and use_short_conv=True (got gate={config.gate!r}, "
             f"use_output_gate={config.use_output_gate}, use_short_conv={config.use_short_conv})."
         )
+    if config.allow_neg_eigval or config.output_gate_activation != "silu":
+        raise ValueError(
+            "Qwen3-Next's layer has beta = sigmoid(b) and a SiLU output gate: the config needs allow_neg_eigval=False "
+            f"and output_gate_activation='silu' (got {config.allow_neg_eigval}, {config.output_gate_activation!r})."
+        )
     Hk, Hv = config.num_key_heads, config.num_heads
     return Hk, Hv, Hv // Hk, config.key_head_dim, config.value_head_dim
 

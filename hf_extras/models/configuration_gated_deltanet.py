@@ -22,11 +22,22 @@ class GatedDeltaNetConfig(SequenceConfig):
             `log a_t = -exp(A_log) * softplus(x_t W_a + dt_bias)`; `"none"` — plain DeltaNet (`a = 1`).
         num_key_heads (`int`, *optional*): query/key heads; each serves `num_heads / num_key_heads` consecutive
             value heads (grouped, as in Qwen3-Next). `None` means `num_heads`.
-        key_head_dim (`int`, *optional*): width of a query/key head; `None` means `hidden_size / num_heads`.
+        key_head_dim (`int`, *optional*): width of a query/key head; `None` means `hidden_size / num_heads` (then
+            `hidden_size` must be divisible by `num_heads`; with explicit widths it need not be, as in fla's
+            2048-wide, 6-head models).
         value_head_dim (`int`, *optional*): width of a value head; `None` means `key_head_dim`.
         use_short_conv (`bool`), conv_size (`int`): the short causal depthwise conv (then SiLU) on q, k and v.
+        silu_without_conv (`bool`): with `use_short_conv=False`, still apply SiLU to q, k and v (fla's
+            `GatedDeltaNet` does); `False` (default) passes the projections on unchanged.
         use_output_gate (`bool`): the output passes a per-head RMS norm gated by `silu(x_t W_z)` (Qwen3-Next's
             `RMSNormGated`); `False` keeps the plain per-head RMS norm.
+        output_gate_activation (`str`): the gate's activation, `"silu"` (Qwen3-Next, fla's default) or `"sigmoid"`
+            (fla's `output_gate_activation="sigmoid"`).
+        allow_neg_eigval (`bool`): `beta = 2 sigmoid(x W_b)` instead of `sigmoid(x W_b)`, so `I - beta k k^T` may
+            have a negative eigenvalue (Grazzi et al. 2024, "Unlocking State-Tracking in Linear RNNs Through
+            Negative Eigenvalues"; fla's `allow_neg_eigval`).
+        rope_theta (`float`): rotary base of the hybrid softmax-attention layers (`layer_types`); the delta-rule
+            layers have no positions.
         chunk_size (`int`): as in every family, but 32 by default (faster for the delta rule on CPU).
         rope_theta (`float`): rotary base of the softmax attention layers of a hybrid schedule (`layer_types`);
             the delta-rule layers take no positions.
@@ -41,7 +52,11 @@ class GatedDeltaNetConfig(SequenceConfig):
     value_head_dim: int | None = None
     use_short_conv: bool = True
     conv_size: int = 4
+    silu_without_conv: bool = False
     use_output_gate: bool = True
+    output_gate_activation: Literal["silu", "sigmoid"] = "silu"
+    allow_neg_eigval: bool = False
+    rope_theta: float = positive(10000.0)
     # the delta rule's chunkwise form is fastest on CPU at 32-token chunks (its per-chunk triangular system grows
     # as C^2; benchmarks/delta_kernel.py: 1.9x / 3.7x transformers' kernel at 2k / 8k tokens vs 1.6x / 3.0x at 64)
     chunk_size: int = positive_int_field(default=32)
@@ -51,10 +66,22 @@ class GatedDeltaNetConfig(SequenceConfig):
         if self.num_key_heads is None:
             self.num_key_heads = self.num_heads
         if self.key_head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"`hidden_size` ({self.hidden_size}) must be divisible by `num_heads` ({self.num_heads}) when "
+                    "`key_head_dim` is None (it defaults to hidden_size / num_heads): set `key_head_dim` (and "
+                    "`value_head_dim`), or pick another head count."
+                )
             self.key_head_dim = self.hidden_size // self.num_heads
         if self.value_head_dim is None:
             self.value_head_dim = self.key_head_dim
         super().__post_init__(**kwargs)
+
+    def validate_heads_divide_width(self):
+        """Only the hybrid attention layers (`layer_types`) need `hidden_size / num_heads` whole: the delta-rule
+        layers have their own `key_head_dim` / `value_head_dim` (the default one is checked when it is derived)."""
+        if self.is_hybrid:
+            super().validate_heads_divide_width()
 
     def validate_delta_heads(self):
         """Head counts must group evenly; widths and the conv must be usable."""

@@ -35,6 +35,12 @@ class HfxMamba2Config(SequenceConfig):
         time_step_limit (`list[float]`): `dt` is clamped to `[low, high]` after the softplus (`(0, inf)`: no clamp).
         rescale_prenorm_residual (`bool`): divide `out_proj` by `sqrt(num_hidden_layers)` at initialisation.
         hidden_act (`str`): activation after the conv (and of the FFN, if any); the output gate is always SiLU.
+        D_has_hdim (`bool`): the skip `D` has one value per channel (`expand * hidden_size`) instead of one per head
+            (mamba_ssm's and fla's `D_has_hdim`).
+        output_norm (`bool`): the gated RMS norm on the scan output; `False` gives `y * silu(z)` with no norm (and no
+            `norm.weight`; mamba_ssm's and fla's `rmsnorm=False`).
+        norm_before_gate (`bool`): `norm(y) * silu(z)` instead of transformers' `norm(y * silu(z))` (mamba_ssm's and
+            fla's `norm_before_gate=True`).
         norm_eps (`float`) [`layer_norm_epsilon`], residual_in_fp32 (`bool`): as in transformers (defaults 1e-5, True).
         forward_mode (`str`): `"parallel"`, `"chunkwise"`, `"recurrent"` or `"auto"` (recurrent for decoding steps,
             parallel for short inputs, chunkwise beyond; see `retention_ops.pick_mode`).
@@ -65,6 +71,9 @@ class HfxMamba2Config(SequenceConfig):
     time_step_floor: float = interval(min=0.0)(default=1e-4)
     time_step_limit: list[float] | tuple[float, ...] = (0.0, float("inf"))
     rescale_prenorm_residual: bool = False
+    D_has_hdim: bool = False
+    output_norm: bool = True
+    norm_before_gate: bool = False
 
     @property
     def mixer_intermediate_size(self) -> int:

@@ -4,6 +4,8 @@ The mixer is the published layer (Yang et al. 2025), as transformers' `Qwen3Next
 projections through a short causal depthwise conv and SiLU, L2-normalised q and k, `beta = sigmoid(x W_b)`, a
 per-head decay `log a = -exp(A_log) * softplus(x W_a + dt_bias)` (`gate="none"`: DeltaNet, no decay), the
 `delta_ops` kernel (fla's Triton kernels on CUDA when installed), a per-head RMS norm gated by `silu(x W_z)`, and an output projection.
+fla's variants are options of the config: `allow_neg_eigval` (`beta = 2 sigmoid`), `output_gate_activation="sigmoid"`,
+`silu_without_conv` (SiLU on q/k/v when there is no short conv).
 `hf_extras.convert.qwen3_next` maps Qwen3-Next's fused `in_proj_qkvz` / `in_proj_ba` into these projections and back.
 """
 
@@ -37,19 +39,21 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class GatedRMSNorm(nn.Module):
-    """Per-head RMS norm of the output, then times `silu(gate)` (Qwen3-Next's `RMSNormGated`; no gate: plain)."""
+    """Per-head RMS norm of the output, then times `act(gate)` (Qwen3-Next's `RMSNormGated`, `act` = SiLU; fla's
+    `FusedRMSNormGated` also offers sigmoid; no gate: plain)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, activation: str = "silu"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.activation = F.silu if activation == "silu" else torch.sigmoid
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x = self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
         if gate is not None:
-            x = x * F.silu(gate.float())
+            x = x * self.activation(gate.float())
         return x.to(dtype)
 
 
@@ -86,10 +90,12 @@ class GatedDeltaNetMixer(nn.Module):
             self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.g_proj = nn.Linear(hidden, self.value_dim, bias=False) if config.use_output_gate else None
         self.conv_size = config.conv_size if config.use_short_conv else 0
+        self.silu_without_conv = config.silu_without_conv
+        self.beta_scale = 2.0 if config.allow_neg_eigval else 1.0
         if self.conv_size > 0:  # one depthwise conv over the concatenated q, k, v channels (Qwen3-Next's order)
             channels = 2 * self.key_dim + self.value_dim
             self.conv1d = nn.Conv1d(channels, channels, self.conv_size, groups=channels, bias=False)
-        self.o_norm = GatedRMSNorm(self.value_head_dim, config.norm_eps)
+        self.o_norm = GatedRMSNorm(self.value_head_dim, config.norm_eps, config.output_gate_activation)
         self.o_proj = nn.Linear(self.value_dim, hidden, bias=False)
 
     @torch.no_grad()
@@ -142,6 +148,8 @@ class GatedDeltaNetMixer(nn.Module):
             if cache is not None:
                 cache.write_conv(self.layer_idx, new_tail, self.conv_size - 1)
             q, k, v = F.silu(mixed).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        elif self.silu_without_conv:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q = l2_normalize(q.view(batch, seq_len, self.num_key_heads, self.key_head_dim).float())
         k = l2_normalize(k.view(batch, seq_len, self.num_key_heads, self.key_head_dim).float())
         v = v.view(batch, seq_len, self.num_heads, self.value_head_dim)
@@ -150,6 +158,8 @@ class GatedDeltaNetMixer(nn.Module):
             q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
         q, k, v = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), v.transpose(1, 2)
         beta = torch.sigmoid(self.b_proj(hidden_states).float()).transpose(1, 2)
+        if self.beta_scale != 1.0:  # allow_neg_eigval: beta in (0, 2)
+            beta = beta * self.beta_scale
         log_decay = self.log_decay(hidden_states)
         if attention_mask is not None:  # a padded token writes nothing and keeps the state: k = v = 0, log decay 0
             keep_t = attention_mask[:, None, :]

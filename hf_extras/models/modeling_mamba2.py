@@ -43,37 +43,43 @@ from .seq2seq import ForConditionalGenerationHead
 
 
 class GatedRMSNorm(nn.Module):
-    """Mamba-2's output norm: `weight * groupnorm_rms(y * silu(z))`, RMS over each group of `group_size` channels.
+    """Mamba-2's output norm: `weight * groupnorm_rms(y * silu(z))`, RMS over each group of `group_size` channels;
+    `norm_before_gate=True`: `weight * groupnorm_rms(y) * silu(z)` (mamba_ssm's option).
 
-    Computed in float32 (as transformers' `MambaRMSNormGated`, gate applied before the norm). The class name contains
-    "RMSNorm", so transformers' default `_init_weights` sets `weight` to ones.
+    Computed in float32 (as transformers' `MambaRMSNormGated`, gate applied before the norm by default). The class name
+    contains "RMSNorm", so transformers' default `_init_weights` sets `weight` to ones.
     """
 
-    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6, norm_before_gate: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.group_size = group_size
         self.eps = eps
+        self.norm_before_gate = norm_before_gate
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         dtype = hidden_states.dtype
         y = hidden_states.float()
-        if gate is not None:
+        if gate is not None and not self.norm_before_gate:
             y = y * F.silu(gate.float())
         *prefix, width = y.shape
         y = y.view(*prefix, width // self.group_size, self.group_size)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.view(*prefix, width).to(dtype)
+        y = self.weight * y.view(*prefix, width).to(dtype)
+        if gate is not None and self.norm_before_gate:
+            y = (y.float() * F.silu(gate.float())).to(dtype)
+        return y
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
+        before = ", norm_before_gate=True" if self.norm_before_gate else ""
+        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}{before}"
 
 
 class HfxMamba2Mixer(nn.Module):
     """The Mamba-2 block: `in_proj` -> (z, xBC, dt); causal depthwise conv + act on xBC -> (x, B, C);
     `dt = clamp(softplus(dt + dt_bias), time_step_limit)`; `A = -exp(A_log)`; SSD scan through `retention_ops`
     with `q = C`, `k = dt * B` (B/C shared by the heads of a group), `v = x`, log decay `dt * A`; `+ D x`;
-    gated RMS norm with z; `out_proj`.
+    gated RMS norm with z (`norm_before_gate`; or `y * silu(z)` alone with `output_norm=False`); `out_proj`.
 
     Padding: xBC is zeroed at padded positions before and after the conv, and `dt = 0` there, so a padded token's
     contents never reach a real token and it leaves the SSM state untouched (decay `exp(0) = 1`, key `0 * B = 0`):
@@ -112,10 +118,15 @@ class HfxMamba2Mixer(nn.Module):
         )
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
-        self.D = nn.Parameter(torch.empty(self.num_heads))
-        self.norm = GatedRMSNorm(
-            self.intermediate_size, group_size=self.intermediate_size // self.n_groups, eps=config.norm_eps
-        )
+        self.D = nn.Parameter(torch.empty(self.intermediate_size if config.D_has_hdim else self.num_heads))
+        self.norm = None  # output_norm=False: y * silu(z), no norm
+        if config.output_norm:
+            self.norm = GatedRMSNorm(
+                self.intermediate_size,
+                group_size=self.intermediate_size // self.n_groups,
+                eps=config.norm_eps,
+                norm_before_gate=config.norm_before_gate,
+            )
         self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
 
     @torch.no_grad()
@@ -215,9 +226,10 @@ class HfxMamba2Mixer(nn.Module):
         y, new_state = result  # (batch, time, heads, head_dim)
         if cache is not None:
             cache.write_recurrent(self.layer_idx, new_state)
-        y = y + v * self.D.to(y.dtype)[:, None]
+        y = y + v * self.D.to(y.dtype).view(self.num_heads, -1)  # one D per head, or per channel (D_has_hdim)
         y = y.reshape(batch, seq_len, self.intermediate_size)
-        return self.out_proj(self.norm(y, z).to(dtype))
+        y = self.norm(y, z) if self.norm is not None else y.float() * F.silu(z.float())
+        return self.out_proj(y.to(dtype))
 
 
 class HfxMamba2PreTrainedModel(SharedPreTrainedModel):
