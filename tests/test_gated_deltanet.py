@@ -107,6 +107,15 @@ def test_config_validation():
         tiny(conv_size=1)
     config = tiny(value_head_dim=16)
     assert config.key_head_dim == 8 and config.value_head_dim == 16 and config.num_value_heads == 4
+    # explicit head widths: the width need not divide by the heads (fla's 6-head, 2048-wide models), except where a
+    # width derives from it (the default key_head_dim; hybrid attention layers)
+    assert tiny(num_heads=6, num_key_heads=3, key_head_dim=8).value_head_dim == 8
+    with pytest.raises(ValueError, match="set `key_head_dim`"):
+        tiny(num_heads=6, num_key_heads=3)
+    with pytest.raises(Exception, match="divisible by `num_heads`"):
+        tiny(num_heads=6, num_key_heads=3, key_head_dim=8, layer_types=["linear_attention", "full_attention"])
+    with pytest.raises(ValueError, match="allow_neg_eigval=False"):  # Qwen3-Next's layer has neither fla option
+        qwen3_next_layer_to_hfx({}, tiny(allow_neg_eigval=True, conv_size=4))
 
 
 @pytest.mark.parametrize("gate", ["head", "none"])

@@ -403,6 +403,9 @@ def test_state_dict_key_map_both_ways_and_errors():
         hfx_config_from_mamba2({"model_type": "mamba"})
     with pytest.raises(ValueError, match="ffn_type"):
         mamba2_config_from_hfx(HfxMamba2Config(**{**TINY, "ffn_type": "glu"}))
+    for option in (dict(D_has_hdim=True), dict(output_norm=False), dict(norm_before_gate=True)):  # mamba_ssm's only
+        with pytest.raises(ValueError, match=f"no option for {{'{next(iter(option))}'"):
+            mamba2_config_from_hfx(HfxMamba2Config(**TINY, **option))
     config = hfx_config_from_mamba2(hf.config, chunk_size=32)
     assert (config.chunk_size, config.head_dim, config.norm_eps) == (32, 16, 1e-5)
 

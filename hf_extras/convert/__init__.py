@@ -1,5 +1,5 @@
 """Importers and exporters: transformers' Mamba, Mamba-2 and Qwen3-Next linear layers, timm's MLP-Mixer,
-flash-linear-attention's RetNet and GLA; `linearize` turns a pretrained Llama-style Transformer into a linear one."""
+flash-linear-attention's RetNet, GLA, Gated DeltaNet and Mamba-2; `linearize` turns a pretrained Llama-style Transformer into a linear one."""
 
 from .fla import KEY_TABLE as FLA_KEY_TABLE
 from .fla import convert_fla_state_dict, fla_config_to_hfx, fla_key_to_hfx, from_fla, load_fla_folder

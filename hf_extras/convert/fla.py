@@ -456,8 +456,8 @@ _MAMBA2_RENAMED = dict(
 def _mamba2_config(cfg: Mapping[str, Any], overrides: dict[str, Any]) -> HfxMamba2Config:
     """fla's Mamba-2 config, renamed to transformers' fields and mapped by `convert.mamba2`, plus mamba_ssm's options."""
     if cfg.get("hidden_act") not in ("silu", "swish"):
-        _refuse("hidden_act", cfg.get("hidden_act"), "only SiLU after the conv maps exactly (fla's and transformers' "
-                "other activations differ).")  # fmt: skip
+        why = "only SiLU after the conv maps exactly (fla's and transformers' other activations differ)."
+        _refuse("hidden_act", cfg.get("hidden_act"), why)
     width, head_dim = int(cfg["expand"]) * int(cfg["hidden_size"]), int(cfg["head_dim"])
     if width % head_dim:
         _refuse("head_dim", head_dim, f"it must divide expand * hidden_size = {width} (fla's layer refuses it too).")
