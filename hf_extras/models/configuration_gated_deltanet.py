@@ -36,8 +36,6 @@ class GatedDeltaNetConfig(SequenceConfig):
         allow_neg_eigval (`bool`): `beta = 2 sigmoid(x W_b)` instead of `sigmoid(x W_b)`, so `I - beta k k^T` may
             have a negative eigenvalue (Grazzi et al. 2024, "Unlocking State-Tracking in Linear RNNs Through
             Negative Eigenvalues"; fla's `allow_neg_eigval`).
-        rope_theta (`float`): rotary base of the hybrid softmax-attention layers (`layer_types`); the delta-rule
-            layers have no positions.
         chunk_size (`int`): as in every family, but 32 by default (faster for the delta rule on CPU).
         rope_theta (`float`): rotary base of the softmax attention layers of a hybrid schedule (`layer_types`);
             the delta-rule layers take no positions.
@@ -56,7 +54,6 @@ class GatedDeltaNetConfig(SequenceConfig):
     use_output_gate: bool = True
     output_gate_activation: Literal["silu", "sigmoid"] = "silu"
     allow_neg_eigval: bool = False
-    rope_theta: float = positive(10000.0)
     # the delta rule's chunkwise form is fastest on CPU at 32-token chunks (its per-chunk triangular system grows
     # as C^2; benchmarks/delta_kernel.py: 1.9x / 3.7x transformers' kernel at 2k / 8k tokens vs 1.6x / 3.0x at 64)
     chunk_size: int = positive_int_field(default=32)
