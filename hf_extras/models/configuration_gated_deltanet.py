@@ -62,23 +62,23 @@ class GatedDeltaNetConfig(SequenceConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_heads is None:
             self.num_key_heads = self.num_heads
-        if self.key_head_dim is None:
-            if self.hidden_size % self.num_heads:
-                raise ValueError(
-                    f"`hidden_size` ({self.hidden_size}) must be divisible by `num_heads` ({self.num_heads}) when "
-                    "`key_head_dim` is None (it defaults to hidden_size / num_heads): set `key_head_dim` (and "
-                    "`value_head_dim`), or pick another head count."
-                )
-            self.key_head_dim = self.hidden_size // self.num_heads
+        if self.key_head_dim is None and self.hidden_size % self.num_heads == 0:
+            self.key_head_dim = self.hidden_size // self.num_heads  # else left None: validation names the fields
         if self.value_head_dim is None:
             self.value_head_dim = self.key_head_dim
         super().__post_init__(**kwargs)
 
     def validate_heads_divide_width(self):
         """Only the hybrid attention layers (`layer_types`) need `hidden_size / num_heads` whole: the delta-rule
-        layers have their own `key_head_dim` / `value_head_dim` (the default one is checked when it is derived)."""
+        layers have their own `key_head_dim` / `value_head_dim`, unless they default to `hidden_size / num_heads`."""
         if self.is_hybrid:
             super().validate_heads_divide_width()
+        elif self.key_head_dim is None:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_heads` ({self.num_heads}) when "
+                "`key_head_dim` is None (it defaults to hidden_size / num_heads): set `key_head_dim` (and "
+                "`value_head_dim`), or pick another head count."
+            )
 
     def validate_delta_heads(self):
         """Head counts must group evenly; widths and the conv must be usable."""
@@ -88,7 +88,7 @@ class GatedDeltaNetConfig(SequenceConfig):
                 f"{self.num_heads}): each key head serves num_heads / num_key_heads value heads."
             )
         for name in ("key_head_dim", "value_head_dim"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(
                     f"`{name}` must be a positive integer (or None for the default), got {getattr(self, name)}."
                 )
