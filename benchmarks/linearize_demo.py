@@ -36,8 +36,8 @@ NOT_CLI_KEYS = ("architectures", "auto_map", "transformers_version", "dtype", "t
 def _train(recipe: Path, arguments: dict, workdir: Path) -> dict:
     """`hf-extras train RECIPE --key value ...` in a fresh process; returns its metrics.json."""
     command = [sys.executable, "-m", "hf_extras.cli", "train", str(recipe)]
-    for key, value in arguments.items():
-        command += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    for key, value in arguments.items():  # a value with spaces is a list: `decay_horizons=8 512`
+        command += [f"--{key}", *(str(value).lower() if isinstance(value, bool) else str(value)).split()]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=workdir)
     return json.loads((Path(arguments["output_dir"]) / "metrics.json").read_text())
 
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage2_steps", type=int, default=75)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--linearize_arg", action="append", default=[], help="KEY=VALUE for every linearize run")
+    parser.add_argument("--no_scratch", action="store_true", help="skip the from-scratch runs")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -123,15 +124,16 @@ def main(argv: list[str] | None = None) -> None:
         for into in args.into:
             row = {"into": into, **linearize_run(teacher, into, workdir / f"linearize_{into}", args)}
             steps = args.stage1_steps + args.stage2_steps
-            row.update(scratch_run(workdir / f"linearize_{into}" / "config.json", workdir / f"scratch_{into}",
-                                   steps, args, workdir))  # fmt: skip
+            if not args.no_scratch:
+                row.update(scratch_run(workdir / f"linearize_{into}" / "config.json", workdir / f"scratch_{into}",
+                                       steps, args, workdir))  # fmt: skip
             row["teacher_tokens"] = teacher_metrics["tokens_seen"]
             rows.append(row)
             print(
                 f"{into}: teacher {row['teacher_eval_loss']:.4f} | copy {row['copy_eval_loss']:.4f} | "
                 f"stage 1 {row['stage1_eval_loss']:.4f} | stage 2 {row['stage2_eval_loss']:.4f} "
                 f"({row['stage2_eval_loss'] / row['teacher_eval_loss'] - 1:+.1%}) | scratch "
-                f"{row['scratch_eval_loss']:.4f} | tokens {row['tokens']:,} = "
+                f"{row.get('scratch_eval_loss', float('nan')):.4f} | tokens {row['tokens']:,} = "
                 f"{row['tokens'] / row['teacher_tokens']:.1%} of the teacher's",
                 flush=True,
             )
