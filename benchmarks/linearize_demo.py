@@ -30,6 +30,9 @@ from pretrain_teacher import TRAINING, pretrain_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LINEARIZE_YAML = ROOT / "configs" / "linearize.yaml"
+# the demo's settings over configs/linearize.yaml (tuned on this teacher, README): stage 2's learning rate, and decays
+# for 256-token blocks (memory 4..256 tokens rather than the recipe's long-context 32..2048)
+LINEARIZE_DEFAULTS = ("learning_rate=1e-3", "decay_horizons=4 256")
 NOT_CLI_KEYS = ("architectures", "auto_map", "transformers_version", "dtype", "torch_dtype", "model_type")
 
 
@@ -104,10 +107,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", type=Path, default=Path("runs/teacher"), help="teacher folder (made if absent)")
     parser.add_argument("--teacher_steps", type=int, default=1000)
     parser.add_argument("--into", nargs="+", default=["hfx_gated_retention", "hfx_gated_deltanet"])
-    parser.add_argument("--stage1_steps", type=int, default=25)
-    parser.add_argument("--stage2_steps", type=int, default=75)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--linearize_arg", action="append", default=[], help="KEY=VALUE for every linearize run")
+    parser.add_argument("--stage1_steps", type=int, default=100)
+    parser.add_argument("--stage2_steps", type=int, default=300)
+    parser.add_argument("--batch_size", type=int, default=4, help="rows of block_size tokens per step, both stages")
+    parser.add_argument(
+        "--linearize_arg",
+        action="append",
+        default=list(LINEARIZE_DEFAULTS),
+        help=f"KEY=VALUE for every linearize run, after {' '.join(LINEARIZE_DEFAULTS)}",
+    )
     parser.add_argument("--no_scratch", action="store_true", help="skip the from-scratch runs")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
@@ -139,7 +147,13 @@ def main(argv: list[str] | None = None) -> None:
             )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"teacher": teacher_metrics, "rows": rows}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {"settings": {k: str(v) for k, v in vars(args).items()}, "teacher": teacher_metrics, "rows": rows},
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":
