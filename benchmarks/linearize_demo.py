@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_teacher import TRAINING, pretrain_teacher  # noqa: E402
+from pretrain_teacher import TRAINING, linearize_data_keys, pretrain_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LINEARIZE_YAML = ROOT / "configs" / "linearize.yaml"
@@ -60,7 +60,7 @@ def linearize_run(teacher: Path, into: str, out: Path, args: argparse.Namespace)
         **dict(a.split("=", 1) for a in args.linearize_arg),
     }
     metrics = _train(LINEARIZE_YAML, arguments, out.parent)
-    block = yaml.safe_load(LINEARIZE_YAML.read_text())["block_size"]
+    block = linearize_data_keys()["block_size"]
     stage1_tokens = args.stage1_steps * args.batch_size * block
     return {
         "teacher_eval_loss": metrics["teacher_eval_loss"],
@@ -82,13 +82,9 @@ def scratch_run(config_json: Path, out: Path, steps: int, args: argparse.Namespa
     model_type = config["model_type"]
     fields = {f for f in model_arguments_class(model_type).__dataclass_fields__} - {"model_type"}
     model = {k: v for k, v in config.items() if k in fields and k not in NOT_CLI_KEYS and v is not None}
-    recipe = yaml.safe_load(LINEARIZE_YAML.read_text())
     values = {
         **TRAINING,
-        "block_size": recipe["block_size"],
-        "max_eval_samples": recipe["max_eval_samples"],
-        "per_device_eval_batch_size": recipe["per_device_eval_batch_size"],
-        "seed": recipe["seed"],
+        **linearize_data_keys(),
         "model_type": model_type,
         **model,
         "per_device_train_batch_size": args.batch_size,

@@ -53,11 +53,16 @@ TRAINING = {
 }
 
 
+def linearize_data_keys() -> dict:
+    """`configs/linearize.yaml`'s data keys, so every run of the demo evaluates on the same validation blocks."""
+    recipe = yaml.safe_load(LINEARIZE_YAML.read_text())
+    return {k: recipe[k] for k in DATA_KEYS}
+
+
 def teacher_recipe(output_dir: Path, steps: int) -> dict:
     """The teacher run's `hf-extras train` YAML: the linearize recipe's data keys, the Llama and its training."""
-    recipe = yaml.safe_load(LINEARIZE_YAML.read_text())
     return {
-        **{k: recipe[k] for k in DATA_KEYS},
+        **linearize_data_keys(),
         **TRAINING,
         **TEACHER,
         "max_steps": steps,
