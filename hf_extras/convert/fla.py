@@ -131,12 +131,14 @@ from ..models.configuration_gated_deltanet import GatedDeltaNetConfig
 from ..models.configuration_gated_retention import GatedRetentionConfig
 from ..models.configuration_mamba2 import HfxMamba2Config
 from ..models.configuration_retnet import RetNetConfig
+from ..models.hybrid import attention_head_dim
 from ..models.modeling_gated_deltanet import AUTO_CLASSES as GATED_DELTANET_CLASSES
 from ..models.modeling_gated_retention import AUTO_CLASSES as GATED_RETENTION_CLASSES
 from ..models.modeling_mamba2 import AUTO_CLASSES as MAMBA2_CLASSES
 from ..models.modeling_retnet import AUTO_CLASSES as RETNET_CLASSES
+from .linearize import repeat_kv_rows
 from .mamba2 import KEY_TABLE as MAMBA2_KEY_TABLE
-from .mamba2 import hfx_config_from_mamba2, mamba2_key_to_hfx
+from .mamba2 import MAMBA2_SAME_FIELDS, hfx_config_from_mamba2, mamba2_key_to_hfx
 
 __all__ = ["KEY_TABLE", "fla_key_to_hfx", "fla_config_to_hfx", "convert_fla_state_dict", "load_fla_folder", "from_fla"]
 
@@ -346,7 +348,7 @@ def _retention_kwargs(cfg: Mapping[str, Any], gate_low_rank_dim: int | None) -> 
     return kwargs
 
 
-def _gated_deltanet_kwargs(cfg: Mapping[str, Any], gate_low_rank_dim: int | None = None) -> dict[str, Any]:
+def _gated_deltanet_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Gated DeltaNet's mixer fields: fla's q/k heads are our key heads, its value heads our `num_heads`."""
     key_heads = int(cfg["num_heads"])
     value_heads = int(cfg.get("num_v_heads") or key_heads)
@@ -377,9 +379,6 @@ def _gated_deltanet_kwargs(cfg: Mapping[str, Any], gate_low_rank_dim: int | None
         output_gate_activation="sigmoid" if activation == "sigmoid" else "silu",
         allow_neg_eigval=bool(cfg["allow_neg_eigval"]),
     )
-
-
-_MIXER_KWARGS = {"retnet": _retention_kwargs, "gla": _retention_kwargs, "gated_deltanet": _gated_deltanet_kwargs}
 
 
 def _attention_specs(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -441,11 +440,6 @@ def _hybrid_kwargs(cfg: Mapping[str, Any], heads: int) -> dict[str, Any]:
     return dict(layer_types=layer_types, sliding_window=windows.pop() if windows else None, rope_theta=theta)
 
 
-_MAMBA2_SAME_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "state_size", "n_groups", "expand", "conv_kernel", "use_bias",
-    "use_conv_bias", "initializer_range", "residual_in_fp32", "rescale_prenorm_residual", "use_cache",
-    "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
-)  # fmt: skip
 # fla Mamba2Config field -> transformers' Mamba2Config field (then `hfx_config_from_mamba2` maps it onto ours)
 _MAMBA2_RENAMED = dict(
     norm_eps="layer_norm_epsilon", dt_min="time_step_min", dt_max="time_step_max", dt_init_floor="time_step_floor",
@@ -464,7 +458,7 @@ def _mamba2_config(cfg: Mapping[str, Any], overrides: dict[str, Any]) -> HfxMamb
     heads = width // head_dim
     if cfg.get("num_heads") not in (None, heads):
         _refuse("num_heads", cfg["num_heads"], f"fla's layer needs expand * hidden_size / head_dim = {heads}.")
-    theirs = {name: cfg[name] for name in _MAMBA2_SAME_FIELDS}
+    theirs = {name: cfg[name] for name in MAMBA2_SAME_FIELDS if name in cfg}  # renamed/derived ones follow
     theirs.update({new: cfg[old] for old, new in _MAMBA2_RENAMED.items()}, num_heads=heads, hidden_act="silu")
     options = dict(
         D_has_hdim=bool(cfg["D_has_hdim"]),
@@ -488,7 +482,10 @@ def fla_config_to_hfx(config, gate_low_rank_dim: int | None = None, **overrides)
     if family == "mamba2":
         return _mamba2_config(cfg, overrides)
     kwargs = _fla_model_kwargs(cfg)
-    kwargs.update(_MIXER_KWARGS[family](cfg, gate_low_rank_dim))
+    if family == "gated_deltanet":
+        kwargs.update(_gated_deltanet_kwargs(cfg))
+    else:
+        kwargs.update(_retention_kwargs(cfg, gate_low_rank_dim))
     kwargs.update(_hybrid_kwargs(cfg, kwargs["num_heads"]))
     kwargs.update(overrides)
     return _FAMILIES[family][0](**kwargs)
@@ -522,11 +519,11 @@ _ROTARY_BUFFER = re.compile(r"^model\.layers\.(?P<i>\d+)\.attn\.rotary\.inv_freq
 _LAYER_PARAM = re.compile(r"^model\.layers\.(?P<i>\d+)\.attn\.(?P<name>.+)\.(weight|bias)$")
 
 
-def _block_rotary(layer: int, cfg: Mapping[str, Any], config) -> tuple[int, float] | None:
+def _block_rotary(layer: int, config) -> tuple[int, float] | None:
     """`(dim, base)` of block `layer`'s rotary table in our model (attention layer or RetNet), or None (no rotary)."""
     kinds = config.resolved_layer_types
     if layer < len(kinds) and kinds[layer] != "linear_attention":
-        return config.hidden_size // config.num_heads, float(config.rope_theta)
+        return attention_head_dim(config), float(config.rope_theta)
     if isinstance(config, RetNetConfig):
         return config.head_dim, float(config.rope_theta)
     return None
@@ -542,15 +539,6 @@ def _check_inv_freq(key: str, value: torch.Tensor, rotary: tuple[int, float] | N
         raise ValueError(f"fla tensor {key!r} is not the rotary table of base {theta} over {dim} dims ours uses.")
 
 
-def _repeat_kv(weight: torch.Tensor, head_size: int, groups: int) -> torch.Tensor:
-    """Repeat each of the kv heads (rows of `head_size`) `groups` times in place: fla's `repeat(... h d -> (h g) d)`."""
-    if groups == 1:
-        return weight
-    rows = weight.shape[0]
-    blocks = weight.reshape(rows // head_size, head_size, *weight.shape[1:])
-    return blocks.repeat_interleave(groups, dim=0).reshape(rows * groups, *weight.shape[1:])
-
-
 def _kv_regrouping(cfg: Mapping[str, Any], config) -> list[dict[str, tuple[int, int]]]:
     """Per block: fla module under `attn.` -> `(rows per head, copies)` of the grouped k/v rows ours repeats.
 
@@ -561,7 +549,7 @@ def _kv_regrouping(cfg: Mapping[str, Any], config) -> list[dict[str, tuple[int, 
     for layer in range(config.num_hidden_layers):
         if layer in attention:
             heads, kv_heads = int(attention[layer]["num_heads"]), int(attention[layer]["num_kv_heads"])
-            head = config.hidden_size // heads
+            head = attention_head_dim(config)  # attn.num_heads == config.num_heads (checked on import)
             plan.append({"k_proj": (head, heads // kv_heads), "v_proj": (head, heads // kv_heads)})
         elif cfg["model_type"] in ("retnet", "gla"):
             heads = config.num_heads
@@ -595,7 +583,7 @@ def convert_fla_state_dict(
     for key, value in state.items():
         rotary = _ROTARY_BUFFER.match(key)
         if rotary:  # older saves keep RotaryEmbedding.inv_freq: ours computes the same table
-            _check_inv_freq(key, value, _block_rotary(int(rotary["i"]), cfg, config))
+            _check_inv_freq(key, value, _block_rotary(int(rotary["i"]), config))
             continue
         target = fla_key_to_hfx(key, family)
         if target is None:
@@ -605,7 +593,8 @@ def convert_fla_state_dict(
         if param:
             layer, name = int(param["i"]), param["name"]
             if layer < len(regroup) and name in regroup[layer]:
-                value = _repeat_kv(value, *regroup[layer][name])
+                head, copies = regroup[layer][name]
+                value = repeat_kv_rows(value, copies, head)
             if name.endswith("_conv1d"):
                 conv_parts.setdefault(target, {})[name[0]] = value
                 continue
@@ -668,7 +657,7 @@ def load_fla_folder(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{folder!r} has no config.json: pass a folder saved by fla's save_pretrained.")
     # transformers' own reader: it decodes the `{"__float__": "Infinity"}` it writes for Mamba-2's `dt_limit`
-    config = PreTrainedConfig._dict_from_json_file(config_path)
+    config = PreTrainedConfig.get_config_dict(folder, local_files_only=True)[0]
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:

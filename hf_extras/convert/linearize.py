@@ -373,12 +373,13 @@ def linearized_config(
 
 
 def repeat_kv_rows(weight: torch.Tensor, group: int, head_dim: int) -> torch.Tensor:
-    """k/v projection rows `(kv_heads * head_dim, in)` -> `(kv_heads * group * head_dim, in)`, head h reading kv head
-    `h // group` (the order of transformers' `repeat_kv`)."""
+    """k/v rows `(kv_heads * head_dim, ...)` -> `(kv_heads * group * head_dim, ...)`, head h reading kv head
+    `h // group` (the order of transformers' `repeat_kv` and fla's `repeat(... h d -> (h g) d)`); any trailing dims
+    (a projection's input, a depthwise conv's taps) are kept."""
     if group == 1:
         return weight
-    rows = weight.view(-1, head_dim, weight.shape[-1])
-    return rows.repeat_interleave(group, dim=0).reshape(-1, weight.shape[-1])
+    rows = weight.view(-1, head_dim, *weight.shape[1:])
+    return rows.repeat_interleave(group, dim=0).reshape(-1, *weight.shape[1:])
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ MAMBA2_MIXER_PARAMS = (
 )
 
 # Mamba2Config field -> HfxMamba2Config field (same name, same meaning)
-_SAME_FIELDS = (
+MAMBA2_SAME_FIELDS = (
     "vocab_size",
     "hidden_size",
     "num_hidden_layers",
@@ -113,7 +113,7 @@ def hfx_config_from_mamba2(mamba2_config, **overrides) -> HfxMamba2Config:
         raise ValueError(
             f"expected a transformers Mamba2Config (model_type 'mamba2'), got model_type {src['model_type']!r}"
         )
-    kwargs = {name: src[name] for name in _SAME_FIELDS if name in src}
+    kwargs = {name: src[name] for name in MAMBA2_SAME_FIELDS if name in src}
     if "layer_norm_epsilon" in src:
         kwargs["norm_eps"] = float(src["layer_norm_epsilon"])
     for name in _FLOAT_FIELDS:
@@ -141,7 +141,7 @@ def mamba2_config_from_hfx(config: HfxMamba2Config):
     changed = {name: getattr(config, name) for name, default in options.items() if getattr(config, name) != default}
     if changed:
         raise ValueError(f"cannot export to transformers' Mamba2ForCausalLM, which has no option for {changed}.")
-    kwargs = {name: getattr(config, name) for name in _SAME_FIELDS}
+    kwargs = {name: getattr(config, name) for name in MAMBA2_SAME_FIELDS}
     kwargs["time_step_limit"] = tuple(_float_limit(config.time_step_limit))
     kwargs["layer_norm_epsilon"] = config.norm_eps
     kwargs["head_dim"] = config.head_dim

@@ -91,7 +91,7 @@ class GatedDeltaNetMixer(nn.Module):
         self.g_proj = nn.Linear(hidden, self.value_dim, bias=False) if config.use_output_gate else None
         self.conv_size = config.conv_size if config.use_short_conv else 0
         self.silu_without_conv = config.silu_without_conv
-        self.beta_scale = 2.0 if config.allow_neg_eigval else 1.0
+        self.allow_neg_eigval = config.allow_neg_eigval
         if self.conv_size > 0:  # one depthwise conv over the concatenated q, k, v channels (Qwen3-Next's order)
             channels = 2 * self.key_dim + self.value_dim
             self.conv1d = nn.Conv1d(channels, channels, self.conv_size, groups=channels, bias=False)
@@ -158,8 +158,8 @@ class GatedDeltaNetMixer(nn.Module):
             q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
         q, k, v = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), v.transpose(1, 2)
         beta = torch.sigmoid(self.b_proj(hidden_states).float()).transpose(1, 2)
-        if self.beta_scale != 1.0:  # allow_neg_eigval: beta in (0, 2)
-            beta = beta * self.beta_scale
+        if self.allow_neg_eigval:  # beta in (0, 2)
+            beta = 2.0 * beta
         log_decay = self.log_decay(hidden_states)
         if attention_mask is not None:  # a padded token writes nothing and keeps the state: k = v = 0, log decay 0
             keep_t = attention_mask[:, None, :]

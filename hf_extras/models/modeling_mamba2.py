@@ -65,10 +65,10 @@ class GatedRMSNorm(nn.Module):
         *prefix, width = y.shape
         y = y.view(*prefix, width // self.group_size, self.group_size)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = self.weight * y.view(*prefix, width).to(dtype)
-        if gate is not None and self.norm_before_gate:
-            y = (y.float() * F.silu(gate.float())).to(dtype)
-        return y
+        y = y.view(*prefix, width)
+        if gate is not None and self.norm_before_gate:  # gated in float32, one cast
+            return (self.weight * y * F.silu(gate.float())).to(dtype)
+        return self.weight * y.to(dtype)
 
     def extra_repr(self) -> str:
         before = ", norm_before_gate=True" if self.norm_before_gate else ""
