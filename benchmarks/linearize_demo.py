@@ -3,7 +3,8 @@
 1. The teacher: `benchmarks/pretrain_teacher.py` (transformers' Llama, 4 x 256, trained on the embedded stdlib corpus),
    run first unless `--teacher` names an existing folder.
 2. For each target (`--into`): `hf-extras train configs/linearize.yaml --teacher_model_name_or_path TEACHER --into X`
-   with `--stage1_steps` attention-transfer steps and `--stage2_steps` next-token (+ KL) steps.
+   with `--stage1_steps` attention-transfer steps and `--stage2_steps` next-token (+ KL) steps; by default stage 2
+   takes the steps that bring both stages to `--token_fraction` (10%) of the teacher's training tokens.
 3. The same architecture (the linearized run's config) trained from scratch by `hf-extras train` (task `causal_lm`,
    the teacher's learning rate) for as many tokens as stages 1 and 2 together.
 
@@ -101,10 +102,16 @@ def scratch_run(config_json: Path, out: Path, steps: int, args: argparse.Namespa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=Path("runs/teacher"), help="teacher folder (made if absent)")
-    parser.add_argument("--teacher_steps", type=int, default=1000)
+    parser.add_argument("--teacher_steps", type=int, default=3000, help="the teacher's steps, when it is made here")
     parser.add_argument("--into", nargs="+", default=["hfx_gated_retention", "hfx_gated_deltanet"])
     parser.add_argument("--stage1_steps", type=int, default=25)
-    parser.add_argument("--stage2_steps", type=int, default=375)
+    parser.add_argument(
+        "--stage2_steps",
+        type=int,
+        default=None,
+        help="default: the steps that bring stages 1 + 2 to --token_fraction of the teacher's training tokens",
+    )
+    parser.add_argument("--token_fraction", type=float, default=0.1, help="the students' token budget (see above)")
     parser.add_argument("--batch_size", type=int, default=4, help="rows of block_size tokens per step, both stages")
     parser.add_argument(
         "--linearize_arg",
@@ -121,6 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     if not (teacher / "config.json").is_file():
         pretrain_teacher(teacher, args.teacher_steps)
     teacher_metrics = json.loads((teacher / "metrics.json").read_text())
+    if args.stage2_steps is None:
+        step_tokens = args.batch_size * linearize_data_keys()["block_size"]
+        args.stage2_steps = round(args.token_fraction * teacher_metrics["tokens_seen"] / step_tokens) - args.stage1_steps
+        if args.stage2_steps < 1:
+            parser.error(f"--token_fraction {args.token_fraction} leaves no stage-2 step after --stage1_steps")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = (args.workdir or Path(tmp)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ transformers' own `LlamaForCausalLM` (SDPA), trained by `hf-extras train` with `
 corpus (the Python standard library's source, byte tokenizer), with the data settings of `configs/linearize.yaml`
 (`block_size`, `packing: concat`, `max_eval_samples`) so a linearize run evaluates on the teacher's own validation
 blocks. Default: 4 blocks x 256 wide, 4 heads (2 k/v heads: grouped-query attention, as Llama 3 and Qwen have), SwiGLU
-FFN 704, tied embeddings; 1,000 steps of 16 x 256 tokens (4.1M tokens).
+FFN 704, tied embeddings; 3,000 steps of 16 x 256 tokens (12.3M tokens, about 4 per parameter).
 
     python benchmarks/pretrain_teacher.py --output_dir runs/teacher
     hf-extras train configs/linearize.yaml --teacher_model_name_or_path runs/teacher
@@ -81,7 +81,7 @@ def pretrain_teacher(output_dir: Path, steps: int, extra: list[str] = ()) -> Non
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path("runs/teacher"))
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps of 16 x block_size tokens")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps of 16 x block_size tokens")
     args, extra = parser.parse_known_args(argv)  # anything else goes to `hf-extras train` (e.g. --hidden_size 128)
     pretrain_teacher(args.output_dir, args.steps, extra)
 

@@ -250,10 +250,11 @@ def test_linearize_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo.json"
     linearize_demo.main(
         ["--teacher", str(tmp_path / "teacher"), "--into", "hfx_gated_retention", "--stage1_steps", "1",
-         "--stage2_steps", "2", "--batch_size", "2", "--workdir", str(tmp_path / "runs"), "--out", str(out)]
+         "--token_fraction", "0.1875", "--batch_size", "2", "--workdir", str(tmp_path / "runs"), "--out", str(out)]
     )  # fmt: skip
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["tokens"] == row["scratch_tokens"] == 3 * 2 * 256
+    # the teacher saw 2 x 16 x 256 tokens; 18.75% of them is 3 steps of 2 x 256: 1 in stage 1, 2 in stage 2
+    assert row["tokens"] == row["scratch_tokens"] == 3 * 2 * 256 == 0.1875 * row["teacher_tokens"]
     for key in ("teacher_eval_loss", "copy_eval_loss", "stage1_eval_loss", "stage2_eval_loss", "scratch_eval_loss"):
         assert math.isfinite(row[key]), key
     scratch = json.loads((tmp_path / "runs" / "scratch_hfx_gated_retention" / "config.json").read_text())
