@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     teacher_metrics = json.loads((teacher / "metrics.json").read_text())
     if args.stage2_steps is None:
         step_tokens = args.batch_size * linearize_data_keys()["block_size"]
-        args.stage2_steps = round(args.token_fraction * teacher_metrics["tokens_seen"] / step_tokens) - args.stage1_steps
+        args.stage2_steps = (
+            round(args.token_fraction * teacher_metrics["tokens_seen"] / step_tokens) - args.stage1_steps
+        )
         if args.stage2_steps < 1:
             parser.error(f"--token_fraction {args.token_fraction} leaves no stage-2 step after --stage1_steps")
     with tempfile.TemporaryDirectory() as tmp:
