@@ -14,6 +14,7 @@ on CPU), rotary -> `rotary_embedding_ref`, the short convs -> their own weights 
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 import zlib
 from unittest import mock
@@ -409,41 +410,38 @@ def test_gated_deltanet_and_hybrid_layout():
     assert gla.layer_types == ["sliding_attention", "linear_attention", "sliding_attention"] and gla.rope_theta == 500
 
 
-def test_leftover_missing_and_misshapen_tensors_raise_naming_them():
-    fla_model = build_fla("gla")
-    state = dict(fla_model.state_dict())
-    config = fla_model.config
-    with pytest.raises(ValueError, match=r"not consumed.*model\.layers\.0\.attn\.extra\.weight"):
-        from_fla({**state, "model.layers.0.attn.extra.weight": torch.zeros(2)}, config)
-    missing = {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}
-    with pytest.raises(ValueError, match=r"missing \['model\.layers\.1\.ffn\.up_proj\.weight'\]"):
-        from_fla(missing, config)
-    bad = {**state, "model.layers.0.attn.o_proj.weight": torch.zeros(64, 63)}
-    with pytest.raises(ValueError, match=r"shape mismatches.*mixer\.o_proj\.weight"):
-        from_fla(bad, config)
-    our_config = fla_config_to_hfx(config)
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        tied = {**config.to_dict(), "tie_word_embeddings": True}
-        convert_fla_state_dict(state, tied, fla_config_to_hfx(tied))
-    assert (
-        convert_fla_state_dict(state, config, our_config).keys()
-        == GatedRetentionForCausalLM(our_config).state_dict().keys()
-    )
+# per fla model_type: a tensor to drop and the key ours then misses, a tensor to misshape and ours it names
+BROKEN_TENSORS = {
+    "gla": ("model.layers.1.mlp.up_proj.weight", "model.layers.1.ffn.up_proj.weight",
+            "model.layers.0.attn.o_proj.weight", "mixer.o_proj.weight"),
+    "gated_deltanet": ("model.layers.0.attn.A_log", "model.layers.0.mixer.A_log",
+                       "model.layers.0.attn.dt_bias", "mixer.dt_bias"),
+    "mamba2": ("backbone.layers.0.mixer.A_log", "model.layers.0.mixer.A_log",
+               "backbone.layers.0.mixer.dt_bias", "mixer.dt_bias"),
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("variant", ["gdn-gva-noconv-nogate-negeig-unfused", "mamba2-dhdim-normfirst-bias-tied"])
-def test_new_families_leftover_missing_and_misshapen_tensors_raise(variant):
+@pytest.mark.parametrize("variant", ["gla", "gdn-gva-noconv-nogate-negeig-unfused", "mamba2-dhdim-normfirst-bias-tied"])
+def test_leftover_missing_and_misshapen_tensors_raise_naming_them(variant):
     fla_model = build_fla(variant)
     state, config = dict(fla_model.state_dict()), fla_model.config
     prefix = "backbone.layers.0.mixer" if config.model_type == "mamba2" else "model.layers.0.attn"
-    stray = f"{prefix}.x_proj.weight"  # a Mamba-1 projection: in neither table
-    with pytest.raises(ValueError, match=rf"not consumed.*{prefix}\.x_proj\.weight"):
-        from_fla({**state, stray: torch.zeros(2)}, config)
-    drop = f"{prefix}.A_log"
-    with pytest.raises(ValueError, match=r"missing \['model\.layers\.0\.mixer\.A_log'\]"):
+    with pytest.raises(ValueError, match=rf"not consumed.*{prefix}\.x_proj\.weight"):  # in no family's table
+        from_fla({**state, f"{prefix}.x_proj.weight": torch.zeros(2)}, config)
+    drop, missing, misshape, named = BROKEN_TENSORS[config.model_type]
+    with pytest.raises(ValueError, match=re.escape(f"missing ['{missing}']")):
         from_fla({k: v for k, v in state.items() if k != drop}, config)
-    with pytest.raises(ValueError, match=r"shape mismatches.*mixer\.dt_bias"):
-        from_fla({**state, f"{prefix}.dt_bias": torch.zeros(3)}, config)
+    with pytest.raises(ValueError, match=rf"shape mismatches.*{named}"):
+        from_fla({**state, misshape: torch.zeros(state[misshape].shape[0], 3)}, config)
+    if variant == "gla":
+        our_config = fla_config_to_hfx(config)
+        with pytest.raises(ValueError, match="tie_word_embeddings"):
+            tied = {**config.to_dict(), "tie_word_embeddings": True}
+            convert_fla_state_dict(state, tied, fla_config_to_hfx(tied))
+        assert (
+            convert_fla_state_dict(state, config, our_config).keys()
+            == GatedRetentionForCausalLM(our_config).state_dict().keys()
+        )
 
 
 @pytest.mark.parametrize(
