@@ -37,6 +37,11 @@ LINEARIZE_DEFAULTS = ("learning_rate=1e-3", "decay_horizons=4 256", "kl_weight=4
 NOT_CLI_KEYS = ("architectures", "auto_map", "transformers_version", "dtype", "torch_dtype", "model_type")
 
 
+def step_tokens(args: argparse.Namespace) -> int:
+    """Tokens per optimizer step of either stage: `--batch_size` rows of the recipe's `block_size`."""
+    return args.batch_size * linearize_data_keys()["block_size"]
+
+
 def _train(recipe: Path, arguments: dict, workdir: Path) -> dict:
     """`hf-extras train RECIPE --key value ...` in a fresh process; returns its metrics.json."""
     command = [sys.executable, "-m", "hf_extras.cli", "train", str(recipe)]
@@ -61,8 +66,7 @@ def linearize_run(teacher: Path, into: str, out: Path, args: argparse.Namespace)
         **dict(a.split("=", 1) for a in args.linearize_arg),
     }
     metrics = _train(LINEARIZE_YAML, arguments, out.parent)
-    block = linearize_data_keys()["block_size"]
-    stage1_tokens = args.stage1_steps * args.batch_size * block
+    stage1_tokens = args.stage1_steps * step_tokens(args)
     return {
         "teacher_eval_loss": metrics["teacher_eval_loss"],
         "copy_eval_loss": metrics["linearized_eval_loss"],
@@ -129,10 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         pretrain_teacher(teacher, args.teacher_steps)
     teacher_metrics = json.loads((teacher / "metrics.json").read_text())
     if args.stage2_steps is None:
-        step_tokens = args.batch_size * linearize_data_keys()["block_size"]
-        args.stage2_steps = (
-            round(args.token_fraction * teacher_metrics["tokens_seen"] / step_tokens) - args.stage1_steps
-        )
+        args.stage2_steps = round(args.token_fraction * teacher_metrics["tokens_seen"] / step_tokens(args))
+        args.stage2_steps -= args.stage1_steps
         if args.stage2_steps < 1:
             parser.error(f"--token_fraction {args.token_fraction} leaves no stage-2 step after --stage1_steps")
     with tempfile.TemporaryDirectory() as tmp:

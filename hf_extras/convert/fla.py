@@ -540,7 +540,8 @@ def _check_inv_freq(key: str, value: torch.Tensor, rotary: tuple[int, float] | N
 
 
 def _kv_regrouping(cfg: Mapping[str, Any], config) -> list[dict[str, tuple[int, int]]]:
-    """Per block: fla module under `attn.` -> `(rows per head, copies)` of the grouped k/v rows ours repeats.
+    """Per block: fla module under `attn.` -> `(copies, rows per head)` of the grouped k/v rows ours repeats (the
+    arguments of `repeat_kv_rows`).
 
     RetNet/GLA mixers and the attention layers of a hybrid expand grouped kv heads; Gated DeltaNet groups its heads
     natively (no copies), and Mamba-2's B/C groups are its own (`n_groups`)."""
@@ -550,12 +551,12 @@ def _kv_regrouping(cfg: Mapping[str, Any], config) -> list[dict[str, tuple[int, 
         if layer in attention:
             heads, kv_heads = int(attention[layer]["num_heads"]), int(attention[layer]["num_kv_heads"])
             head = attention_head_dim(config)  # attn.num_heads == config.num_heads (checked on import)
-            plan.append({"k_proj": (head, heads // kv_heads), "v_proj": (head, heads // kv_heads)})
+            plan.append({"k_proj": (heads // kv_heads, head), "v_proj": (heads // kv_heads, head)})
         elif cfg["model_type"] in ("retnet", "gla"):
             heads = config.num_heads
             groups = heads // (cfg.get("num_kv_heads") or heads)
             head_k, head_v = config.head_dim, (config.hidden_size // heads) * config.value_factor
-            keys, values = (head_k, groups), (head_v, groups)
+            keys, values = (groups, head_k), (groups, head_v)
             plan.append(dict(k_proj=keys, k_conv1d=keys, v_proj=values, v_conv1d=values, **{"gk_proj.1": keys}))
         else:
             plan.append({})
@@ -593,8 +594,7 @@ def convert_fla_state_dict(
         if param:
             layer, name = int(param["i"]), param["name"]
             if layer < len(regroup) and name in regroup[layer]:
-                head, copies = regroup[layer][name]
-                value = repeat_kv_rows(value, copies, head)
+                value = repeat_kv_rows(value, *regroup[layer][name])
             if name.endswith("_conv1d"):
                 conv_parts.setdefault(target, {})[name[0]] = value
                 continue
