@@ -16,6 +16,7 @@ class Family:
     prefix: str  # class-name prefix, e.g. "RetNet"
     tiny: dict = field(default_factory=dict)
     recurrent: bool = True  # fixed-size state (vs. a growing KV cache)
+    float64_exact: bool = False  # computes wholly in the input dtype: float64 runs are exact to its rounding
 
     def config(self, **overrides):
         kwargs = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_heads=2, chunk_size=8)
@@ -31,12 +32,38 @@ HYBRID = ["linear_attention", "full_attention"]
 SLIDING_HYBRID = ["sliding_attention", "linear_attention"]
 
 FAMILIES = [
-    Family("retnet", hf_extras.RetNetConfig, "RetNet"),
-    Family("gla", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="key", use_short_conv=True)),
-    Family("gated_retnet", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="head", use_rotary=True)),
-    Family("linear_attention", hf_extras.GatedRetentionConfig, "GatedRetention", dict(gate="none", feature_map="elu")),
+    Family("retnet", hf_extras.RetNetConfig, "RetNet", float64_exact=True),
+    Family(
+        "gla",
+        hf_extras.GatedRetentionConfig,
+        "GatedRetention",
+        dict(gate="key", use_short_conv=True),
+        float64_exact=True,
+    ),
+    Family(
+        "gated_retnet",
+        hf_extras.GatedRetentionConfig,
+        "GatedRetention",
+        dict(gate="head", use_rotary=True),
+        float64_exact=True,
+    ),
+    Family(
+        "linear_attention",
+        hf_extras.GatedRetentionConfig,
+        "GatedRetention",
+        dict(gate="none", feature_map="elu"),
+        float64_exact=True,
+    ),
     Family("dyt", hf_extras.DyTConfig, "DyT", recurrent=False),
     Family("mamba", hf_extras.HfxMambaConfig, "HfxMamba", dict(state_size=8, num_heads=1)),
+    # gated retention with a softmax window in every mixer (LoLCATs-style linearizing target), shorter than the inputs
+    Family(
+        "gated_retnet_window",
+        hf_extras.GatedRetentionConfig,
+        "GatedRetention",
+        dict(gate="head", use_rotary=True, attention_window=4),
+        float64_exact=True,
+    ),
     # hybrids (issue 20): one softmax attention block among the family's own; kept before the last two entries,
     # which some tests pick by position
     Family("retnet_hybrid", hf_extras.RetNetConfig, "RetNet", dict(layer_types=HYBRID), recurrent=False),

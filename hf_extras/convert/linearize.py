@@ -402,7 +402,8 @@ def _init_new_parameters(mixer: nn.Module, into: str, config, horizons: tuple[fl
             dt = (-log_a).double()
             mixer.dt_bias.copy_((dt + torch.log(-torch.expm1(-dt))).to(mixer.dt_bias.dtype))  # softplus^-1
     norm = getattr(mixer, "g_norm", None) or getattr(mixer, "o_norm", None)
-    norm.weight.fill_(1.0)
+    # with a softmax window the copy starts as the teacher's attention cut to the window: the linear part enters at 0
+    norm.weight.fill_(0.0 if getattr(config, "attention_window", None) else 1.0)
     conv = getattr(mixer, "conv1d", None)
     if conv is not None:  # identity tap: the conv passes its input through (SiLU still follows)
         conv.weight.zero_()

@@ -21,11 +21,15 @@ from transformers.cache_utils import (
 )
 
 
-def cache_layer(kind: str, sliding_window: int | None = None):
-    """transformers' cache layer for one block of a (hybrid) schedule: a fixed-size state for `"linear_attention"`,
-    a growing key/value cache for `"full_attention"`, one bounded by the window for `"sliding_attention"`."""
+WINDOW_STATES = (1, 2, 3)  # a linear layer's state slots for its window tail: keys, values, valid
+
+
+def cache_layer(kind: str, sliding_window: int | None = None, attention_window: int | None = None):
+    """transformers' cache layer for one block of a (hybrid) schedule: a fixed-size state for `"linear_attention"`
+    (with slots for the tail of its softmax window when `attention_window` is set), a growing key/value cache for
+    `"full_attention"`, one bounded by the window for `"sliding_attention"`."""
     if kind == "linear_attention":
-        return LinearAttentionLayer()
+        return LinearAttentionLayer(number_of_states=1 + len(WINDOW_STATES) if attention_window else 1)
     if kind == "full_attention":
         return DynamicLayer()
     if kind == "sliding_attention":
@@ -42,7 +46,8 @@ class RecurrentCache(DynamicCache):
     def __init__(self, config=None, num_layers: int | None = None):
         if config is not None:
             kinds = getattr(config, "resolved_layer_types", None) or ["linear_attention"] * config.num_hidden_layers
-            layers = [cache_layer(kind, getattr(config, "sliding_window", None)) for kind in kinds]
+            windows = (getattr(config, "sliding_window", None), getattr(config, "attention_window", None))
+            layers = [cache_layer(kind, *windows) for kind in kinds]
         else:
             if num_layers is None:
                 raise ValueError("RecurrentCache needs `config` or `num_layers`.")
@@ -91,6 +96,19 @@ class RecurrentCache(DynamicCache):
             layer.lazy_initialization(conv_states=tail, state_idx=state_idx, conv_kernel_size=kernel_size)
         layer.conv_states[state_idx].copy_(tail)
         layer.has_previous_state[state_idx] = True
+
+    def read_window(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The tail of a linear layer's softmax window `(keys, values, valid)`, or `None` before the first write."""
+        layer = self.layers[layer_idx]
+        if not layer.is_recurrent_states_initialized[WINDOW_STATES[0]]:
+            return None
+        keys, values, valid = (layer.recurrent_states[i] for i in WINDOW_STATES)
+        return keys, values, valid
+
+    def write_window(self, layer_idx: int, tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        layer = self.layers[layer_idx]
+        for i, part in zip(WINDOW_STATES, tail):
+            layer.update_recurrent_state(part, i)
 
 
 def as_recurrent_cache(cache, config, use_cache: bool) -> RecurrentCache | None:

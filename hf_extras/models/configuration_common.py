@@ -32,6 +32,15 @@ def optional_positive(value: float | None):
         raise ValueError(f"Value must be > 0 (or None for the derived default), got {value}.")
 
 
+@as_validated_field
+def attention_window(value: int | None):
+    """`None` (no softmax window in the linear mixer) or a window of at least 2 tokens (itself and one before)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise ValueError(
+            f"`attention_window` must be None (off) or an int >= 2 (the token and those before it), got {value!r}."
+        )
+
+
 def positive(default: float):
     """A float field that must be > 0 (epsilons, bases, temperatures)."""
     return interval(min=0.0, exclude_min=True)(default=default)

@@ -6,7 +6,7 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers.utils.type_validators import positive_int_field
 
-from .configuration_common import SequenceConfig, positive
+from .configuration_common import SequenceConfig, attention_window, positive
 
 
 @strict
@@ -30,6 +30,9 @@ class GatedRetentionConfig(SequenceConfig):
         use_output_gate (`bool`): multiply the normed output by `silu(g_proj(x))`; `False` drops `g_proj`.
         gate_clamp_min (`float`, *optional*): lower bound on every log decay `log a_t` (fla GLA's `clamp_min`);
             `None` leaves them unbounded.
+        attention_window (`int`, *optional*): also read the last `attention_window` tokens with exact softmax
+            attention on the same q/k/v, added to the normed linear output (LoLCATs' window; linear cost, a bounded
+            cache); `None` (default) is the plain linear mixer.
     """
 
     model_type = "hfx_gated_retention"
@@ -46,6 +49,7 @@ class GatedRetentionConfig(SequenceConfig):
     key_factor: float = positive(1.0)
     use_output_gate: bool = True
     gate_clamp_min: float | None = None
+    attention_window: int | None = attention_window(default=None)
 
     @property
     def rotary_positions(self) -> bool:

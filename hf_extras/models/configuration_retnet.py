@@ -3,7 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers.utils.type_validators import positive_int_field
 
-from .configuration_common import SequenceConfig, positive
+from .configuration_common import SequenceConfig, attention_window, positive
 
 
 @strict
@@ -20,6 +20,9 @@ class RetNetConfig(SequenceConfig):
             q/k head dim `hidden_size * key_factor / num_heads` also sets the rotary dim and the `1/sqrt(d)` scale.
         use_output_gate (`bool`): multiply the normed retention output by `silu(g_proj(x))` (the paper's swish gate);
             `False` drops `g_proj` (fla's `use_output_gate=False`).
+        attention_window (`int`, *optional*): also read the last `attention_window` tokens with exact softmax
+            attention on the same q/k/v, added to the normed linear output (LoLCATs' window; linear cost, a bounded
+            cache); `None` (default) is the plain linear mixer.
 
     Example:
         >>> from hf_extras import RetNetConfig, RetNetForCausalLM
@@ -32,6 +35,7 @@ class RetNetConfig(SequenceConfig):
     rope_theta: float = positive(10000.0)
     key_factor: float = positive(1.0)
     use_output_gate: bool = True
+    attention_window: int | None = attention_window(default=None)
 
     @property
     def rotary_positions(self) -> bool:

@@ -4,7 +4,12 @@ q/k/v projections (optionally through a short causal conv and a feature map), ro
 backbone, when the config has them), a decay
 that the family defines (`log_decay`), the shared `retention_ops` kernel, a per-head RMS group norm and a swish
 output gate. Families differ only in `log_decay`. Optional config fields (absent means the default): `key_factor`
-(q/k width as a multiple of `hidden_size`, 1.0) and `use_output_gate` (True).
+(q/k width as a multiple of `hidden_size`, 1.0), `use_output_gate` (True) and `attention_window` (None).
+
+With `attention_window` set, each head also reads the last `attention_window` tokens through exact softmax attention
+on the same q/k/v (`window_attention`), and the block output is `o_proj(gate * (g_norm(linear) + window))`: the linear
+state carries the long range, the window the sharp local attention a linear state blurs (LoLCATs). Training stays
+linear in the sequence length and the cache bounded (a tail of `attention_window - 1` keys and values).
 """
 
 import torch
@@ -17,6 +22,7 @@ from .norms import RMSNorm
 from .packing import log_decay_with_padding, padding_touches_state
 from .positions import apply_rotary
 from .retention_ops import decayed_linear_attention, pick_mode
+from .window_attention import local_softmax_attention
 
 FEATURE_MAPS = {
     "identity": lambda x: x,
@@ -49,6 +55,7 @@ class RetentionMixer(nn.Module):
         self.g_proj = nn.Linear(config.hidden_size, value_width, bias=False) if self.use_output_gate else None
         self.o_proj = nn.Linear(value_width, config.hidden_size, bias=False)
         self.g_norm = RMSNorm(self.value_dim, config.norm_eps)
+        self.attention_window = getattr(config, "attention_window", None)
         self.conv_size = conv_size
         if conv_size > 0:  # one depthwise conv over the concatenated q, k, v channels
             channels = 2 * key_width + value_width
@@ -97,6 +104,21 @@ class RetentionMixer(nn.Module):
         if position_embeddings is not None:
             q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
         k = k * (self.head_dim**-0.5)
+        window_out = None
+        if self.attention_window:  # exact softmax over the recent tokens, on the same q/k/v
+            window_out, window_tail = local_softmax_attention(
+                q,
+                k,
+                v,
+                self.attention_window,
+                bidirectional=self.bidirectional,
+                padding_mask=attention_mask,
+                document_starts=document_starts,
+                tail=cache.read_window(self.layer_idx) if cache is not None else None,
+                keep_tail=cache is not None,
+            )
+            if cache is not None:
+                cache.write_window(self.layer_idx, window_tail)
         if attention_mask is not None:  # padded tokens write nothing into the state
             keep = attention_mask[:, None, :, None].to(k.dtype)
             k, v = k * keep, v * keep
@@ -124,7 +146,10 @@ class RetentionMixer(nn.Module):
         out, new_state = result
         if cache is not None:
             cache.write_recurrent(self.layer_idx, new_state)
-        out = self.g_norm(out.transpose(1, 2)).reshape(batch, seq_len, self.num_heads * self.value_dim)
+        out = self.g_norm(out.transpose(1, 2))
+        if window_out is not None:
+            out = out + window_out.transpose(1, 2).to(out.dtype)
+        out = out.reshape(batch, seq_len, self.num_heads * self.value_dim)
         if self.g_proj is not None:
             out = F.silu(self.g_proj(hidden_states)) * out
         return self.o_proj(out)
