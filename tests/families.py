@@ -83,6 +83,12 @@ FAMILIES = [
         recurrent=False,
     ),
     Family("gated_deltanet", hf_extras.GatedDeltaNetConfig, "GatedDeltaNet", dict(gate="head")),
+    Family(
+        "gated_deltanet_window",
+        hf_extras.GatedDeltaNetConfig,
+        "GatedDeltaNet",
+        dict(gate="head", num_key_heads=1, attention_window=4),
+    ),
     Family("deltanet", hf_extras.GatedDeltaNetConfig, "GatedDeltaNet", dict(gate="none", num_key_heads=1)),
 ]
 

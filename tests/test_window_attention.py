@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_extras import GatedRetentionConfig, GatedRetentionForCausalLM, RetNetConfig
+from hf_extras import GatedDeltaNetConfig, GatedRetentionConfig, GatedRetentionForCausalLM, RetNetConfig
 from hf_extras.convert import linearize
 from hf_extras.models.window_attention import local_softmax_attention
 
@@ -128,7 +128,7 @@ def test_bad_calls_raise_clearly():
         local_softmax_attention(q, k, v, 4, mode="flash")
 
 
-@pytest.mark.parametrize("config_class", [GatedRetentionConfig, RetNetConfig])
+@pytest.mark.parametrize("config_class", [GatedRetentionConfig, RetNetConfig, GatedDeltaNetConfig])
 @pytest.mark.parametrize("value", [0, 1, -3, 2.5, True])
 def test_config_refuses_a_window_below_two(config_class, value):
     with pytest.raises(Exception, match="attention_window"):
@@ -158,7 +158,7 @@ def test_mixer_output_is_normed_linear_plus_window():
         torch.testing.assert_close(mixer(x), mixer.o_proj(window), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("into", ["hfx_gated_retention", "hfx_retnet"])
+@pytest.mark.parametrize("into", ["hfx_gated_retention", "hfx_retnet", "hfx_gated_deltanet"])
 def test_linearized_copy_with_a_window_covering_the_input_is_the_teacher(into):
     """The window's norm weight starts at 0, so a window as long as the text reproduces the teacher exactly; a
     shorter one reads the teacher's attention cut to the window."""
@@ -178,7 +178,8 @@ def test_linearized_copy_with_a_window_covering_the_input_is_the_teacher(into):
         want = teacher(ids).logits
         exact = linearize(teacher, into=into, attention_window=20).eval()
         torch.testing.assert_close(exact(ids).logits, want, rtol=1e-5, atol=1e-5)
-        assert all(layer.mixer.g_norm.weight.abs().max() == 0 for layer in exact.model.layers)
+        norms = [getattr(layer.mixer, "g_norm", None) or layer.mixer.o_norm for layer in exact.model.layers]
+        assert all(norm.weight.abs().max() == 0 for norm in norms)
         cut = linearize(teacher, into=into, attention_window=8).eval()
         torch.testing.assert_close(cut(ids).logits[:, :8], want[:, :8], rtol=1e-5, atol=1e-5)
         assert (cut(ids).logits[:, 8:] - want[:, 8:]).abs().max() > 1e-3

@@ -194,8 +194,9 @@ def check_teacher(teacher: PreTrainedModel, rotary: bool) -> None:
     if rotary and rope_type != "default":
         raise ConfigError(
             f"linearize: the teacher's rotary positions are scaled (`rope_parameters['rope_type']={rope_type!r}`); "
-            "ours compute the default table only. Pick a target without rotary (hfx_gated_deltanet, or "
-            "hfx_gated_retention with use_rotary=False) and keep no attention layer (`layer_types`)."
+            "ours compute the default table only. Pick a target without rotary (hfx_gated_deltanet without "
+            "attention_window, or hfx_gated_retention with use_rotary=False) and keep no attention layer "
+            "(`layer_types`)."
         )
     if rotary and partial != 1.0:
         raise ConfigError(

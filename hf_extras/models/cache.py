@@ -20,7 +20,6 @@ from transformers.cache_utils import (
     LinearAttentionLayer,
 )
 
-
 WINDOW_STATES = (1, 2, 3)  # a linear layer's state slots for its window tail: keys, values, valid
 
 

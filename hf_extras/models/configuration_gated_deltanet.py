@@ -6,7 +6,7 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers.utils.type_validators import positive_int_field
 
-from .configuration_common import SequenceConfig, positive
+from .configuration_common import SequenceConfig, attention_window, positive
 
 
 @strict
@@ -37,8 +37,12 @@ class GatedDeltaNetConfig(SequenceConfig):
             have a negative eigenvalue (Grazzi et al. 2024, "Unlocking State-Tracking in Linear RNNs Through
             Negative Eigenvalues"; fla's `allow_neg_eigval`).
         chunk_size (`int`): as in every family, but 32 by default (faster for the delta rule on CPU).
-        rope_theta (`float`): rotary base of the softmax attention layers of a hybrid schedule (`layer_types`);
-            the delta-rule layers take no positions.
+        rope_theta (`float`): rotary base of the softmax attention layers of a hybrid schedule (`layer_types`) and
+            of the mixers' softmax window (`attention_window`); the delta rule itself takes no positions.
+        attention_window (`int`, *optional*): also read the last `attention_window` tokens with exact softmax
+            attention (rotary positions on q/k before their L2 norm, `1/sqrt(key_head_dim)` scale; LoLCATs' window),
+            added to the normed delta-rule output before its gate; linear cost, a bounded cache. `None` (default):
+            the plain mixer.
     """
 
     model_type = "hfx_gated_deltanet"
@@ -58,6 +62,7 @@ class GatedDeltaNetConfig(SequenceConfig):
     # as C^2; benchmarks/delta_kernel.py: 1.9x / 3.7x transformers' kernel at 2k / 8k tokens vs 1.6x / 3.0x at 64)
     chunk_size: int = positive_int_field(default=32)
     rope_theta: float = positive(10000.0)
+    attention_window: int | None = attention_window(default=None)
 
     def __post_init__(self, **kwargs):
         if self.num_key_heads is None:
@@ -67,6 +72,16 @@ class GatedDeltaNetConfig(SequenceConfig):
         if self.value_head_dim is None:
             self.value_head_dim = self.key_head_dim
         super().__post_init__(**kwargs)
+
+    @property
+    def rotary_positions(self) -> bool:
+        """Rotary tables for the softmax window only (the delta rule takes no positions)."""
+        return self.attention_window is not None
+
+    @property
+    def head_dim(self) -> int:
+        """The q/k head width, which the window's rotary tables cover."""
+        return self.key_head_dim
 
     def validate_heads_divide_width(self):
         """Only the hybrid attention layers (`layer_types`) need `hidden_size / num_heads` whole: the delta-rule

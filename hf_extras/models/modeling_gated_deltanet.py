@@ -5,7 +5,8 @@ projections through a short causal depthwise conv and SiLU, L2-normalised q and 
 per-head decay `log a = -exp(A_log) * softplus(x W_a + dt_bias)` (`gate="none"`: DeltaNet, no decay), the
 `delta_ops` kernel (fla's Triton kernels on CUDA when installed), a per-head RMS norm gated by `silu(x W_z)`, and an output projection.
 fla's variants are options of the config: `allow_neg_eigval` (`beta = 2 sigmoid`), `output_gate_activation="sigmoid"`,
-`silu_without_conv` (SiLU on q/k/v when there is no short conv).
+`silu_without_conv` (SiLU on q/k/v when there is no short conv). `attention_window` adds exact softmax attention over
+the last tokens on the same q/k/v (rotary q/k before their L2 norm) to the normed output, before its gate (LoLCATs).
 `hf_extras.convert.qwen3_next` maps Qwen3-Next's fused `in_proj_qkvz` / `in_proj_ba` into these projections and back.
 """
 
@@ -30,7 +31,9 @@ from .heads import (
     ForSequenceClassificationHead,
     ForTokenClassificationHead,
 )
+from .positions import apply_rotary
 from .seq2seq import ForConditionalGenerationHead
+from .window_attention import local_softmax_attention
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -48,10 +51,15 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
         self.activation = F.silu if activation == "silu" else torch.sigmoid
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, gate: torch.Tensor | None = None, added: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`added` (a softmax window's output) joins the normed `x` before the gate."""
         dtype = x.dtype
         x32 = x.float()
         x = self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        if added is not None:
+            x = x + added.to(x.dtype)
         if gate is not None:
             x = x * self.activation(gate.float())
         return x.to(dtype)
@@ -92,6 +100,7 @@ class GatedDeltaNetMixer(nn.Module):
         self.conv_size = config.conv_size if config.use_short_conv else 0
         self.silu_without_conv = config.silu_without_conv
         self.allow_neg_eigval = config.allow_neg_eigval
+        self.attention_window = config.attention_window
         if self.conv_size > 0:  # one depthwise conv over the concatenated q, k, v channels (Qwen3-Next's order)
             channels = 2 * self.key_dim + self.value_dim
             self.conv1d = nn.Conv1d(channels, channels, self.conv_size, groups=channels, bias=False)
@@ -119,6 +128,33 @@ class GatedDeltaNetMixer(nn.Module):
             return None
         a = self.a_proj(hidden_states).float() + self.dt_bias.float()
         return (-torch.exp(self.A_log.float()) * F.softplus(a)).transpose(1, 2)
+
+    def _window(self, q, k, v, attention_mask, position_embeddings, cache, starts) -> torch.Tensor:
+        """The softmax window's output `(B, T, H, Dv)` from the un-normalised q/k (rotary, `1/sqrt(d)` scale)."""
+        batch, seq_len = q.shape[:2]
+        group = self.num_heads // self.num_key_heads
+        q, k = (
+            x.view(batch, seq_len, self.num_key_heads, self.key_head_dim)
+            .repeat_interleave(group, dim=2)
+            .transpose(1, 2)
+            for x in (q, k)
+        )
+        v = v.view(batch, seq_len, self.num_heads, self.value_head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
+        out, tail = local_softmax_attention(
+            q,
+            k * self.key_head_dim**-0.5,
+            v,
+            self.attention_window,
+            bidirectional=self.bidirectional,
+            padding_mask=attention_mask,
+            document_starts=starts,
+            tail=cache.read_window(self.layer_idx) if cache is not None else None,
+            keep_tail=cache is not None,
+        )
+        if cache is not None:
+            cache.write_window(self.layer_idx, tail)
+        return out.transpose(1, 2)
 
     def forward(
         self,
@@ -150,6 +186,9 @@ class GatedDeltaNetMixer(nn.Module):
             q, k, v = F.silu(mixed).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         elif self.silu_without_conv:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        window_out = None
+        if self.attention_window:
+            window_out = self._window(q, k, v, attention_mask, position_embeddings, cache, starts)
         q = l2_normalize(q.view(batch, seq_len, self.num_key_heads, self.key_head_dim).float())
         k = l2_normalize(k.view(batch, seq_len, self.num_key_heads, self.key_head_dim).float())
         v = v.view(batch, seq_len, self.num_heads, self.value_head_dim)
@@ -192,7 +231,7 @@ class GatedDeltaNetMixer(nn.Module):
         gate = None
         if self.g_proj is not None:
             gate = self.g_proj(hidden_states).view(batch, seq_len, self.num_heads, self.value_head_dim)
-        out = self.o_norm(out, gate).reshape(batch, seq_len, self.value_dim)
+        out = self.o_norm(out, gate, window_out).reshape(batch, seq_len, self.value_dim)
         return self.o_proj(out.to(hidden_states.dtype))
 
 

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from .conv_ops import last_kept_inputs
 from .packing import document_ids, has_interior_pads
 
-WindowTail = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys (B, H, W-1, Dk), values (B, H, W-1, Dv), valid (B, W-1)
+WindowTail = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]  # keys (B, H, W-1, Dk), values (B, H, W-1, Dv), valid (B, W-1)
 
 
 def local_softmax_attention(
