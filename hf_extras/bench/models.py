@@ -292,6 +292,36 @@ register_model(
     )
 )
 
+# linear mixers with LoLCATs' softmax window (`attention_window`): what a linearized model runs
+WINDOW = 64
+register_model(
+    ModelSpec(
+        "gated_retnet_window",
+        "Gated RetNet + window 64",
+        _build_hfx(
+            "GatedRetentionConfig",
+            "GatedRetentionForCausalLM",
+            gate="head",
+            use_rotary=True,
+            attention_window=WINDOW,
+            forward_mode="auto",
+        ),
+        f"hf_extras gated retention, gate='head', rotary, plus exact softmax over the last {WINDOW} tokens in every "
+        "mixer (attention_window), FFN matched to Llama's parameters",
+    )
+)
+register_model(
+    ModelSpec(
+        "gated_deltanet_window",
+        "Gated DeltaNet + window 64",
+        _build_hfx(
+            "GatedDeltaNetConfig", "GatedDeltaNetForCausalLM", gate="head", attention_window=WINDOW, forward_mode="auto"
+        ),
+        f"hf_extras Gated DeltaNet plus exact softmax over the last {WINDOW} tokens in every mixer "
+        "(attention_window, rotary q/k), FFN matched to Llama's parameters",
+    )
+)
+
 register_model(
     ModelSpec(
         "dyt",
