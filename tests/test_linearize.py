@@ -559,6 +559,17 @@ def test_recipe_with_a_hybrid_schedule_loads_without_hf_extras(teacher_folder, t
     )
 
 
+@pytest.mark.parametrize("into", ["hfx_gated_retention", "hfx_gated_deltanet"])
+def test_recipe_with_a_softmax_window_loads_without_hf_extras(teacher_folder, tmp_path, into):
+    """`--attention_window` (a config key of the target) reaches the student; stage 1 trains through the window."""
+    out = tmp_path / "window"
+    assert recipe(teacher_folder, out, "--into", into, "--attention_window", "4") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stage1_final_mse"] < metrics["stage1_initial_mse"]
+    assert transformers.AutoConfig.from_pretrained(out).attention_window == 4
+    assert_loads_without_hf_extras(out, tmp_path, "assert model.config.attention_window == 4")
+
+
 def test_recipe_all_attention_skips_stage_one(teacher_folder, tmp_path):
     out = tmp_path / "all"
     layer_types = ["--layer_types", "full_attention", "full_attention"]

@@ -64,6 +64,11 @@ from the teacher are not):
 A short conv switched on by override starts as the identity tap (last tap 1, others 0; SiLU still follows it), an
 output gate switched on starts from the family's random init. The per-head output norm every target has (RMS to 1
 per head) has no counterpart in softmax attention; stage 1 of the recipe learns its gain.
+
+`attention_window=W` (any target) adds the mixers' exact softmax window (LoLCATs; `models/window_attention.py`) on
+the copied q/k/v, rotary with the teacher's `rope_theta` (Gated DeltaNet gets rotary tables for the window alone):
+with the output norms' weights at 0 and a window as long as the text, the copy gives the teacher's logits. They start
+at 1 all the same, as without a window: the linear part must be on to learn (README, "Linearizing").
 """
 
 from __future__ import annotations
@@ -403,8 +408,8 @@ def _init_new_parameters(mixer: nn.Module, into: str, config, horizons: tuple[fl
             dt = (-log_a).double()
             mixer.dt_bias.copy_((dt + torch.log(-torch.expm1(-dt))).to(mixer.dt_bias.dtype))  # softplus^-1
     norm = getattr(mixer, "g_norm", None) or getattr(mixer, "o_norm", None)
-    # with a softmax window the copy starts as the teacher's attention cut to the window: the linear part enters at 0
-    norm.weight.fill_(0.0 if getattr(config, "attention_window", None) else 1.0)
+    # 1 with a softmax window too: starting the linear part at 0 trained worse at short windows (README, "Linearizing")
+    norm.weight.fill_(1.0)
     conv = getattr(mixer, "conv1d", None)
     if conv is not None:  # identity tap: the conv passes its input through (SiLU still follows)
         conv.weight.zero_()
