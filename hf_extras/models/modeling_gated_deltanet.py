@@ -33,7 +33,7 @@ from .heads import (
 )
 from .positions import apply_rotary
 from .seq2seq import ForConditionalGenerationHead
-from .window_attention import local_softmax_attention
+from .window_attention import window_attention_with_cache
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -141,19 +141,17 @@ class GatedDeltaNetMixer(nn.Module):
         )
         v = v.view(batch, seq_len, self.num_heads, self.value_head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *position_embeddings), apply_rotary(k, *position_embeddings)
-        out, tail = local_softmax_attention(
+        out = window_attention_with_cache(
             q,
             k * self.key_head_dim**-0.5,
             v,
             self.attention_window,
+            cache,
+            self.layer_idx,
             bidirectional=self.bidirectional,
             padding_mask=attention_mask,
             document_starts=starts,
-            tail=cache.read_window(self.layer_idx) if cache is not None else None,
-            keep_tail=cache is not None,
         )
-        if cache is not None:
-            cache.write_window(self.layer_idx, tail)
         return out.transpose(1, 2)
 
     def forward(

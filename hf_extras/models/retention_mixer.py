@@ -22,7 +22,7 @@ from .norms import RMSNorm
 from .packing import log_decay_with_padding, padding_touches_state
 from .positions import apply_rotary
 from .retention_ops import decayed_linear_attention, pick_mode
-from .window_attention import local_softmax_attention
+from .window_attention import window_attention_with_cache
 
 FEATURE_MAPS = {
     "identity": lambda x: x,
@@ -106,19 +106,17 @@ class RetentionMixer(nn.Module):
         k = k * (self.head_dim**-0.5)
         window_out = None
         if self.attention_window:  # exact softmax over the recent tokens, on the same q/k/v
-            window_out, window_tail = local_softmax_attention(
+            window_out = window_attention_with_cache(
                 q,
                 k,
                 v,
                 self.attention_window,
+                cache,
+                self.layer_idx,
                 bidirectional=self.bidirectional,
                 padding_mask=attention_mask,
                 document_starts=document_starts,
-                tail=cache.read_window(self.layer_idx) if cache is not None else None,
-                keep_tail=cache is not None,
             )
-            if cache is not None:
-                cache.write_window(self.layer_idx, window_tail)
         if attention_mask is not None:  # padded tokens write nothing into the state
             keep = attention_mask[:, None, :, None].to(k.dtype)
             k, v = k * keep, v * keep

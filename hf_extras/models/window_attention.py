@@ -73,6 +73,27 @@ def local_softmax_attention(
     return out, _last_real_tokens(k, v, valid, docs, window - 1)
 
 
+def window_attention_with_cache(
+    q, k, v, window: int, cache, layer_idx: int, *, bidirectional, padding_mask, document_starts
+) -> torch.Tensor:
+    """`local_softmax_attention` for a mixer: reads the layer's tail from a `RecurrentCache` and writes the new one
+    (`cache=None`: no tail, as in training)."""
+    out, tail = local_softmax_attention(
+        q,
+        k,
+        v,
+        window,
+        bidirectional=bidirectional,
+        padding_mask=padding_mask,
+        document_starts=document_starts,
+        tail=cache.read_window(layer_idx) if cache is not None else None,
+        keep_tail=cache is not None,
+    )
+    if cache is not None:
+        cache.write_window(layer_idx, tail)
+    return out
+
+
 def _window_mask(q_rank, k_rank, window, bidirectional, k_valid, q_doc, k_doc, q_index, k_index) -> torch.Tensor:
     """`(B, 1, Tq, Tk)` bool: which key each query may read; ranks count real tokens, indices order causality."""
     distance = q_rank[:, :, None] - k_rank[:, None, :]
