@@ -85,15 +85,16 @@ def test_forms_agree_in_float64_with_gradients(bidirectional):
 @pytest.mark.parametrize("window", [3, 6])
 @pytest.mark.parametrize("masks", ["none", "padding", "documents", "both"])
 def test_chunks_with_the_tail_equal_one_pass(window, masks):
-    """Prefill and decode in pieces of 1, 11, 16 ... tokens through the tail give the one-pass outputs, with pads
-    and document starts inside pieces and at their first token."""
+    """Prefill and decode in pieces of 1 to 8 tokens through the tail give the one-pass outputs, with pads and
+    document starts inside pieces, at their first token and as single-token steps."""
     q, k, v = inputs(seed=2)
     mask, starts = padding_and_documents()
     mask = mask if masks in ("padding", "both") else None
     starts = starts if masks in ("documents", "both") else None
     whole, _ = local_softmax_attention(q, k, v, window, padding_mask=mask, document_starts=starts)
     tail, pieces = None, []
-    for a, b in [(0, 1), (1, 12), (12, 13), (13, 14), (14, 15), (15, 30), (30, 37)]:
+    pieces_at = [(0, 1), (1, 9), (9, 10), (10, 12), (12, 13), (13, 14), (14, 15), (15, 20), (20, 21), (21, 22)]
+    for a, b in pieces_at + [(22, 30), (30, 31), (31, 37)]:  # single tokens at pads and document starts too
         out, tail = local_softmax_attention(
             q[:, :, a:b],
             k[:, :, a:b],

@@ -70,7 +70,20 @@ def local_softmax_attention(
         out = out * padding_mask[:, None, :, None].to(out.dtype)
     if not keep_tail:
         return out, None
+    if past and seq_len == 1 and docs is None:  # a decoding step: the token joins the tail if it is real
+        return out, _shift_in(tail, k[:, :, -1:], v[:, :, -1:], valid[:, -1])
     return out, _last_real_tokens(k, v, valid, docs, window - 1)
+
+
+def _shift_in(tail: WindowTail, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> WindowTail:
+    """The tail after one token (`k`, `v` `(B, H, 1, D)`; `real` `(B,)`): shifted by it where it is real, else kept."""
+    tail_k, tail_v, tail_valid = tail
+    keep = real[:, None, None, None]
+    return (
+        torch.where(keep, torch.cat([tail_k[:, :, 1:], k.to(tail_k.dtype)], dim=2), tail_k),
+        torch.where(keep, torch.cat([tail_v[:, :, 1:], v.to(tail_v.dtype)], dim=2), tail_v),
+        torch.where(real[:, None], torch.cat([tail_valid[:, 1:], real[:, None]], dim=1), tail_valid),
+    )
 
 
 def window_attention_with_cache(
