@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from .conv_ops import last_kept_inputs
 from .packing import document_ids, has_interior_pads
 
-WindowTail = tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor
-]  # keys (B, H, W-1, Dk), values (B, H, W-1, Dv), valid (B, W-1)
+# the cached tail: keys (B, H, W-1, Dk), values (B, H, W-1, Dv), valid (B, W-1)
+WindowTail = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def local_softmax_attention(
@@ -178,8 +177,8 @@ def _blocked(q, k, v, window, bidirectional, valid, docs, past):
     total = k.shape[2]
     blocks = -(-seq_len // window)
     span = 3 if bidirectional else 2
-    # key positions, relative to the first query: [-window - past_offset, ...); the queries' block b starts at b * W
-    lead = window  # keys before the first query that a block's span reaches
+    # query block b holds queries b*W .. b*W + W-1; its span of keys starts `lead` tokens before its first query
+    lead = window
     right = blocks * window - seq_len + (window if bidirectional else 0)
     start = past - lead  # index in k of the first key of block 0's span (negative: zero padding in front)
     k_ext = F.pad(k, (0, 0, max(0, -start), right))[:, :, max(0, start) :]
