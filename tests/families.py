@@ -16,7 +16,9 @@ class Family:
     prefix: str  # class-name prefix, e.g. "RetNet"
     tiny: dict = field(default_factory=dict)
     recurrent: bool = True  # fixed-size state (vs. a growing KV cache)
-    float64_exact: bool = False  # computes wholly in the input dtype: float64 runs are exact to its rounding
+    # a float64 run is float64 throughout, but for per-token float32 parts (gates) that packing cannot change, so
+    # packed and alone agree to float64 rounding
+    float64_exact: bool = False
 
     def config(self, **overrides):
         kwargs = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_heads=2, chunk_size=8)

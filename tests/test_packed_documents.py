@@ -60,7 +60,7 @@ def test_packed_row_gives_each_document_its_logits_and_gradients(family, form):
     def doc_loss(logits, doc):
         return F.cross_entropy(logits[:-1], doc[1:], reduction="sum") if len(doc) > 1 else logits.sum() * 0
 
-    # families that compute wholly in the input dtype compare in float64, where a leak shows above rounding however
+    # families exact in float64 (`Family.float64_exact`) compare in float64, where a leak shows above rounding however
     # sharp the tiny model's softmax is (the window family's local softmax at this initialisation moves a float32
     # gradient entry by ~1e-3 relative); the others in float32, to its rounding
     exact = family.float64_exact

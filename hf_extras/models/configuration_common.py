@@ -35,7 +35,7 @@ def optional_positive(value: float | None):
 @as_validated_field
 def attention_window(value: int | None):
     """`None` (no softmax window in the linear mixer) or a window of at least 2 tokens (itself and one before)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+    if value is not None and value < 2:  # the field's type (int | None) is checked by @strict already
         raise ValueError(
             f"`attention_window` must be None (off) or an int >= 2 (the token and those before it), got {value!r}."
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .conv_ops import last_kept_inputs
 from .packing import document_ids, has_interior_pads
 
 # the cached tail: keys (B, H, W-1, Dk), values (B, H, W-1, Dv), valid (B, W-1)
@@ -47,7 +46,7 @@ def local_softmax_attention(
         raise ValueError(f"`window` must be >= 2, got {window}.")
     if bidirectional and (tail is not None or keep_tail):
         raise ValueError("A bidirectional window attention has no cache: pass tail=None and keep_tail=False.")
-    batch, heads, seq_len, _ = q.shape
+    batch, _, seq_len, _ = q.shape
     past = 0
     valid = padding_mask.bool() if padding_mask is not None else None
     if tail is not None:  # the cached tokens go in front, as a prefix of keys and values only
@@ -204,8 +203,9 @@ def _blocked(q, k, v, window, bidirectional, valid, docs, past):
 
 
 def _last_real_tokens(k, v, valid, docs, width: int) -> WindowTail:
-    """The tail for the next chunk: the last `width` real tokens of the row's last document, right-aligned."""
-    batch, heads, total, dk = k.shape
+    """The tail for the next chunk: the last `width` real tokens of the row's last document, right-aligned. A stable
+    sort of the keep mask finds them (no loop, no host sync); only those `width` keys and values are gathered."""
+    batch, heads, total, _ = k.shape
     keep = torch.ones(batch, total, dtype=torch.bool, device=k.device) if valid is None else valid
     if docs is not None:
         keep = keep & (docs == docs[:, -1:])
@@ -213,11 +213,10 @@ def _last_real_tokens(k, v, valid, docs, width: int) -> WindowTail:
         grow = width - total
         k, v = F.pad(k, (0, 0, grow, 0)), F.pad(v, (0, 0, grow, 0))
         keep = F.pad(keep, (grow, 0))
-    channels = torch.cat(
-        [k.transpose(1, 2).reshape(batch, -1, heads * dk), v.transpose(1, 2).reshape(batch, k.shape[2], -1)], dim=-1
-    )
-    channels = torch.cat([channels, torch.ones_like(channels[..., :1])], dim=-1)  # the last channel marks validity
-    picked = last_kept_inputs(channels, keep, width).transpose(1, 2)  # (B, width, C)
-    tail_k = picked[..., : heads * dk].view(batch, width, heads, dk).transpose(1, 2)
-    tail_v = picked[..., heads * dk : -1].view(batch, width, heads, -1).transpose(1, 2)
-    return tail_k, tail_v, picked[..., -1] > 0.5
+    last = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, -width:]  # kept entries sort last, in order
+    kept = keep.gather(1, last)
+
+    def pick(x):
+        return x.gather(2, last[:, None, :, None].expand(-1, heads, -1, x.shape[-1])) * kept[:, None, :, None]
+
+    return pick(k), pick(v), kept
