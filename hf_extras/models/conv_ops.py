@@ -4,6 +4,7 @@ conv, Mamba's conv1d, Gated DeltaNet's and Mamba-2's convs)."""
 import torch
 import torch.nn.functional as F
 
+from .mixer_cpu_kernels import MAX_KERNEL, conv_silu, kernels_apply
 from .packing import document_ids, has_interior_pads
 
 
@@ -16,9 +17,10 @@ def causal_depthwise_conv(
     padding_mask: torch.Tensor | None = None,
     document_starts: torch.Tensor | None = None,
     keep_tail: bool = True,
+    activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Convolve `x` `(batch, time, channels)` causally with a depthwise `weight` `(channels, 1, kernel)`
-    (`nn.Conv1d`'s).
+    (`nn.Conv1d`'s), then apply `activation` (`None` or `"silu"`) to the output.
 
     `tail` holds the previous `kernel - 1` inputs `(batch, channels, kernel - 1)` (zeros at the start of a sequence),
     so a prefill followed by one-token steps gives the same outputs as one pass. Returns `(y, new_tail)`, `y` in the
@@ -33,12 +35,25 @@ def causal_depthwise_conv(
     Written as `kernel` shifted multiply-adds in the channels-last layout: the same numbers as
     `F.conv1d(..., groups=channels)` (to float rounding), without two transposes and without the depthwise `conv1d`
     weight-gradient kernel, which is very slow on multi-threaded CPUs (measurements: benchmarks/results/NOTES.md).
+    Training in float32 on a CPU (no tail, no documents) with `activation="silu"` runs conv and SiLU as one compiled
+    kernel (`mixer_cpu_kernels`), which reads `x` in place even as a column slice of a wider tensor.
     """
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if padding_mask is not None:
         x = x * padding_mask[..., None].to(x.dtype)
-        if has_interior_pads(padding_mask):
-            return _conv_over_real_tokens(x, weight, bias, tail, padding_mask, document_starts, keep_tail)
-    return _conv(x, weight, bias, tail, padding_mask, document_starts, keep_tail)
+    if tail is None and document_starts is None and not keep_tail and activation == "silu":
+        if (padding_mask is None or not has_interior_pads(padding_mask)) and _fused_applies(x, weight, bias):
+            return conv_silu(x, weight[:, 0, :].t(), bias), None
+    if padding_mask is not None and has_interior_pads(padding_mask):
+        y, new_tail = _conv_over_real_tokens(x, weight, bias, tail, padding_mask, document_starts, keep_tail)
+    else:
+        y, new_tail = _conv(x, weight, bias, tail, padding_mask, document_starts, keep_tail)
+    return (F.silu(y) if activation == "silu" else y), new_tail
+
+
+def _fused_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return weight.shape[-1] <= MAX_KERNEL and x.shape[1] > 0 and kernels_apply(x, weight, bias)
 
 
 def _conv(x, weight, bias, tail, padding_mask, document_starts, keep_tail):

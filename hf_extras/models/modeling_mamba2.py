@@ -38,6 +38,7 @@ from .heads import (
     ForSequenceClassificationHead,
     ForTokenClassificationHead,
 )
+from .mixer_cpu_kernels import gated_rms_norm, kernels_apply
 from .retention_ops import grouped_decayed_linear_attention, pick_mode
 from .seq2seq import ForConditionalGenerationHead
 
@@ -57,7 +58,22 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
         self.norm_before_gate = norm_before_gate
 
-    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        gate: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
+        skip_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Norm of `hidden_states + skip * skip_scale` (Mamba-2's `D x` term; `skip_scale` per channel) gated by
+        `gate`. In float32 on a CPU with a gate, one compiled kernel (`mixer_cpu_kernels`) does it all."""
+        groups = hidden_states.shape[-1] // self.group_size
+        if gate is not None and kernels_apply(hidden_states, gate, self.weight, skip, skip_scale):
+            return gated_rms_norm(
+                hidden_states, gate, self.weight, groups, self.eps, self.norm_before_gate, skip, skip_scale
+            )
+        if skip is not None:
+            hidden_states = hidden_states + skip * skip_scale
         dtype = hidden_states.dtype
         y = hidden_states.float()
         if gate is not None and not self.norm_before_gate:
@@ -104,6 +120,7 @@ class HfxMamba2Mixer(nn.Module):
         self.bidirectional = config.bidirectional
         low, high = (float(v) for v in config.time_step_limit)
         self.time_step_limit = (low, high)
+        self.hidden_act = config.hidden_act
         self.act = ACT2FN[config.hidden_act]
         self.in_proj = nn.Linear(
             self.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=config.use_bias
@@ -174,6 +191,7 @@ class HfxMamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         keep = attention_mask[..., None].to(xBC.dtype) if attention_mask is not None else None
         tail = cache.read_conv(self.layer_idx) if cache is not None else None
+        silu = self.hidden_act == "silu"  # fused with the conv where a compiled kernel applies
         xBC, new_tail = causal_depthwise_conv(
             xBC,
             self.conv1d.weight,
@@ -182,10 +200,12 @@ class HfxMamba2Mixer(nn.Module):
             padding_mask=attention_mask,
             document_starts=document_starts,
             keep_tail=cache is not None,
+            activation="silu" if silu else None,
         )
         if cache is not None:
             cache.write_conv(self.layer_idx, new_tail, self.conv_kernel_size - 1)
-        xBC = self.act(xBC)
+        if not silu:
+            xBC = self.act(xBC)
         if keep is not None:
             xBC = xBC * keep
         group_width = self.n_groups * self.ssm_state_size
@@ -226,9 +246,14 @@ class HfxMamba2Mixer(nn.Module):
         y, new_state = result  # (batch, time, heads, head_dim)
         if cache is not None:
             cache.write_recurrent(self.layer_idx, new_state)
-        y = y + v * self.D.to(y.dtype).view(self.num_heads, -1)  # one D per head, or per channel (D_has_hdim)
         y = y.reshape(batch, seq_len, self.intermediate_size)
-        y = self.norm(y, z) if self.norm is not None else y.float() * F.silu(z.float())
+        # + D x: one D per head (or per channel, D_has_hdim), applied per channel; folded into the norm's kernel
+        D = self.D.to(y.dtype).view(self.num_heads, -1).expand(-1, self.head_dim).reshape(self.intermediate_size)
+        x = x.reshape(batch, seq_len, self.intermediate_size)
+        if self.norm is not None:
+            y = self.norm(y, z, skip=x, skip_scale=D)
+        else:
+            y = (y + x * D).float() * F.silu(z.float())
         return self.out_proj(y.to(dtype))
 
 

@@ -64,6 +64,8 @@ This file is copied into saved checkpoints: it must import only torch / math / t
 import torch
 from torch import Tensor
 
+from .mixer_cpu_kernels import kernels_apply, ssd_pair_weights, ssd_pair_weights_backward
+
 __all__ = [
     "decayed_linear_attention",
     "grouped_decayed_linear_attention",
@@ -629,10 +631,17 @@ class _GroupedChunkwise(torch.autograd.Function):
     def forward(ctx, q, k, v, g, ks, S0, strict: bool):
         N, B, G, C, Dk = q.shape
         R, Dv = v.shape[-2:]
-        L, gamma, eps, reset = _scalar_pair_decays(g, strict)
+        b, seg, gamma, eps, reset = _scalar_decays(g)
         Gqk = torch.matmul(q, k.transpose(-1, -2))  # (N, B, G, C, C), shared by the group's heads
-        GL = Gqk.unsqueeze(3) * L  # (N, B, G, R, C, C)
-        P = GL if ks is None else GL * ks.unsqueeze(-2)  # column s scaled by the key scale of s
+        fused = kernels_apply(Gqk)  # float32 on a CPU: the pair weights in one compiled pass (mixer_cpu_kernels)
+        L = None
+        if fused:
+            P = ssd_pair_weights(Gqk, b, seg, ks, strict)  # (N, B, G, R, C, C)
+        else:
+            L = _pair_decays(b, seg, strict)
+            P = Gqk.unsqueeze(3) * L
+            if ks is not None:
+                P = P * ks.unsqueeze(-2)  # column s scaled by the key scale of s
         w = eps if ks is None else eps * ks  # (N, B, G, R, C): a key's weight in the state at the chunk end
         vt = v * w.transpose(-1, -2).unsqueeze(-1)  # (N, B, G, C, R, Dv)
         U = torch.matmul(k.transpose(-1, -2), vt.view(N, B, G, C, R * Dv))  # (N, B, G, Dk, R Dv)
@@ -648,14 +657,14 @@ class _GroupedChunkwise(torch.autograd.Function):
         v_h = v.transpose(-2, -3).contiguous()  # head-major (N, B, G, R, C, Dv) for the per-head products
         o = torch.empty_like(QS)
         torch.addcmul(torch.matmul(P, v_h).transpose(-2, -3), QS, gamma.transpose(-1, -2).unsqueeze(-1), out=o)
-        ctx.strict = strict
-        ctx.save_for_backward(q, k, v, v_h, ks, L, GL, gamma, eps, reset, vt, states, QS)
+        ctx.strict, ctx.fused = strict, fused
+        ctx.save_for_backward(q, k, v, v_h, ks, Gqk, P, L, b, seg, gamma, eps, reset, vt, states, QS)
         return o, final
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, d_final):
-        q, k, v, v_h, ks, L, GL, gamma, eps, reset, vt, states, QS = ctx.saved_tensors
+        q, k, v, v_h, ks, Gqk, P, L, b, seg, gamma, eps, reset, vt, states, QS = ctx.saved_tensors
         N, B, G, C, Dk = q.shape
         R, Dv = v.shape[-2:]
         do = do.contiguous()
@@ -690,22 +699,27 @@ class _GroupedChunkwise(torch.autograd.Function):
         # intra-chunk: o_h += P_h v_h, P_h = (q k^T) * L_h * ks_h (columns)
         do_h = do.transpose(-2, -3).contiguous()  # head-major (N, B, G, R, C, Dv)
         dP = torch.matmul(do_h, v_h.transpose(-1, -2))  # (N, B, G, R, C, C)
-        W, P = (L, GL) if ks is None else (L * ks.unsqueeze(-2), GL * ks.unsqueeze(-2))
         dv += torch.matmul(P.transpose(-1, -2), do_h).transpose(-2, -3)
-        dGqk = (dP * W).sum(3)
+        # X = dP * (q k^T) * L: its column sums (x_col) and its row sums weighted by ks (z_row) carry the pair
+        # decays' share of the log-decay gradient and of d ks
+        if ctx.fused:
+            dGqk, z_row, x_col = ssd_pair_weights_backward(dP, Gqk, b, seg, ks, ctx.strict)
+        else:
+            dGqk = (dP * (L if ks is None else L * ks.unsqueeze(-2))).sum(3)
+            X = dP.mul_(Gqk.unsqueeze(3) * L)
+            x_col = X.sum(-2)
+            z_row = (X if ks is None else X.mul_(ks.unsqueeze(-2))).sum(-1)
         dq += torch.matmul(dGqk, k)
         dk += torch.matmul(dGqk.transpose(-1, -2), q)
-        X = dP.mul_(GL)  # the pair weights' gradient before the column scale
         d_ks = None
         if ks is not None:
-            d_ks = X.sum(-2) + dw * eps
-            Z = X.mul_(ks.unsqueeze(-2))  # = dP * P: the pair decays' share of the log-decay gradient
-            d_eps = dw * ks
+            d_ks = x_col + dw * eps
+            z_col, d_eps = x_col * ks, dw * ks
         else:
-            Z, d_eps = X, dw
+            z_col, d_eps = x_col, dw
         # log decays: b = within-chunk cumsum; pair decays exp(b_t - b_s) give +row sums -column sums
         t_eps = d_eps * eps  # eps_s = exp(b_C - b_s)
-        db = Z.sum(-1) - Z.sum(-2) + d_gamma * gamma - t_eps
+        db = z_row - z_col + d_gamma * gamma - t_eps
         d_end = t_eps.sum(-1) + d_ge * gamma[..., -1]  # and the chunk decay exp(b_C)
         db = db + torch.nn.functional.pad(d_end.unsqueeze(-1), (C - 1, 0))
         dg = (db.sum(-1, keepdim=True) - db.cumsum(-1) + db).masked_fill(reset, 0.0)
@@ -716,26 +730,30 @@ class _GroupedChunkwise(torch.autograd.Function):
 _CUT = 1000.0
 
 
-def _scalar_pair_decays(g: Tensor, strict: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _scalar_decays(g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Within-chunk decays from per-token log decays ``g`` (..., C) (``-inf``: a boundary, the state resets before
-    that token writes): ``L`` (..., C, C), ``L[t, s] = exp(b_t - b_s)`` for s <= t (s < t when strict) in the same
-    segment, else 0; ``gamma_t = exp(b_t)`` (0 after a boundary in the chunk); ``eps_s = exp(b_C - b_s)`` (0 before
-    the chunk's last boundary); the boundary mask. ``b`` is the cumulative sum with ``-inf`` replaced by 0; nothing
-    positive is exponentiated, no NaN."""
-    C = g.shape[-1]
+    that token writes): ``b`` the cumulative sum with ``-inf`` replaced by 0 and ``seg`` the segment index (number of
+    boundaries up to each token, small integers exact in float), from which ``_pair_decays`` builds the pair decays;
+    ``gamma_t = exp(b_t)`` (0 after a boundary in the chunk); ``eps_s = exp(b_C - b_s)`` (0 before the chunk's last
+    boundary); the boundary mask. Nothing positive is exponentiated, no NaN."""
     reset = torch.isneginf(g)
-    seg = torch.cumsum(reset.to(g.dtype), dim=-1)  # small integers, exact in float
+    seg = torch.cumsum(reset.to(g.dtype), dim=-1)
     b = torch.cumsum(g.masked_fill(reset, 0.0), dim=-1)
+    gamma = torch.where(seg == 0, torch.exp(b), 0.0)
+    eps = torch.where(seg == seg[..., -1:], torch.exp(b[..., -1:] - b), 0.0)
+    return b, seg, gamma, eps, reset
+
+
+def _pair_decays(b: Tensor, seg: Tensor, strict: bool) -> Tensor:
+    """``L`` (..., C, C), ``L[t, s] = exp(b_t - b_s)`` for s <= t (s < t when strict) in the same segment, else 0."""
+    C = b.shape[-1]
     # exponent b_t - b_s, minus _CUT per boundary in (s, t] (0 exactly within a segment, so those pairs keep the
     # plain cumsum's precision; exp(<= -_CUT) is exactly 0); clamped to <= 0 (the pairs s > t, masked after the exp).
     # Float arithmetic only, in place in one (..., C, C) buffer: bool masks and bool x float products are several
     # times slower on CPU.
     L = torch.sub(b.unsqueeze(-1), b.unsqueeze(-2))
     L.add_(seg.unsqueeze(-1) - seg.unsqueeze(-2), alpha=-_CUT).clamp_(max=0.0).exp_()
-    L.mul_(_causal_mask(C, strict, g.device).to(g.dtype))
-    gamma = torch.where(seg == 0, torch.exp(b), 0.0)
-    eps = torch.where(seg == seg[..., -1:], torch.exp(b[..., -1:] - b), 0.0)
-    return L, gamma, eps, reset
+    return L.mul_(_causal_mask(C, strict, b.device).to(b.dtype))
 
 
 def _grouped_chunkwise(q, k, v, log_decay, key_scale, initial_state, output_final_state, strict, chunk_size, reset):

@@ -20,54 +20,28 @@ vectorises it; arguments below ``-126 / log2(e)`` give 0, like float32 ``exp`` (
 threads (``torch.get_num_threads()`` of them, at most one per work item), not OpenMP: a second OpenMP runtime
 beside torch's would fight it for cores.
 
-Build: ``cc -O3 -march=native -fopenmp-simd`` into ``$HF_EXTRAS_CACHE/kernels`` (default
-``~/.cache/hf_extras/kernels``), named by a hash of the source, the flags, the compiler and the CPU, written to a
-temporary name and renamed (safe when several processes start at once). A machine with no C compiler, or a failed
-build, gets ``None`` from ``load_kernel()`` and ``scan_ops`` uses its PyTorch forms; ``HF_EXTRAS_CPU_KERNEL=0``
-turns the kernel off (read at each call). Float32 only (float64 stays on the PyTorch forms, which are the
-reference).
+Built on first use by ``cpu_kernel_build`` (a machine with no C compiler, or a failed build, gets ``None`` from
+``load_kernel()`` and ``scan_ops`` uses its PyTorch forms; ``HF_EXTRAS_CPU_KERNEL=0`` turns the kernel off). Float32
+only (float64 stays on the PyTorch forms, which are the reference).
 
 This file is copied into saved checkpoints: it imports only torch and the standard library.
 """
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import torch
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
+from .cpu_kernel_build import C_COMMON, build_library, kernel_enabled
 
 _LOG2_E = 1.4426950408889634
 CHECKPOINT = 64  # steps between saved states (backward recomputes at most this many per block)
 BLOCK = 16  # channels per work item
 
-_SOURCE = r"""
-#include <math.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <string.h>
-
-#define BLOCK %(block)d
-
-static inline float exp2_neg(float x) {
-    /* 2^x for x in [-126.5, 127]; 0 below. */
-    x = x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x);
-    const float xi = floorf(x + 0.5f);
-    const float g = (x - xi) * 0.69314718055994531f;
-    const float p = 1.0f + g * (1.0f + g * (0.5f + g * (0.16666666666666666f + g * (0.041666666666666664f
-                    + g * (0.008333333333333333f + g * (0.001388888888888889f + g * 0.0001984126984126984f))))));
-    const int32_t bits = ((int32_t)xi + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
+_SOURCE = (
+    C_COMMON
+    + r"""
+#define BLOCK @BLOCK@
 
 typedef struct {
     const float *x, *dt, *A2t, *At, *B, *C, *h0, *gy, *gh;
@@ -86,13 +60,13 @@ static inline void load_row(const float *src, int64_t row, int64_t nd, float *ds
 
 static void fwd_item(const args_t *a, int64_t item) {
     const int64_t T = a->T, D = a->D, Dp = a->Dp, N = a->N, K = a->K;
-    const int64_t b = item / a->nblk, d0 = (item %% a->nblk) * BLOCK;
+    const int64_t b = item / a->nblk, d0 = (item % a->nblk) * BLOCK;
     const int64_t nd = d0 + BLOCK < D ? BLOCK : D - d0;
     float h[64 * BLOCK], dtv[BLOCK], xv[BLOCK], v[BLOCK], acc[BLOCK];
     for (int64_t n = 0; n < N; n++)
         for (int64_t j = 0; j < BLOCK; j++) h[n * BLOCK + j] = (a->h0 && j < nd) ? a->h0[(b * D + d0 + j) * N + n] : 0.0f;
     for (int64_t t = 0; t < T; t++) {
-        if (a->ckpt && t %% K == 0) {
+        if (a->ckpt && t % K == 0) {
             float *dst = a->ckpt + ((b * a->nck + t / K) * D + d0) * N;
             for (int64_t j = 0; j < nd; j++)
                 for (int64_t n = 0; n < N; n++) dst[j * N + n] = h[n * BLOCK + j];
@@ -122,7 +96,7 @@ static void fwd_item(const args_t *a, int64_t item) {
 
 static void bwd_item(const args_t *a, int64_t item) {
     const int64_t T = a->T, D = a->D, Dp = a->Dp, N = a->N, K = a->K;
-    const int64_t b = item / a->nblk, blk = item %% a->nblk, d0 = blk * BLOCK;
+    const int64_t b = item / a->nblk, blk = item % a->nblk, d0 = blk * BLOCK;
     const int64_t nd = d0 + BLOCK < D ? BLOCK : D - d0, S = N * BLOCK;
     float g[64 * BLOCK], dA[64 * BLOCK], dtv[BLOCK], xv[BLOCK], v[BLOCK], gyv[BLOCK], dv[BLOCK], dlaA[BLOCK];
     /* per thread: the chunk's states (start state first) and decays */
@@ -249,72 +223,23 @@ int hfx_scan_bwd(const float *x, const float *dt, const float *A2t, const float 
     a.nck = (T + K - 1) / K; a.nthreads = nthreads;
     return launch(&a, run_bwd);
 }
-""" % {"block": BLOCK}  # noqa: UP031 (C source: braces everywhere)
+""".replace("@BLOCK@", str(BLOCK))
+)
 
 MAX_STATE = 64  # the kernel's per-block state buffers hold BLOCK x 64 floats
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _LIB = {}
-
-
-def kernel_enabled() -> bool:
-    """Whether the kernel may be used (`HF_EXTRAS_CPU_KERNEL` unset, or anything but 0/false/no/off)."""
-    return os.environ.get("HF_EXTRAS_CPU_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def _cpu_signature() -> str:
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features", "model name")):
-                    flags += line
-    except OSError:
-        pass
-    return platform.machine() + platform.processor() + flags
-
-
-def _build() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None or platform.system() == "Windows":
-        return None
-    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), compiler, _cpu_signature()]).encode()).hexdigest()[:16]
-    root = os.environ.get("HF_EXTRAS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_extras")
-    folder = os.path.join(root, "kernels")
-    path = os.path.join(folder, f"selective_scan_{key}.so")
-    if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src, out = os.path.join(tmp, "scan.c"), os.path.join(tmp, "scan.so")
-            with open(src, "w") as f:
-                f.write(_SOURCE)
-            done = subprocess.run(
-                [compiler, *_FLAGS, src, "-o", out, "-lm", "-lpthread"], capture_output=True, text=True, timeout=120
-            )
-            if done.returncode != 0:  # e.g. a compiler without -march=native support
-                logger.warning(
-                    "hf_extras: the CPU selective-scan kernel did not build (%s); using the PyTorch "
-                    "forms. Compiler output:\n%s",
-                    compiler,
-                    done.stderr[-2000:],
-                )
-                return None
-            os.replace(out, path)  # atomic: a concurrent process sees the old state or the whole file
-    lib = ctypes.CDLL(path)
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.hfx_scan_fwd.argtypes = [p] * 10 + [i64] * 5 + [i32]
-    lib.hfx_scan_bwd.argtypes = [p] * 17 + [i64] * 5 + [i32]
-    lib.hfx_scan_fwd.restype = lib.hfx_scan_bwd.restype = i32
-    return lib
 
 
 def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel (built once per machine and cached), or ``None`` where it cannot be built."""
     if "lib" not in _LIB:
-        try:
-            _LIB["lib"] = _build()
-        except Exception as err:  # no compiler, read-only home, sandbox: the PyTorch forms still work
-            logger.warning("hf_extras: the CPU selective-scan kernel is unavailable (%s); using the PyTorch forms", err)
-            _LIB["lib"] = None
+        lib = build_library("selective_scan", _SOURCE, "CPU selective-scan kernel")
+        if lib is not None:
+            p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+            lib.hfx_scan_fwd.argtypes = [p] * 10 + [i64] * 5 + [i32]
+            lib.hfx_scan_bwd.argtypes = [p] * 17 + [i64] * 5 + [i32]
+            lib.hfx_scan_fwd.restype = lib.hfx_scan_bwd.restype = i32
+        _LIB["lib"] = lib
     return _LIB["lib"]
 
 
