@@ -424,10 +424,10 @@ def _rows_view(t: Tensor) -> tuple[Tensor, int]:
     return t, t.stride(1)
 
 
-def _items(batch: int, seq_len: int) -> int:
-    """Time ranges per batch row: enough items for the threads, each at least 64 tokens."""
-    threads = torch.get_num_threads()
-    return max(1, min(-(-threads // batch), seq_len // 64))
+def _items(seq_len: int) -> int:
+    """Work items per batch row: ranges of 256 tokens (a fixed split, so the per-item partial sums, and the result,
+    do not depend on the thread count)."""
+    return max(1, -(-seq_len // 256))
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,7 +450,7 @@ def _define_ops() -> None:
         zero = x.new_zeros(threads, channels)  # the input before the first token
         load_kernel().hfx_conv_silu_fwd(
             _ptr(x), _ptr(taps), _ptr(bias), _ptr(y), _ptr(zero), batch, seq_len, channels, taps.shape[0],
-            x.stride(0), sxt, _items(batch, seq_len), threads,
+            x.stride(0), sxt, _items(seq_len), threads,
         )  # fmt: skip
         return y
 
@@ -463,7 +463,7 @@ def _define_ops() -> None:
         x, sxt = _rows_view(x)
         batch, seq_len, channels = x.shape
         kernel = taps.shape[0]
-        nsplit = _items(batch, seq_len)
+        nsplit = _items(seq_len)
         threads = torch.get_num_threads()
         taps, gy = taps.contiguous(), gy.contiguous()
         dx = torch.empty_like(gy)
@@ -504,7 +504,7 @@ def _define_ops() -> None:
         rstd = y.new_empty(batch, seq_len, groups)
         load_kernel().hfx_norm_fwd(
             _ptr(y), _ptr(x), _ptr(D), _ptr(z), _ptr(weight), _ptr(out), _ptr(rstd), batch * seq_len, width, groups,
-            sx, sz, _items(1, batch * seq_len), eps, int(before), torch.get_num_threads(),
+            sx, sz, _items(batch * seq_len), eps, int(before), torch.get_num_threads(),
         )  # fmt: skip
         return out, rstd
 
@@ -528,7 +528,7 @@ def _define_ops() -> None:
         y, gout, D = y.contiguous(), gout.contiguous(), D.contiguous() if D is not None else None
         z, sz = _rows_view(z)
         x, sx = _rows_view(x) if x is not None else (None, 0)
-        items = _items(1, batch * seq_len)
+        items = _items(batch * seq_len)
         dy, dz = torch.empty_like(y), torch.empty_like(y)
         dx = torch.empty_like(y) if x is not None else y.new_zeros(0)
         dw = y.new_empty(items, width)

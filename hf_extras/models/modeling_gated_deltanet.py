@@ -178,10 +178,11 @@ class GatedDeltaNetMixer(nn.Module):
                 padding_mask=attention_mask,
                 document_starts=starts,
                 keep_tail=cache is not None,
+                activation="silu",
             )
             if cache is not None:
                 cache.write_conv(self.layer_idx, new_tail, self.conv_size - 1)
-            q, k, v = F.silu(mixed).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+            q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         elif self.silu_without_conv:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         window_out = None

@@ -49,6 +49,7 @@ class HfxMambaMixer(nn.Module):
         self.forward_mode = config.forward_mode
         self.chunk_size = config.chunk_size
         self.bidirectional = config.bidirectional
+        self.hidden_act = config.hidden_act
         self.act = ACT2FN[config.hidden_act]
         self.in_proj = nn.Linear(self.hidden_size, 2 * self.intermediate_size, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
@@ -104,6 +105,7 @@ class HfxMambaMixer(nn.Module):
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         keep = attention_mask[..., None].to(x.dtype) if attention_mask is not None else None
         tail = cache.read_conv(self.layer_idx) if cache is not None else None
+        silu = self.hidden_act == "silu"  # fused with the conv where a compiled kernel applies
         x, new_tail = causal_depthwise_conv(
             x,
             self.conv1d.weight,
@@ -112,10 +114,12 @@ class HfxMambaMixer(nn.Module):
             padding_mask=attention_mask,
             document_starts=document_starts,
             keep_tail=cache is not None,
+            activation="silu" if silu else None,
         )
         if cache is not None:
             cache.write_conv(self.layer_idx, new_tail, self.conv_kernel_size - 1)
-        x = self.act(x)
+        if not silu:
+            x = self.act(x)
         if keep is not None:
             x = x * keep
         dt, B, C = self.x_proj(x).split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)

@@ -78,10 +78,11 @@ class RetentionMixer(nn.Module):
                 padding_mask=attention_mask,
                 document_starts=document_starts,
                 keep_tail=cache is not None,
+                activation="silu",
             )
             if cache is not None:
                 cache.write_conv(self.layer_idx, new_tail, self.conv_size - 1)
-            q, k, v = F.silu(mixed).split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+            q, k, v = mixed.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
         return q, k, v
 
     def forward(

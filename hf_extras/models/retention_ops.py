@@ -644,14 +644,15 @@ class _GroupedChunkwise(torch.autograd.Function):
                 P = P * ks.unsqueeze(-2)  # column s scaled by the key scale of s
         w = eps if ks is None else eps * ks  # (N, B, G, R, C): a key's weight in the state at the chunk end
         vt = v * w.transpose(-1, -2).unsqueeze(-1)  # (N, B, G, C, R, Dv)
-        U = torch.matmul(k.transpose(-1, -2), vt.view(N, B, G, C, R * Dv))  # (N, B, G, Dk, R Dv)
-        # across chunks: states[n] enters chunk n; elementwise, a scalar decay per head
-        ge = gamma[..., -1].view(N, B, G, 1, R, 1)
-        states = U.new_empty(N + 1, B, G, Dk, R * Dv)
+        # across chunks: states[n] enters chunk n. The chunks' writes U_n = k^T vt go straight into slots 1..N and
+        # the recurrence S_{n+1} = U_n + a_n S_n runs in place (elementwise, a scalar decay per head): one buffer
+        states = vt.new_empty(N + 1, B, G, Dk, R * Dv)
         states[0] = S0
-        st, us, gs = states.view(N + 1, B, G, Dk, R, Dv).unbind(0), U.view(N, B, G, Dk, R, Dv).unbind(0), ge.unbind(0)
+        torch.matmul(k.transpose(-1, -2), vt.view(N, B, G, C, R * Dv), out=states[1:])
+        ge = gamma[..., -1].view(N, B, G, 1, R, 1)
+        st, gs = states.view(N + 1, B, G, Dk, R, Dv).unbind(0), ge.unbind(0)
         for n in range(N):
-            torch.addcmul(us[n], st[n], gs[n], out=st[n + 1])
+            st[n + 1].addcmul_(st[n], gs[n])
         states, final = states[:N], states[N].clone()
         QS = torch.matmul(q, states).view(N, B, G, C, R, Dv)  # q S_h, before the decay from the chunk start
         v_h = v.transpose(-2, -3).contiguous()  # head-major (N, B, G, R, C, Dv) for the per-head products
@@ -673,23 +674,24 @@ class _GroupedChunkwise(torch.autograd.Function):
         dQS = (do * gamma_t).view(N, B, G, C, R * Dv)
         d_gamma = (do * QS).sum(-1).transpose(-1, -2)  # (N, B, G, R, C)
         dq = torch.matmul(dQS, states.transpose(-1, -2))
-        dS_out = torch.matmul(q.transpose(-1, -2), dQS)  # (N, B, G, Dk, R Dv)
-        # the recurrence, last chunk first: dS_next[n] = gradient of the state leaving chunk n
-        ge = gamma[..., -1].view(N, B, G, 1, R, 1)
-        dS_next = torch.empty_like(states)
-        dS0 = torch.empty_like(states[0])
-        dsn = dS_next.view(N, B, G, Dk, R, Dv).unbind(0)
-        dso, gs = dS_out.view(N, B, G, Dk, R, Dv).unbind(0), ge.unbind(0)
+        # the recurrence, last chunk first, in one buffer: slot n holds the gradient reaching S_n from chunk n's
+        # outputs (q^T dQS), slot N the final state's; then slot n += a_n * slot n + 1 leaves in slot n + 1 the
+        # gradient of the state leaving chunk n (dS_next[n]) and in slot 0 that of the initial state
+        dS = states.new_empty(N + 1, B, G, Dk, R * Dv)
+        torch.matmul(q.transpose(-1, -2), dQS, out=dS[:N])
         if d_final is None:
-            dsn[N - 1].zero_()
+            dS[N].zero_()
         else:
-            dsn[N - 1].copy_(d_final.view(B, G, Dk, R, Dv))
+            dS[N].copy_(d_final.view(B, G, Dk, R * Dv))
+        ge = gamma[..., -1].view(N, B, G, 1, R, 1)
+        ds, gs = dS.view(N + 1, B, G, Dk, R, Dv).unbind(0), ge.unbind(0)
         st = states.view(N, B, G, Dk, R, Dv).unbind(0)
         d_ge = []  # gradient of each chunk's decay exp(b_C): <dS_{n+1}, S_n> per head, while both are in cache
         for n in range(N - 1, -1, -1):
-            d_ge.append((dsn[n] * st[n]).sum((-3, -1)))
-            torch.addcmul(dso[n], dsn[n], gs[n], out=dsn[n - 1] if n > 0 else dS0.view(B, G, Dk, R, Dv))
+            d_ge.append((ds[n + 1] * st[n]).sum((-3, -1)))
+            ds[n].addcmul_(ds[n + 1], gs[n])
         d_ge = torch.stack(d_ge[::-1])  # (N, B, G, R)
+        dS_next, dS0 = dS[1:], dS[0]
         # state writes U = k^T vt
         dk = torch.matmul(vt.view(N, B, G, C, R * Dv), dS_next.transpose(-1, -2))
         dvt = torch.matmul(k, dS_next).view(N, B, G, C, R, Dv)

@@ -1,0 +1,290 @@
+"""The compiled CPU kernels of `mixer_cpu_kernels` (conv + SiLU, gated RMS norm with the D skip, SSD pair weights)
+against float64 PyTorch references: outputs and gradients, strided inputs, thread-count independence, dispatch and
+fallbacks."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_extras.models import mixer_cpu_kernels
+from hf_extras.models.conv_ops import causal_depthwise_conv
+from hf_extras.models.modeling_mamba2 import GatedRMSNorm
+from hf_extras.models.retention_ops import grouped_decayed_linear_attention
+
+
+@pytest.fixture(autouse=True)
+def kernels_or_skip():
+    """The kernels must build wherever a C compiler is on PATH; only a machine without one skips."""
+    if mixer_cpu_kernels.load_kernel() is None:
+        assert not any(shutil.which(c) for c in ("cc", "gcc", "clang")), "a C compiler is present but no kernel"
+        pytest.skip("no C compiler: the kernels are unavailable (the PyTorch forms are used)")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def threads(n):
+    """Context: torch.set_num_threads(n), restored after."""
+
+    class _Threads:
+        def __enter__(self):
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(n)
+
+        def __exit__(self, *exc):
+            torch.set_num_threads(self.before)
+
+    return _Threads()
+
+
+# --------------------------------------------------------------------------------------------
+# conv + SiLU
+# --------------------------------------------------------------------------------------------
+
+
+def conv_reference(x, weight, bias):
+    kernel = weight.shape[-1]
+    y = F.conv1d(F.pad(x.transpose(1, 2), (kernel - 1, 0)), weight, bias, groups=x.shape[-1]).transpose(1, 2)
+    return F.silu(y)
+
+
+@pytest.mark.parametrize(
+    "batch, seq_len, channels, kernel, bias",
+    [(1, 300, 40, 4, True), (2, 129, 24, 3, False), (3, 5, 16, 4, True), (1, 1, 8, 4, True), (2, 70, 8, 2, True)],
+)
+def test_conv_silu_equals_conv1d_and_silu_with_gradients(batch, seq_len, channels, kernel, bias):
+    """Read in place from a column slice of a wider row (Mamba-2's xBC inside in_proj's output)."""
+    torch.manual_seed(0)
+    wide = torch.randn(batch, seq_len, channels + 7, dtype=torch.float64)
+    weight = torch.randn(channels, 1, kernel, dtype=torch.float64)
+    b = torch.randn(channels, dtype=torch.float64) if bias else None
+    x64 = wide[..., 3 : 3 + channels].clone().requires_grad_()
+    params64 = [weight.clone().requires_grad_()] + ([b.clone().requires_grad_()] if bias else [])
+    reference = conv_reference(x64, *params64, *([] if bias else [None]))
+    grad_out = torch.randn_like(reference)
+    expected = torch.autograd.grad(reference, [x64, *params64], grad_out)
+
+    wide32 = wide.float().requires_grad_()
+    params32 = [p.detach().float().requires_grad_() for p in params64]
+    y = mixer_cpu_kernels.conv_silu(wide32[..., 3 : 3 + channels], params32[0][:, 0, :].t(), *params32[1:] or [None])
+    got = torch.autograd.grad(y, [wide32, *params32], grad_out.float())
+    assert rel(y, reference) < 1e-6
+    assert got[0][..., :3].abs().max() == 0 and got[0][..., 3 + channels :].abs().max() == 0
+    assert rel(got[0][..., 3 : 3 + channels], expected[0]) < 1e-6
+    for g, e in zip(got[1:], expected[1:]):
+        assert rel(g, e) < 1e-6
+
+
+def test_conv_silu_does_not_depend_on_the_thread_count():
+    """Per-item partial sums of the taps' gradient, added by torch in a fixed order: bit-identical for 1 or 2."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 300, 24, requires_grad=True)
+    taps, bias = torch.randn(4, 24, requires_grad=True), torch.randn(24, requires_grad=True)
+    grad_out = torch.randn(2, 300, 24)
+    results = []
+    for n in (1, 2):
+        with threads(n):
+            y = mixer_cpu_kernels.conv_silu(x, taps, bias)
+            results.append((y, *torch.autograd.grad(y, [x, taps, bias], grad_out)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_causal_conv_fuses_silu_only_where_the_kernel_applies(monkeypatch):
+    """`activation="silu"`: the kernel for float32 training (no tail, no documents); the PyTorch conv + SiLU
+    elsewhere (a cached prefill, documents, float64, kernels off), all with the same numbers."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 12)
+    weight, bias = torch.randn(12, 1, 4), torch.randn(12)
+    reference = conv_reference(x.double(), weight.double(), bias.double())
+    calls = []
+    real = mixer_cpu_kernels.conv_silu
+    monkeypatch.setattr("hf_extras.models.conv_ops.conv_silu", lambda *a: calls.append(1) or real(*a))
+    y, tail = causal_depthwise_conv(x, weight, bias, keep_tail=False, activation="silu")
+    assert calls == [1] and tail is None and rel(y, reference) < 1e-6
+    y, tail = causal_depthwise_conv(x, weight, bias, keep_tail=True, activation="silu")  # a prefill keeps the tail
+    assert calls == [1] and rel(y, reference) < 1e-6 and torch.equal(tail, x[:, -3:].transpose(1, 2))
+    starts = torch.zeros(2, 40, dtype=torch.bool)
+    y, _ = causal_depthwise_conv(x, weight, bias, keep_tail=False, document_starts=starts, activation="silu")
+    assert calls == [1] and rel(y, reference) < 1e-6
+    y, _ = causal_depthwise_conv(x.double(), weight.double(), bias.double(), keep_tail=False, activation="silu")
+    assert calls == [1] and rel(y, reference) < 1e-12
+    monkeypatch.setenv("HF_EXTRAS_CPU_KERNEL", "0")
+    y, _ = causal_depthwise_conv(x, weight, bias, keep_tail=False, activation="silu")
+    assert calls == [1] and rel(y, reference) < 1e-6
+    with pytest.raises(ValueError, match="activation"):
+        causal_depthwise_conv(x, weight, bias, activation="gelu")
+
+
+def test_conv_kernel_keeps_pads_out_of_real_tokens():
+    """Left and right pads (zeroed inputs) through the kernel: the real tokens' outputs equal the unpadded row's."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 9, 8)
+    weight, bias = torch.randn(8, 1, 4), torch.randn(8)
+    alone, _ = causal_depthwise_conv(x, weight, bias, keep_tail=False, activation="silu")
+    padded = torch.cat([torch.randn(1, 3, 8), x, torch.randn(1, 2, 8)], dim=1)
+    mask = torch.zeros(1, 14, dtype=torch.long)
+    mask[:, 3:12] = 1
+    y, _ = causal_depthwise_conv(padded, weight, bias, padding_mask=mask, keep_tail=False, activation="silu")
+    torch.testing.assert_close(y[:, 3:12], alone, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# gated RMS norm with the D skip
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("skip", [False, True])
+def test_gated_norm_kernel_equals_the_pytorch_norm_with_gradients(norm_before_gate, groups, skip):
+    """float32 kernel against `GatedRMSNorm`'s PyTorch form in float64, gate and skip read as column slices."""
+    torch.manual_seed(0)
+    batch, seq_len, width = 2, 70, 32
+    y64 = torch.randn(batch, seq_len, width, dtype=torch.float64, requires_grad=True)
+    wide_z = torch.randn(batch, seq_len, width + 5, dtype=torch.float64)
+    wide_x = torch.randn(batch, seq_len, width + 9, dtype=torch.float64)
+    z64 = wide_z[..., 2 : 2 + width].clone().requires_grad_()
+    x64 = wide_x[..., :width].clone().requires_grad_()
+    D64 = torch.randn(width, dtype=torch.float64, requires_grad=True)
+    norm64 = GatedRMSNorm(width, width // groups, 1e-6, norm_before_gate).double()
+    with torch.no_grad():
+        norm64.weight.normal_(1.0, 0.1)
+    reference = norm64(y64 + (x64 * D64 if skip else 0), z64)
+    grad_out = torch.randn_like(reference)
+    inputs64 = [y64, z64, norm64.weight] + ([x64, D64] if skip else [])
+    expected = torch.autograd.grad(reference, inputs64, grad_out)
+
+    norm = GatedRMSNorm(width, width // groups, 1e-6, norm_before_gate)
+    with torch.no_grad():
+        norm.weight.copy_(norm64.weight)
+    y = y64.detach().float().requires_grad_()
+    zw, xw = wide_z.float().requires_grad_(), wide_x.float().requires_grad_()
+    D = D64.detach().float().requires_grad_()
+    out = norm(y, zw[..., 2 : 2 + width], skip=xw[..., :width] if skip else None, skip_scale=D if skip else None)
+    inputs = [y, zw, norm.weight] + ([xw, D] if skip else [])
+    got = list(torch.autograd.grad(out, inputs, grad_out.float()))
+    got[1] = got[1][..., 2 : 2 + width]
+    if skip:
+        got[3] = got[3][..., :width]
+    assert rel(out, reference) < 1e-6
+    for g, e in zip(got, expected):
+        assert rel(g, e) < 2e-6
+
+
+def test_gated_norm_kernel_is_used_and_does_not_depend_on_the_thread_count(monkeypatch):
+    torch.manual_seed(0)
+    norm = GatedRMSNorm(16, 8)
+    y, z, x = (torch.randn(3, 90, 16, requires_grad=True) for _ in range(3))
+    D = torch.randn(16, requires_grad=True)
+    grad_out = torch.randn(3, 90, 16)
+    calls = []
+    real = mixer_cpu_kernels.gated_rms_norm
+    monkeypatch.setattr("hf_extras.models.modeling_mamba2.gated_rms_norm", lambda *a: calls.append(1) or real(*a))
+    results = []
+    for n in (1, 2):
+        with threads(n):
+            out = norm(y, z, skip=x, skip_scale=D)
+            results.append((out, *torch.autograd.grad(out, [y, z, x, D, norm.weight], grad_out)))
+    assert calls == [1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    monkeypatch.setenv("HF_EXTRAS_CPU_KERNEL", "0")
+    torch.testing.assert_close(norm(y, z, skip=x, skip_scale=D), results[0][0], rtol=1e-5, atol=1e-6)
+    assert calls == [1, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# SSD pair weights (inside grouped_decayed_linear_attention)
+# --------------------------------------------------------------------------------------------
+
+
+def ssd_inputs(batch=2, seq_len=45, groups=2, heads=4, dk=8, dv=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq_len, groups, dk, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, seq_len, groups, dk, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, seq_len, heads, dv, generator=g, dtype=torch.float64)
+    dt = torch.rand(batch, seq_len, heads, generator=g, dtype=torch.float64) * 0.5
+    log_decay = -dt * torch.rand(heads, generator=g, dtype=torch.float64) * 2
+    return q, k, v, log_decay, dt
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("key_scale", [True, False])
+@pytest.mark.parametrize("documents", [False, True])
+def test_ssd_with_the_pair_kernel_equals_float64_with_gradients(bidirectional, key_scale, documents, monkeypatch):
+    """float32 (pair weights by the kernel) against float64 (PyTorch pair weights): outputs, final state and every
+    gradient, with an initial state, odd length, groups, document boundaries and the strict anti-causal pass."""
+    q, k, v, log_decay, dt = ssd_inputs()
+    S0 = torch.randn(2, 4, 8, 6, dtype=torch.float64)
+    reset = None
+    if documents:
+        reset = torch.zeros(2, 45, dtype=torch.bool)
+        reset[0, [7, 30]] = True
+        reset[1, 44] = True
+    calls = []
+    real = mixer_cpu_kernels.ssd_pair_weights
+    monkeypatch.setattr("hf_extras.models.retention_ops.ssd_pair_weights", lambda *a: calls.append(1) or real(*a))
+
+    def run(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, log_decay, dt, S0)]
+        o, final = grouped_decayed_linear_attention(
+            *leaves[:4],
+            leaves[4] if key_scale else None,
+            chunk_size=16,
+            initial_state=None if bidirectional else leaves[5],
+            output_final_state=not bidirectional,
+            bidirectional=bidirectional,
+            reset=reset,
+        )
+        loss = (o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)).sum()
+        if final is not None:
+            loss = loss + (final * 0.3).sum()
+        used = [t for i, t in enumerate(leaves) if (i != 4 or key_scale) and (i != 5 or not bidirectional)]
+        return o, final, torch.autograd.grad(loss, used)
+
+    o64, f64, g64 = run(torch.float64)
+    assert calls == []  # float64 stays on the PyTorch form
+    o32, f32, g32 = run(torch.float32)
+    assert calls == [1, 1] if bidirectional else calls == [1]
+    assert rel(o32, o64) < 1e-5
+    if f64 is not None:
+        assert rel(f32, f64) < 1e-5
+    for a, b in zip(g32, g64):
+        assert rel(a, b) < 1e-5
+
+
+def test_ssd_pair_kernel_matches_the_pytorch_form_in_float32(monkeypatch):
+    """Same float32 inputs with the kernel on and off (`HF_EXTRAS_CPU_KERNEL=0`): equal to float rounding."""
+    q, k, v, log_decay, dt = (t.float() for t in ssd_inputs(seq_len=130))
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, log_decay, dt)]
+        o, _ = grouped_decayed_linear_attention(*leaves, chunk_size=64)
+        return o, torch.autograd.grad(o.square().sum(), leaves)
+
+    on = run()
+    monkeypatch.setenv("HF_EXTRAS_CPU_KERNEL", "0")
+    off = run()
+    assert rel(on[0], off[0]) < 1e-6
+    for a, b in zip(on[1], off[1]):
+        assert rel(a, b) < 1e-5
+
+
+def test_a_failed_build_leaves_the_pytorch_forms(monkeypatch, tmp_path, caplog):
+    """No working compiler (here `false`): a warning, no kernel, and the conv, norm and SSD still run."""
+    monkeypatch.setattr(mixer_cpu_kernels, "_LIB", {})
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("HF_EXTRAS_CACHE", str(tmp_path))
+    with caplog.at_level("WARNING"):
+        assert mixer_cpu_kernels.load_kernel() is None
+    assert "did not build" in caplog.text
+    assert not mixer_cpu_kernels.kernels_apply(torch.zeros(1))
+    x = torch.randn(1, 10, 4)
+    y, _ = causal_depthwise_conv(x, torch.randn(4, 1, 4), None, keep_tail=False, activation="silu")
+    assert y.shape == x.shape
+    assert GatedRMSNorm(4, 4)(x, x, skip=x, skip_scale=torch.ones(4)).shape == x.shape
+    q, k, v, log_decay, dt = (t.float() for t in ssd_inputs())
+    o, _ = grouped_decayed_linear_attention(q, k, v, log_decay, dt, chunk_size=16)
+    assert torch.isfinite(o).all()
