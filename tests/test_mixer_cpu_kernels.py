@@ -1,4 +1,4 @@
-"""The compiled CPU kernels of `mixer_cpu_kernels` (conv + SiLU, gated RMS norm with the D skip, SSD pair weights)
+"""The compiled CPU kernels of `mixer_cpu_kernels` (conv + SiLU, gated RMS norm with the D skip, SSD within chunks)
 against float64 PyTorch references: outputs and gradients, strided inputs, thread-count independence, dispatch and
 fallbacks."""
 
@@ -93,8 +93,8 @@ def test_conv_silu_does_not_depend_on_the_thread_count():
 
 
 def test_causal_conv_fuses_silu_only_where_the_kernel_applies(monkeypatch):
-    """`activation="silu"`: the kernel for float32 training (no tail, no documents); the PyTorch conv + SiLU
-    elsewhere (a cached prefill, documents, float64, kernels off), all with the same numbers."""
+    """`activation="silu"`: the kernel for float32 training (no cache); the PyTorch conv + SiLU elsewhere (a cached
+    prefill, float64, kernels off), all with the same numbers."""
     torch.manual_seed(0)
     x = torch.randn(2, 40, 12)
     weight, bias = torch.randn(12, 1, 4), torch.randn(12)
@@ -106,9 +106,6 @@ def test_causal_conv_fuses_silu_only_where_the_kernel_applies(monkeypatch):
     assert calls == [1] and tail is None and rel(y, reference) < 1e-6
     y, tail = causal_depthwise_conv(x, weight, bias, keep_tail=True, activation="silu")  # a prefill keeps the tail
     assert calls == [1] and rel(y, reference) < 1e-6 and torch.equal(tail, x[:, -3:].transpose(1, 2))
-    starts = torch.zeros(2, 40, dtype=torch.bool)
-    y, _ = causal_depthwise_conv(x, weight, bias, keep_tail=False, document_starts=starts, activation="silu")
-    assert calls == [1] and rel(y, reference) < 1e-6
     y, _ = causal_depthwise_conv(x.double(), weight.double(), bias.double(), keep_tail=False, activation="silu")
     assert calls == [1] and rel(y, reference) < 1e-12
     monkeypatch.setenv("HF_EXTRAS_CPU_KERNEL", "0")
@@ -116,6 +113,30 @@ def test_causal_conv_fuses_silu_only_where_the_kernel_applies(monkeypatch):
     assert calls == [1] and rel(y, reference) < 1e-6
     with pytest.raises(ValueError, match="activation"):
         causal_depthwise_conv(x, weight, bias, activation="gelu")
+
+
+@pytest.mark.parametrize("kernel", [2, 4, 5])
+def test_conv_kernel_stops_at_document_starts_with_gradients(kernel):
+    """Packed documents: the kernel (float32) equals the PyTorch conv's document masks (float64), outputs and every
+    gradient, with starts closer together than the window, at the first token, and at an item boundary (256)."""
+    torch.manual_seed(0)
+    x64 = torch.randn(2, 300, 10, dtype=torch.float64)
+    weight64, bias64 = torch.randn(10, 1, kernel, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    starts = torch.zeros(2, 300, dtype=torch.bool)
+    starts[0, [0, 5, 6, 8, 100, 256, 257]] = True
+    starts[1, [3, 255, 299]] = True
+    leaves64 = [t.clone().requires_grad_() for t in (x64, weight64, bias64)]
+    reference, _ = causal_depthwise_conv(*leaves64, keep_tail=False, document_starts=starts, activation="silu")
+    grad_out = torch.randn_like(reference)
+    expected = torch.autograd.grad(reference, leaves64, grad_out)
+    leaves = [t.float().requires_grad_() for t in (x64, weight64, bias64)]
+    y, _ = causal_depthwise_conv(*leaves, keep_tail=False, document_starts=starts, activation="silu")
+    got = torch.autograd.grad(y, leaves, grad_out.float())
+    assert rel(y, reference) < 1e-6
+    for g, e in zip(got, expected):
+        assert rel(g, e) < 1e-6
+    alone, _ = causal_depthwise_conv(leaves[0][:1, 100:256], *leaves[1:], keep_tail=False, activation="silu")
+    torch.testing.assert_close(y[:1, 100:256], alone, rtol=0, atol=0)  # a document alone: the same numbers
 
 
 def test_conv_kernel_keeps_pads_out_of_real_tokens():
@@ -196,7 +217,7 @@ def test_gated_norm_kernel_is_used_and_does_not_depend_on_the_thread_count(monke
 
 
 # --------------------------------------------------------------------------------------------
-# SSD pair weights (inside grouped_decayed_linear_attention)
+# SSD within chunks (inside grouped_decayed_linear_attention)
 # --------------------------------------------------------------------------------------------
 
 
@@ -213,19 +234,20 @@ def ssd_inputs(batch=2, seq_len=45, groups=2, heads=4, dk=8, dv=6, seed=0):
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("key_scale", [True, False])
 @pytest.mark.parametrize("documents", [False, True])
-def test_ssd_with_the_pair_kernel_equals_float64_with_gradients(bidirectional, key_scale, documents, monkeypatch):
-    """float32 (pair weights by the kernel) against float64 (PyTorch pair weights): outputs, final state and every
+@pytest.mark.parametrize("dv", [6, 64])  # 64 is compiled apart (the accumulator in registers)
+def test_ssd_with_the_intra_kernel_equals_float64_with_gradients(bidirectional, key_scale, documents, dv, monkeypatch):
+    """float32 (the within-chunk part by the kernel) against float64 (PyTorch): outputs, final state and every
     gradient, with an initial state, odd length, groups, document boundaries and the strict anti-causal pass."""
-    q, k, v, log_decay, dt = ssd_inputs()
-    S0 = torch.randn(2, 4, 8, 6, dtype=torch.float64)
+    q, k, v, log_decay, dt = ssd_inputs(dv=dv)
+    S0 = torch.randn(2, 4, 8, dv, dtype=torch.float64)
     reset = None
     if documents:
         reset = torch.zeros(2, 45, dtype=torch.bool)
         reset[0, [7, 30]] = True
         reset[1, 44] = True
     calls = []
-    real = mixer_cpu_kernels.ssd_pair_weights
-    monkeypatch.setattr("hf_extras.models.retention_ops.ssd_pair_weights", lambda *a: calls.append(1) or real(*a))
+    real = mixer_cpu_kernels.ssd_intra
+    monkeypatch.setattr("hf_extras.models.retention_ops.ssd_intra", lambda *a: calls.append(1) or real(*a))
 
     def run(dtype):
         leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, log_decay, dt, S0)]
@@ -255,7 +277,7 @@ def test_ssd_with_the_pair_kernel_equals_float64_with_gradients(bidirectional, k
         assert rel(a, b) < 1e-5
 
 
-def test_ssd_pair_kernel_matches_the_pytorch_form_in_float32(monkeypatch):
+def test_ssd_intra_kernel_matches_the_pytorch_form_in_float32(monkeypatch):
     """Same float32 inputs with the kernel on and off (`HF_EXTRAS_CPU_KERNEL=0`): equal to float rounding."""
     q, k, v, log_decay, dt = (t.float() for t in ssd_inputs(seq_len=130))
 
@@ -288,3 +310,52 @@ def test_a_failed_build_leaves_the_pytorch_forms(monkeypatch, tmp_path, caplog):
     q, k, v, log_decay, dt = (t.float() for t in ssd_inputs())
     o, _ = grouped_decayed_linear_attention(q, k, v, log_decay, dt, chunk_size=16)
     assert torch.isfinite(o).all()
+
+
+def test_ssd_backward_under_bf16_autocast_stays_in_float32():
+    """A backward run inside `torch.autocast("cpu", bfloat16)` (a mixed-precision training step) computes the SSD's
+    gradients in float32, as the forward does: the same numbers as outside autocast."""
+    q, k, v, log_decay, dt = (t.float() for t in ssd_inputs(dv=64))
+
+    def grads(autocast):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, log_decay, dt)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o, _ = grouped_decayed_linear_attention(*leaves, chunk_size=16)
+            return torch.autograd.grad(o.square().sum(), leaves)
+
+    for a, b in zip(grads(True), grads(False)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_groups, batch, seq_len", [(1, 1, 64), (2, 2, 70)])
+def test_mamba2_training_step_with_kernels_equals_the_pytorch_forms(n_groups, batch, seq_len, monkeypatch):
+    """A whole Mamba-2 LM step in float32 with every kernel (conv + SiLU, the SSD's within-chunk part reading x in
+    place inside xBC, the gated norm with D) against `HF_EXTRAS_CPU_KERNEL=0`: loss, logits and every gradient."""
+    from hf_extras import HfxMamba2Config, HfxMamba2ForCausalLM
+
+    torch.manual_seed(0)
+    config = HfxMamba2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=4, n_groups=n_groups, state_size=8,
+        chunk_size=16,
+    )  # fmt: skip
+    model = HfxMamba2ForCausalLM(config)
+    ids = torch.randint(0, 64, (batch, seq_len))
+    strides = []
+    real = mixer_cpu_kernels._chunk_rows
+    monkeypatch.setattr(mixer_cpu_kernels, "_chunk_rows", lambda v: strides.append(real(v)[1]) or real(v))
+
+    def step():
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits_on, grads_on = step()
+    in_place = seq_len % 16 == 0 and batch == n_groups == 1  # x read inside xBC (row stride 64 + 2 * 8)
+    assert strides == ([80] * 6 if in_place else [32] * 6)  # else a copy: 2 heads x 16 per group
+    monkeypatch.setenv("HF_EXTRAS_CPU_KERNEL", "0")
+    logits_off, grads_off = step()
+    assert rel(logits_on, logits_off) < 1e-5
+    for name, grad in grads_off.items():
+        assert rel(grads_on[name], grad) < 1e-4, name

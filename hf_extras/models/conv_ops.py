@@ -35,16 +35,16 @@ def causal_depthwise_conv(
     Written as `kernel` shifted multiply-adds in the channels-last layout: the same numbers as
     `F.conv1d(..., groups=channels)` (to float rounding), without two transposes and without the depthwise `conv1d`
     weight-gradient kernel, which is very slow on multi-threaded CPUs (measurements: benchmarks/results/NOTES.md).
-    Training in float32 on a CPU (no tail, no documents) with `activation="silu"` runs conv and SiLU as one compiled
+    Training in float32 on a CPU (no cache) with `activation="silu"` runs conv and SiLU as one compiled
     kernel (`mixer_cpu_kernels`), which reads `x` in place even as a column slice of a wider tensor.
     """
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if padding_mask is not None:
         x = x * padding_mask[..., None].to(x.dtype)
-    if tail is None and document_starts is None and not keep_tail and activation == "silu":
+    if tail is None and not keep_tail and activation == "silu":  # training: no cache
         if (padding_mask is None or not has_interior_pads(padding_mask)) and _fused_applies(x, weight, bias):
-            return conv_silu(x, weight[:, 0, :].t(), bias), None
+            return conv_silu(x, weight[:, 0, :].t(), bias, document_starts), None
     if padding_mask is not None and has_interior_pads(padding_mask):
         y, new_tail = _conv_over_real_tokens(x, weight, bias, tail, padding_mask, document_starts, keep_tail)
     else:

@@ -37,7 +37,19 @@ typedef struct {
     const float *x, *taps, *bias, *gy;
     float *y, *dx, *dtaps, *dbias, *work;
     int64_t batch, T, C, K, sxb, sxt, nsplit, span;
+    const uint8_t *starts; /* (batch, T), 1 at a document's first token; NULL: one document per row */
 } conv_t;
+
+/* xr[j] = the input row tap j reads at token t (t - j), or `zero` before the row or across a document start */
+static inline void tap_rows(const conv_t *a, const float *xb, const uint8_t *st, int64_t t, const float *zero,
+                            const float **xr, const int64_t K) {
+    int valid = 1;
+    xr[0] = xb + t * a->sxt;
+    for (int64_t j = 1; j < K; j++) {
+        valid = valid && j <= t && !(st && st[t - j + 1]);
+        xr[j] = valid ? xb + (t - j) * a->sxt : zero;
+    }
+}
 
 #define KMAX 16
 
@@ -49,9 +61,11 @@ static inline __attribute__((always_inline)) void conv_fwd_item(const conv_t *a,
     const int64_t C = a->C, T = a->T, sxt = a->sxt;
     const int64_t b = it / a->nsplit, t0 = (it % a->nsplit) * a->span, t1 = t0 + a->span < T ? t0 + a->span : T;
     const float *restrict taps = a->taps, *restrict bias = a->bias, *xb = a->x + b * a->sxb;
+    const uint8_t *st = a->starts ? a->starts + b * T : 0;
+    (void)sxt;
     for (int64_t t = t0; t < t1; t++) {
         const float *xr[KMAX];
-        for (int64_t j = 0; j < K; j++) xr[j] = j <= t ? xb + (t - j) * sxt : zero;
+        tap_rows(a, xb, st, t, zero, xr, K);
         float *restrict yr = a->y + (b * T + t) * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
@@ -63,8 +77,8 @@ static inline __attribute__((always_inline)) void conv_fwd_item(const conv_t *a,
 }
 
 /* Backward, tokens last to first: g_t = gy_t * silu'(pre_t) (pre recomputed) into a ring of K rows (zeros past the
-   end), dx_t = sum_j taps[K-1-j] g_{t+j}; the item's partial dtaps / dbias take its own tokens only (the K - 1 halo
-   rows after its range are recomputed, not counted). */
+   end), dx_t = sum_j taps[K-1-j] g_{t+j} (the g_{t+j} past a document start read as zero); the item's partial
+   dtaps / dbias take its own tokens only (the K - 1 halo rows after its range are recomputed, not counted). */
 static inline __attribute__((always_inline)) void conv_bwd_item(const conv_t *a, int64_t it, float *ring,
                                                                  const float *zero, const int64_t K) {
     const int64_t C = a->C, T = a->T, sxt = a->sxt;
@@ -75,11 +89,16 @@ static inline __attribute__((always_inline)) void conv_bwd_item(const conv_t *a,
     memset(dtaps, 0, K * C * sizeof(float));
     if (dbias) memset(dbias, 0, C * sizeof(float));
     memset(ring, 0, K * C * sizeof(float));
+    const uint8_t *st = a->starts ? a->starts + b * T : 0;
+    (void)sxt;
     for (int64_t t = tend - 1; t >= t0; t--) {
         const float *xr[KMAX], *gr[KMAX];
-        for (int64_t j = 0; j < K; j++) {
-            xr[j] = j <= t ? xb + (t - j) * sxt : zero;
-            gr[j] = ring + ((t + j) % K) * C;
+        tap_rows(a, xb, st, t, zero, xr, K);
+        int valid = 1;
+        gr[0] = ring + (t % K) * C;
+        for (int64_t j = 1; j < K; j++) {
+            valid = valid && !(st && t + j < T && st[t + j]);
+            gr[j] = valid ? ring + ((t + j) % K) * C : zero;
         }
         float *restrict g = ring + (t % K) * C;
         const float *restrict gyr = a->gy + (b * T + t) * C;
@@ -127,18 +146,20 @@ static void conv_bwd(const void *p, int tid, int nt) {
     }
 }
 
-int hfx_conv_silu_fwd(const float *x, const float *taps, const float *bias, float *y, float *work, int64_t batch,
-                      int64_t T, int64_t C, int64_t K, int64_t sxb, int64_t sxt, int64_t nsplit, int nthreads) {
-    conv_t a = {x, taps, bias, 0, y, 0, 0, 0, work, batch, T, C, K, sxb, sxt, nsplit, (T + nsplit - 1) / nsplit};
+int hfx_conv_silu_fwd(const float *x, const float *taps, const float *bias, const uint8_t *starts, float *y,
+                      float *work, int64_t batch, int64_t T, int64_t C, int64_t K, int64_t sxb, int64_t sxt,
+                      int64_t nsplit, int nthreads) {
+    conv_t a = {x, taps, bias, 0, y, 0, 0, 0, work, batch, T, C, K, sxb, sxt, nsplit, (T + nsplit - 1) / nsplit,
+                starts};
     hfx_parallel(conv_fwd, &a, nthreads);
     return 0;
 }
 
-int hfx_conv_silu_bwd(const float *x, const float *taps, const float *bias, const float *gy, float *dx,
-                      float *dtaps, float *dbias, float *work, int64_t batch, int64_t T, int64_t C, int64_t K,
-                      int64_t sxb, int64_t sxt, int64_t nsplit, int nthreads) {
+int hfx_conv_silu_bwd(const float *x, const float *taps, const float *bias, const uint8_t *starts, const float *gy,
+                      float *dx, float *dtaps, float *dbias, float *work, int64_t batch, int64_t T, int64_t C,
+                      int64_t K, int64_t sxb, int64_t sxt, int64_t nsplit, int nthreads) {
     conv_t a = {x, taps, bias, gy, 0, dx, dtaps, dbias, work, batch, T, C, K, sxb, sxt, nsplit,
-                (T + nsplit - 1) / nsplit};
+                (T + nsplit - 1) / nsplit, starts};
     hfx_parallel(conv_bwd, &a, nthreads);
     return 0;
 }
@@ -271,106 +292,216 @@ int hfx_norm_bwd(const float *y, const float *x, const float *D, const float *z,
     return 0;
 }
 
-/* ---- SSD pair weights (grouped chunkwise decayed linear attention, one scalar log decay per head) ----
+/* ---- SSD within-chunk part (grouped chunkwise decayed linear attention, one scalar log decay per head) ----
    Per block (chunk, batch row, group): gqk (C, C) = q k^T shared by the group's R heads; per head r and token: b the
-   within-chunk cumulative log decay, seg the segment (documents), ks the key scale (NULL: 1).
-   L_r[t, s] = exp(b_t - b_s) for s <= t (s < t when strict) in the same segment, else 0. */
+   within-chunk cumulative log decay, seg the segment (documents), ks the key scale (NULL: 1), gamma the decay from the
+   chunk start (0 after a boundary). Pair weights P_r[t, s] = gqk[t, s] L_r[t, s] ks_r[s] with
+   L_r[t, s] = exp(b_t - b_s) for s <= t (s < t when strict) in the same segment, else 0; never stored.
+   Token rows (v, o, do, QS, dQS, dv) are (C, R, Dv) per block, head r's row t at (t R + r) Dv. */
 typedef struct {
-    const float *gqk, *b, *seg, *ks, *dP;
-    float *P, *dgqk, *zrow, *xcol;
-    int64_t blocks, R, C;
+    const float *gqk, *b, *seg, *ks, *gamma, *v, *QS, *dO;
+    float *o, *dQS, *dgamma, *dgqk, *zrow, *xcol, *dv, *work;
+    int64_t blocks, R, C, Dv, sv; /* sv: v's token row stride (v read in place, e.g. a column slice) */
     int strict;
-} pair_t;
+} intra_t;
 
 static inline float pair_decay(float bt, float bs, float st, float ss) {
     const float e = bt - bs;
     return ss == st ? exp2_neg(1.4426950408889634f * (e < 0.0f ? e : 0.0f)) : 0.0f;
 }
 
-/* P_r[t, s] = gqk[t, s] L_r[t, s] ks_r[s] */
-static void pair_fwd(const void *p, int tid, int nt) {
-    const pair_t *a = (const pair_t *)p;
-    const int64_t R = a->R, C = a->C;
+/* P_r[t, 0..n-1] into p (and L into l when not NULL) */
+static inline void pair_row(const float *restrict grow, const float *restrict b, const float *restrict seg,
+                            const float *restrict ks, int64_t t, int64_t n, float *restrict p, float *restrict l) {
+    const float bt = b[t], st = seg[t];
+    #pragma omp simd
+    for (int64_t s = 0; s < n; s++) {
+        const float L = pair_decay(bt, b[s], st, seg[s]);
+        if (l) l[s] = L;
+        p[s] = grow[s] * L * (ks ? ks[s] : 1.0f);
+    }
+}
+
+/* Head r's C token rows of src (row stride RD) into a contiguous (C, Dv) buffer: the rows of one head are 2 KiB
+   apart in the token-major layout, which would fold onto a few L1 sets. */
+static inline void gather_rows(const float *restrict src, int64_t RD, int64_t C, int64_t Dv, float *restrict dst) {
+    for (int64_t t = 0; t < C; t++) memcpy(dst + t * Dv, src + t * RD, Dv * sizeof(float));
+}
+
+/* o_r[t] = gamma_r[t] QS_r[t] + sum_s P_r[t, s] v_r[s]; Dv a literal at the call for 64 (accumulator in registers) */
+static inline __attribute__((always_inline)) void intra_fwd_head(const intra_t *a, int64_t blk, int64_t r,
+                                                                  float *restrict p, float *restrict vloc,
+                                                                  const int64_t Dv) {
+    const int64_t R = a->R, C = a->C, h = blk * R + r, RD = R * Dv;
+    const float *restrict gqk = a->gqk + blk * C * C, *restrict b = a->b + h * C, *restrict seg = a->seg + h * C;
+    const float *restrict ks = a->ks ? a->ks + h * C : 0, *restrict gamma = a->gamma + h * C;
+    const float *restrict QS = a->QS + blk * C * RD + r * Dv;
+    float *restrict o = a->o + blk * C * RD + r * Dv;
+    gather_rows(a->v + blk * C * a->sv + r * Dv, a->sv, C, Dv, vloc);
+    for (int64_t t = 0; t < C; t++) {
+        const int64_t n = a->strict ? t : t + 1;
+        pair_row(gqk + t * C, b, seg, ks, t, n, p, 0);
+        float acc[Dv];
+        const float gt = gamma[t];
+        #pragma omp simd
+        for (int64_t d = 0; d < Dv; d++) acc[d] = gt * QS[t * RD + d];
+        for (int64_t s = 0; s < n; s++) {
+            const float ps = p[s];
+            const float *restrict vs = vloc + s * Dv;
+            #pragma omp simd
+            for (int64_t d = 0; d < Dv; d++) acc[d] += ps * vs[d];
+        }
+        #pragma omp simd
+        for (int64_t d = 0; d < Dv; d++) o[t * RD + d] = acc[d];
+    }
+}
+
+static void intra_fwd(const void *arg, int tid, int nt) {
+    const intra_t *a = (const intra_t *)arg;
+    float *p = a->work + (int64_t)tid * (a->C + a->C * a->Dv), *vloc = p + a->C;
+    for (int64_t blk = tid; blk < a->blocks; blk += nt)
+        for (int64_t r = 0; r < a->R; r++) {
+            if (a->Dv == 64) intra_fwd_head(a, blk, r, p, vloc, 64);
+            else intra_fwd_head(a, blk, r, p, vloc, a->Dv);
+        }
+}
+
+/* Backward of one head in one block, from dO:
+   dQS_r[t] = gamma_r[t] dO_r[t]; dgamma_r[t] = dO_r[t] . QS_r[t];
+   dP[t, s] = dO_r[t] . v_r[s] (a whole row of C at once against v_r transposed, vt (Dv, C));
+   dgqk[t, s] += dP L ks[s]; X = dP gqk L: xcol[s] = sum_t X, zrow[t] = sum_s X ks[s];
+   dv_r[s] = sum_{t >= s} P[t, s] dO_r[t] (P kept in pbuf (C, C) from the row pass).
+   Dv and C are literals at the call for 64 (the row of dP and the dv accumulator in registers). */
+static inline __attribute__((always_inline)) void intra_bwd_head(const intra_t *a, int64_t blk, int64_t r,
+                                                                  float *restrict w, const int64_t Dv,
+                                                                  const int64_t C) {
+    const int64_t R = a->R, h = blk * R + r, RD = R * Dv;
+    float *restrict pbuf = w, *restrict vt = pbuf + C * C, *restrict vloc = vt + Dv * C, *restrict oloc = vloc + C * Dv;
+    float *restrict lrow = oloc + C * Dv;
+    const float *restrict gqk = a->gqk + blk * C * C, *restrict b = a->b + h * C, *restrict seg = a->seg + h * C;
+    const float *restrict ks = a->ks ? a->ks + h * C : 0, *restrict gamma = a->gamma + h * C;
+    const float *restrict QS = a->QS + blk * C * RD + r * Dv;
+    float *restrict dQS = a->dQS + blk * C * RD + r * Dv, *restrict dv = a->dv + blk * C * RD + r * Dv;
+    float *restrict dgqk = a->dgqk + blk * C * C, *restrict xcol = a->xcol + h * C, *restrict zrow = a->zrow + h * C;
+    float *restrict dgamma = a->dgamma + h * C;
+    gather_rows(a->v + blk * C * a->sv + r * Dv, a->sv, C, Dv, vloc);
+    gather_rows(a->dO + blk * C * RD + r * Dv, RD, C, Dv, oloc);
+    for (int64_t s = 0; s < C; s++)
+        for (int64_t d = 0; d < Dv; d++) vt[d * C + s] = vloc[s * Dv + d];
+    memset(xcol, 0, C * sizeof(float));
+    for (int64_t t = 0; t < C; t++) {
+        const int64_t n = a->strict ? t : t + 1;
+        const float *restrict dot = oloc + t * Dv;
+        const float gt = gamma[t];
+        float dg = 0.0f;
+        #pragma omp simd reduction(+:dg)
+        for (int64_t d = 0; d < Dv; d++) {
+            dQS[t * RD + d] = gt * dot[d];
+            dg += dot[d] * QS[t * RD + d];
+        }
+        dgamma[t] = dg;
+        float *restrict prow = pbuf + t * C;
+        pair_row(gqk + t * C, b, seg, ks, t, n, prow, lrow);
+        float drow[C];
+        #pragma omp simd
+        for (int64_t s = 0; s < C; s++) drow[s] = 0.0f;
+        for (int64_t d = 0; d < Dv; d++) {
+            const float od = dot[d];
+            const float *restrict vd = vt + d * C;
+            #pragma omp simd
+            for (int64_t s = 0; s < C; s++) drow[s] += od * vd[s];
+        }
+        const float *restrict grow = gqk + t * C;
+        float *restrict dgrow = dgqk + t * C;
+        float zr = 0.0f;
+        #pragma omp simd reduction(+:zr)
+        for (int64_t s = 0; s < n; s++) {
+            const float dl = drow[s] * lrow[s], x = dl * grow[s], k = ks ? ks[s] : 1.0f;
+            dgrow[s] += dl * k;
+            xcol[s] += x;
+            zr += x * k;
+        }
+        zrow[t] = zr;
+    }
+    for (int64_t s = 0; s < C; s++) {
+        float acc[Dv];
+        #pragma omp simd
+        for (int64_t d = 0; d < Dv; d++) acc[d] = 0.0f;
+        for (int64_t t = a->strict ? s + 1 : s; t < C; t++) {
+            const float pts = pbuf[t * C + s];
+            const float *restrict dot = oloc + t * Dv;
+            #pragma omp simd
+            for (int64_t d = 0; d < Dv; d++) acc[d] += pts * dot[d];
+        }
+        #pragma omp simd
+        for (int64_t d = 0; d < Dv; d++) dv[s * RD + d] = acc[d];
+    }
+}
+
+static void intra_bwd(const void *arg, int tid, int nt) {
+    const intra_t *a = (const intra_t *)arg;
+    const int64_t C = a->C, Dv = a->Dv;
+    float *w = a->work + (int64_t)tid * (C * C + 3 * Dv * C + C);
     for (int64_t blk = tid; blk < a->blocks; blk += nt) {
-        const float *restrict gqk = a->gqk + blk * C * C;
-        for (int64_t r = 0; r < R; r++) {
-            const int64_t h = blk * R + r;
-            const float *restrict b = a->b + h * C, *restrict seg = a->seg + h * C;
-            const float *restrict ks = a->ks ? a->ks + h * C : 0;
-            float *restrict P = a->P + h * C * C;
-            for (int64_t t = 0; t < C; t++) {
-                const int64_t n = a->strict ? t : t + 1; /* columns 0..n-1 can be nonzero */
-                const float bt = b[t], st = seg[t];
-                float *restrict row = P + t * C;
-                const float *restrict grow = gqk + t * C;
-                if (ks) {
-                    #pragma omp simd
-                    for (int64_t s = 0; s < n; s++) row[s] = grow[s] * pair_decay(bt, b[s], st, seg[s]) * ks[s];
-                } else {
-                    #pragma omp simd
-                    for (int64_t s = 0; s < n; s++) row[s] = grow[s] * pair_decay(bt, b[s], st, seg[s]);
-                }
-                memset(row + n, 0, (C - n) * sizeof(float));
-            }
+        memset(a->dgqk + blk * C * C, 0, C * C * sizeof(float));
+        for (int64_t r = 0; r < a->R; r++) {
+            if (Dv == 64 && C == 64) intra_bwd_head(a, blk, r, w, 64, 64);
+            else intra_bwd_head(a, blk, r, w, Dv, C);
         }
     }
 }
 
-/* From dP (the gradient of P): dgqk = sum_r dP_r L_r ks_r[s]; X_r = dP_r gqk L_r; zrow_r[t] = sum_s X_r[t, s] ks_r[s];
-   xcol_r[s] = sum_t X_r[t, s]. */
-static void pair_bwd(const void *p, int tid, int nt) {
-    const pair_t *a = (const pair_t *)p;
-    const int64_t R = a->R, C = a->C;
-    for (int64_t blk = tid; blk < a->blocks; blk += nt) {
-        const float *restrict gqk = a->gqk + blk * C * C;
-        float *restrict dg = a->dgqk + blk * C * C;
-        memset(dg, 0, C * C * sizeof(float));
-        for (int64_t r = 0; r < R; r++) {
-            const int64_t h = blk * R + r;
-            const float *restrict b = a->b + h * C, *restrict seg = a->seg + h * C;
-            const float *restrict ks = a->ks ? a->ks + h * C : 0, *restrict dP = a->dP + h * C * C;
-            float *restrict xcol = a->xcol + h * C;
-            memset(xcol, 0, C * sizeof(float));
-            for (int64_t t = 0; t < C; t++) {
-                const int64_t n = a->strict ? t : t + 1;
-                const float bt = b[t], st = seg[t];
-                const float *restrict drow = dP + t * C, *restrict grow = gqk + t * C;
-                float *restrict dgrow = dg + t * C;
-                float zr = 0.0f;
-                if (ks) {
-                    #pragma omp simd reduction(+:zr)
-                    for (int64_t s = 0; s < n; s++) {
-                        const float dl = drow[s] * pair_decay(bt, b[s], st, seg[s]), x = dl * grow[s];
-                        dgrow[s] += dl * ks[s];
-                        xcol[s] += x;
-                        zr += x * ks[s];
-                    }
-                } else {
-                    #pragma omp simd reduction(+:zr)
-                    for (int64_t s = 0; s < n; s++) {
-                        const float dl = drow[s] * pair_decay(bt, b[s], st, seg[s]), x = dl * grow[s];
-                        dgrow[s] += dl;
-                        xcol[s] += x;
-                        zr += x;
-                    }
-                }
-                a->zrow[h * C + t] = zr;
-            }
-        }
-    }
-}
-
-int hfx_pair_fwd(const float *gqk, const float *b, const float *seg, const float *ks, float *P, int64_t blocks,
-                 int64_t R, int64_t C, int strict, int nthreads) {
-    pair_t a = {gqk, b, seg, ks, 0, P, 0, 0, 0, blocks, R, C, strict};
-    hfx_parallel(pair_fwd, &a, nthreads);
+int hfx_intra_fwd(const float *gqk, const float *b, const float *seg, const float *ks, const float *gamma,
+                  const float *v, const float *QS, float *o, float *work, int64_t blocks, int64_t R, int64_t C,
+                  int64_t Dv, int64_t sv, int strict, int nthreads) {
+    intra_t a = {gqk, b, seg, ks, gamma, v, QS, 0, o, 0, 0, 0, 0, 0, 0, work, blocks, R, C, Dv, sv, strict};
+    hfx_parallel(intra_fwd, &a, nthreads);
     return 0;
 }
 
-int hfx_pair_bwd(const float *gqk, const float *b, const float *seg, const float *ks, const float *dP, float *dgqk,
-                 float *zrow, float *xcol, int64_t blocks, int64_t R, int64_t C, int strict, int nthreads) {
-    pair_t a = {gqk, b, seg, ks, dP, 0, dgqk, zrow, xcol, blocks, R, C, strict};
-    hfx_parallel(pair_bwd, &a, nthreads);
+int hfx_intra_bwd(const float *gqk, const float *b, const float *seg, const float *ks, const float *gamma,
+                  const float *v, const float *QS, const float *dO, float *dQS, float *dgamma, float *dgqk,
+                  float *zrow, float *xcol, float *dv, float *work, int64_t blocks, int64_t R, int64_t C, int64_t Dv,
+                  int64_t sv, int strict, int nthreads) {
+    intra_t a = {gqk, b, seg, ks, gamma, v, QS, dO, 0, dQS, dgamma, dgqk, zrow, xcol, dv, work, blocks, R, C, Dv,
+                 sv, strict};
+    hfx_parallel(intra_bwd, &a, nthreads);
+    return 0;
+}
+
+/* ---- SSD state writes, backward: per token row t and head r, with dvt = d(v w) from the state products,
+   dw[r, t] = dvt_r[t] . v_r[t] and dv_r[t] += w[r, t] dvt_r[t]. Token rows (C, R, Dv) per block, v with row stride
+   sv (read in place); w, dw (blocks, R, C). */
+typedef struct {
+    const float *dvt, *v, *w;
+    float *dv, *dw;
+    int64_t blocks, R, C, Dv, sv;
+} writes_t;
+
+static void writes_bwd(const void *arg, int tid, int nt) {
+    const writes_t *a = (const writes_t *)arg;
+    const int64_t R = a->R, C = a->C, Dv = a->Dv, RD = R * Dv;
+    for (int64_t blk = tid; blk < a->blocks; blk += nt)
+        for (int64_t t = 0; t < C; t++)
+            for (int64_t r = 0; r < R; r++) {
+                const float *restrict g = a->dvt + (blk * C + t) * RD + r * Dv;
+                const float *restrict v = a->v + (blk * C + t) * a->sv + r * Dv;
+                float *restrict dv = a->dv + (blk * C + t) * RD + r * Dv;
+                const float wt = a->w[(blk * R + r) * C + t];
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t d = 0; d < Dv; d++) {
+                    acc += g[d] * v[d];
+                    dv[d] += wt * g[d];
+                }
+                a->dw[(blk * R + r) * C + t] = acc;
+            }
+}
+
+int hfx_writes_bwd(const float *dvt, const float *v, const float *w, float *dv, float *dw, int64_t blocks, int64_t R,
+                   int64_t C, int64_t Dv, int64_t sv, int nthreads) {
+    writes_t a = {dvt, v, w, dv, dw, blocks, R, C, Dv, sv};
+    hfx_parallel(writes_bwd, &a, nthreads);
     return 0;
 }
 """
@@ -385,14 +516,15 @@ def load_kernel() -> ctypes.CDLL | None:
         lib = build_library("mixer_kernels", _SOURCE, "CPU mixer kernels")
         if lib is not None:
             p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-            lib.hfx_conv_silu_fwd.argtypes = [p] * 5 + [i64] * 7 + [i32]
-            lib.hfx_conv_silu_bwd.argtypes = [p] * 8 + [i64] * 7 + [i32]
+            lib.hfx_conv_silu_fwd.argtypes = [p] * 6 + [i64] * 7 + [i32]
+            lib.hfx_conv_silu_bwd.argtypes = [p] * 9 + [i64] * 7 + [i32]
             lib.hfx_norm_fwd.argtypes = [p] * 7 + [i64] * 6 + [f32, i32, i32]
             lib.hfx_norm_bwd.argtypes = [p] * 12 + [i64] * 6 + [i32, i32]
-            lib.hfx_pair_fwd.argtypes = [p] * 5 + [i64] * 3 + [i32, i32]
-            lib.hfx_pair_bwd.argtypes = [p] * 8 + [i64] * 3 + [i32, i32]
+            lib.hfx_intra_fwd.argtypes = [p] * 9 + [i64] * 5 + [i32, i32]
+            lib.hfx_intra_bwd.argtypes = [p] * 15 + [i64] * 5 + [i32, i32]
+            lib.hfx_writes_bwd.argtypes = [p] * 5 + [i64] * 5 + [i32]
             fns = (lib.hfx_conv_silu_fwd, lib.hfx_conv_silu_bwd, lib.hfx_norm_fwd, lib.hfx_norm_bwd)
-            for fn in (*fns, lib.hfx_pair_fwd, lib.hfx_pair_bwd):
+            for fn in (*fns, lib.hfx_intra_fwd, lib.hfx_intra_bwd, lib.hfx_writes_bwd):
                 fn.restype = i32
         _LIB["lib"] = lib
     return _LIB["lib"]
@@ -412,7 +544,21 @@ def kernels_apply(*tensors: Tensor | None) -> bool:
 
 
 def _ptr(t: Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+    """The address of a float32 CPU tensor's data (the kernels read raw float32 memory: anything else is refused)."""
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        raise TypeError(f"hf_extras CPU kernels take float32 CPU tensors, got {t.dtype} on {t.device}")
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _byte_ptr(t: Tensor | None):
+    """The address of a uint8 CPU mask's data."""
+    if t is None:
+        return None
+    if t.dtype != torch.uint8 or t.device.type != "cpu" or not t.is_contiguous():
+        raise TypeError(f"hf_extras CPU kernels take contiguous uint8 CPU masks, got {t.dtype} on {t.device}")
+    return ctypes.c_void_p(t.data_ptr())
 
 
 def _rows_view(t: Tensor) -> tuple[Tensor, int]:
@@ -437,11 +583,11 @@ def _items(seq_len: int) -> int:
 
 def _define_ops() -> None:
     """Define the operators once per process (a checkpoint's copy of this file may be imported as well)."""
-    if hasattr(torch.ops.hf_extras, "conv_silu_v1"):
+    if hasattr(torch.ops.hf_extras, "conv_silu_v2"):
         return
 
-    @torch.library.custom_op("hf_extras::conv_silu_v1", mutates_args=())
-    def _conv_silu(x: Tensor, taps: Tensor, bias: Tensor | None) -> Tensor:
+    @torch.library.custom_op("hf_extras::conv_silu_v2", mutates_args=())
+    def _conv_silu(x: Tensor, taps: Tensor, bias: Tensor | None, starts: Tensor | None) -> Tensor:
         x, sxt = _rows_view(x)
         batch, seq_len, channels = x.shape
         y = x.new_empty(batch, seq_len, channels)
@@ -449,17 +595,20 @@ def _define_ops() -> None:
         threads = torch.get_num_threads()
         zero = x.new_zeros(threads, channels)  # the input before the first token
         load_kernel().hfx_conv_silu_fwd(
-            _ptr(x), _ptr(taps), _ptr(bias), _ptr(y), _ptr(zero), batch, seq_len, channels, taps.shape[0],
+            _ptr(x), _ptr(taps), _ptr(bias), _byte_ptr(starts), _ptr(y), _ptr(zero), batch, seq_len, channels,
+            taps.shape[0],
             x.stride(0), sxt, _items(seq_len), threads,
         )  # fmt: skip
         return y
 
     @_conv_silu.register_fake
-    def _(x, taps, bias):
+    def _(x, taps, bias, starts):
         return x.new_empty(x.shape)
 
-    @torch.library.custom_op("hf_extras::conv_silu_v1_backward", mutates_args=())
-    def _conv_silu_backward(x: Tensor, taps: Tensor, bias: Tensor | None, gy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    @torch.library.custom_op("hf_extras::conv_silu_v2_backward", mutates_args=())
+    def _conv_silu_backward(
+        x: Tensor, taps: Tensor, bias: Tensor | None, starts: Tensor | None, gy: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         x, sxt = _rows_view(x)
         batch, seq_len, channels = x.shape
         kernel = taps.shape[0]
@@ -471,24 +620,25 @@ def _define_ops() -> None:
         dbias = x.new_empty(batch * nsplit, channels)
         work = x.new_zeros(threads, kernel + 1, channels)  # a ring of kernel rows and a zero row per thread
         load_kernel().hfx_conv_silu_bwd(
-            _ptr(x), _ptr(taps), _ptr(bias), _ptr(gy), _ptr(dx), _ptr(dtaps), _ptr(dbias), _ptr(work),
+            _ptr(x), _ptr(taps), _ptr(bias), _byte_ptr(starts), _ptr(gy), _ptr(dx), _ptr(dtaps), _ptr(dbias),
+            _ptr(work),
             batch, seq_len, channels, kernel, x.stride(0), sxt, nsplit, threads,
         )  # fmt: skip
         return dx, dtaps.sum(0), dbias.sum(0)
 
     @_conv_silu_backward.register_fake
-    def _(x, taps, bias, gy):
+    def _(x, taps, bias, starts, gy):
         return x.new_empty(x.shape), taps.new_empty(taps.shape), x.new_empty(x.shape[-1])
 
     def _conv_setup(ctx, inputs, output):
-        x, taps, bias = inputs
-        ctx.save_for_backward(x, taps, bias)
+        x, taps, bias, starts = inputs
+        ctx.save_for_backward(x, taps, bias, starts)
         ctx.has_bias = bias is not None
 
     def _conv_backward(ctx, gy):
-        x, taps, bias = ctx.saved_tensors
-        dx, dtaps, dbias = torch.ops.hf_extras.conv_silu_v1_backward(x, taps, bias, gy)
-        return dx, dtaps, (dbias if ctx.has_bias else None)
+        x, taps, bias, starts = ctx.saved_tensors
+        dx, dtaps, dbias = torch.ops.hf_extras.conv_silu_v2_backward(x, taps, bias, starts, gy)
+        return dx, dtaps, (dbias if ctx.has_bias else None), None
 
     _conv_silu.register_autograd(_conv_backward, setup_context=_conv_setup)
 
@@ -562,11 +712,14 @@ def _define_ops() -> None:
     _gated_norm.register_autograd(_norm_backward, setup_context=_norm_setup)
 
 
-def conv_silu(x: Tensor, taps: Tensor, bias: Tensor | None) -> Tensor:
+def conv_silu(x: Tensor, taps: Tensor, bias: Tensor | None, document_starts: Tensor | None = None) -> Tensor:
     """``silu`` of the causal depthwise conv of ``x`` (batch, time, channels) from a zero start; ``taps``
-    (kernel, channels), tap ``kernel - 1`` on the current token. Differentiable; callers check ``kernels_apply``."""
+    (kernel, channels), tap ``kernel - 1`` on the current token; ``document_starts`` (batch, time) bool: a tap never
+    reads across a document start (as ``conv_ops.causal_depthwise_conv``). Differentiable; callers check
+    ``kernels_apply``."""
     _define_ops()
-    return torch.ops.hf_extras.conv_silu_v1(x, taps, bias)
+    starts = document_starts.to(torch.uint8).contiguous() if document_starts is not None else None
+    return torch.ops.hf_extras.conv_silu_v2(x, taps, bias, starts)
 
 
 def gated_rms_norm(
@@ -586,66 +739,151 @@ def gated_rms_norm(
     return torch.ops.hf_extras.gated_rms_norm_v1(y, skip, skip_scale, z, weight, groups, eps, norm_before_gate)[0]
 
 
-def _pair_weights(gqk: Tensor, b: Tensor, seg: Tensor, ks: Tensor | None, strict: bool) -> Tensor:
-    """``ssd_pair_weights`` by the kernel."""
-    *lead, R, C = b.shape
-    gqk, b, seg = gqk.contiguous(), b.contiguous(), seg.contiguous()
-    ks = ks.contiguous() if ks is not None else None
-    P = gqk.new_empty(*lead, R, C, C)
-    blocks = P.numel() // (R * C * C) if C else 0
-    load_kernel().hfx_pair_fwd(
-        _ptr(gqk), _ptr(b), _ptr(seg), _ptr(ks), _ptr(P), blocks, R, C, int(strict), torch.get_num_threads()
-    )
-    return P
+def _chunk_rows(v: Tensor) -> tuple[Tensor, int]:
+    """``v`` (..., C, R, Dv) as rows of ``R * Dv`` with one stride for every (chunk, token), read in place when it has
+    one (Mamba-2's x inside xBC, batch 1, one group), else a contiguous copy; and that row stride."""
+    *lead, C, R, Dv = v.shape
+    if v.stride(-1) == 1 and v.stride(-2) == Dv:
+        stride, expected = v.stride(-3), v.stride(-3) * C
+        uniform = True
+        for size, st in zip(reversed(lead), reversed(v.stride()[: len(lead)])):
+            uniform = uniform and (size == 1 or st == expected)
+            expected *= size
+        if uniform:
+            return v, stride
+    return v.contiguous(), R * Dv
 
 
-def _pair_weights_backward(
-    dP: Tensor, gqk: Tensor, b: Tensor, seg: Tensor, ks: Tensor | None, strict: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``ssd_pair_weights_backward`` by the kernel."""
+def _intra(
+    gqk: Tensor, b: Tensor, seg: Tensor, ks: Tensor | None, gamma: Tensor, v: Tensor, QS: Tensor, strict: bool
+) -> Tensor:
+    """``ssd_intra`` by the kernel."""
     *lead, R, C = b.shape
-    dP, gqk, b, seg = dP.contiguous(), gqk.contiguous(), b.contiguous(), seg.contiguous()
+    Dv = v.shape[-1]
+    gqk, b, seg, gamma, QS = (t.contiguous() for t in (gqk, b, seg, gamma, QS))
+    v, sv = _chunk_rows(v)
     ks = ks.contiguous() if ks is not None else None
-    dgqk = torch.empty_like(gqk)
-    zrow, xcol = torch.empty_like(b), torch.empty_like(b)
-    blocks = dP.numel() // (R * C * C) if C else 0
-    load_kernel().hfx_pair_bwd(
-        _ptr(gqk), _ptr(b), _ptr(seg), _ptr(ks), _ptr(dP), _ptr(dgqk), _ptr(zrow), _ptr(xcol),
-        blocks, R, C, int(strict), torch.get_num_threads(),
+    o = v.new_empty(v.shape)
+    threads = torch.get_num_threads()
+    work = v.new_empty(threads, C + C * Dv)
+    blocks = b.numel() // (R * C) if C else 0
+    load_kernel().hfx_intra_fwd(
+        _ptr(gqk), _ptr(b), _ptr(seg), _ptr(ks), _ptr(gamma), _ptr(v), _ptr(QS), _ptr(o), _ptr(work),
+        blocks, R, C, Dv, sv, int(strict), threads,
     )  # fmt: skip
-    return dgqk, zrow, xcol
+    return o
 
 
-def _define_pair_ops() -> None:
-    """The pair weights as operators (opaque to torch.compile inside the SSD's autograd function), once per process."""
-    if hasattr(torch.ops.hf_extras, "ssd_pair_weights_v1"):
+def _intra_backward(
+    gqk: Tensor,
+    b: Tensor,
+    seg: Tensor,
+    ks: Tensor | None,
+    gamma: Tensor,
+    v: Tensor,
+    QS: Tensor,
+    dO: Tensor,
+    strict: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``ssd_intra_backward`` by the kernel."""
+    *lead, R, C = b.shape
+    Dv = v.shape[-1]
+    gqk, b, seg, gamma, QS, dO = (t.contiguous() for t in (gqk, b, seg, gamma, QS, dO))
+    v, sv = _chunk_rows(v)
+    ks = ks.contiguous() if ks is not None else None
+    dQS, dv = v.new_empty(v.shape), v.new_empty(v.shape)
+    dgamma, zrow, xcol = torch.empty_like(b), torch.empty_like(b), torch.empty_like(b)
+    dgqk = torch.empty_like(gqk)
+    threads = torch.get_num_threads()
+    work = v.new_empty(threads, C * C + 3 * Dv * C + C)
+    blocks = b.numel() // (R * C) if C else 0
+    load_kernel().hfx_intra_bwd(
+        _ptr(gqk), _ptr(b), _ptr(seg), _ptr(ks), _ptr(gamma), _ptr(v), _ptr(QS), _ptr(dO), _ptr(dQS),
+        _ptr(dgamma), _ptr(dgqk), _ptr(zrow), _ptr(xcol), _ptr(dv), _ptr(work), blocks, R, C, Dv, sv, int(strict),
+        threads,
+    )  # fmt: skip
+    return dQS, dgamma, dgqk, zrow, xcol, dv
+
+
+def _writes_backward(dvt: Tensor, v: Tensor, w: Tensor, dv: Tensor) -> Tensor:
+    """``ssd_state_writes_backward`` by the kernel (``dv`` updated in place)."""
+    *lead, R, C = w.shape
+    Dv = v.shape[-1]
+    dvt, w = dvt.contiguous(), w.contiguous()
+    v, sv = _chunk_rows(v)
+    if not dv.is_contiguous():
+        raise ValueError("ssd_state_writes_backward: dv must be contiguous (it is updated in place)")
+    dw = w.new_empty(w.shape)
+    blocks = w.numel() // (R * C) if C else 0
+    load_kernel().hfx_writes_bwd(
+        _ptr(dvt), _ptr(v), _ptr(w), _ptr(dv), _ptr(dw), blocks, R, C, Dv, sv, torch.get_num_threads()
+    )
+    return dw
+
+
+def _define_intra_ops() -> None:
+    """The within-chunk part as operators (opaque to torch.compile inside the SSD's autograd function), once per
+    process."""
+    if hasattr(torch.ops.hf_extras, "ssd_intra_v1"):
         return
-    fwd = torch.library.custom_op("hf_extras::ssd_pair_weights_v1", _pair_weights, mutates_args=())
-    bwd = torch.library.custom_op("hf_extras::ssd_pair_weights_v1_backward", _pair_weights_backward, mutates_args=())
+    fwd = torch.library.custom_op("hf_extras::ssd_intra_v1", _intra, mutates_args=())
+    bwd = torch.library.custom_op("hf_extras::ssd_intra_v1_backward", _intra_backward, mutates_args=())
+    writes = torch.library.custom_op("hf_extras::ssd_state_writes_v1_backward", _writes_backward, mutates_args=("dv",))
+
+    @writes.register_fake
+    def _(dvt, v, w, dv):
+        return w.new_empty(w.shape)
 
     @fwd.register_fake
-    def _(gqk, b, seg, ks, strict):
-        return gqk.new_empty(*b.shape, b.shape[-1])
+    def _(gqk, b, seg, ks, gamma, v, QS, strict):
+        return v.new_empty(v.shape)
 
     @bwd.register_fake
-    def _(dP, gqk, b, seg, ks, strict):
-        return torch.empty_like(gqk), torch.empty_like(b), torch.empty_like(b)
+    def _(gqk, b, seg, ks, gamma, v, QS, dO, strict):
+        v_like, b_like = v.new_empty(v.shape), b.new_empty(b.shape)
+        return (
+            v_like,
+            b_like,
+            gqk.new_empty(gqk.shape),
+            b.new_empty(b.shape),
+            b.new_empty(b.shape),
+            v.new_empty(v.shape),
+        )
 
 
-def ssd_pair_weights(gqk: Tensor, b: Tensor, seg: Tensor, ks: Tensor | None, strict: bool) -> Tensor:
-    """SSD's within-chunk pair weights ``P_r[t, s] = gqk[t, s] exp(b_t - b_s) ks_r[s]`` (s <= t, or s < t when
-    ``strict``, same segment; else 0): gqk (..., C, C) shared by the R heads of a group; b, seg, ks (..., R, C);
-    returns (..., R, C, C). Not differentiable: ``retention_ops._GroupedChunkwise`` calls it in its forward and
-    ``ssd_pair_weights_backward`` in its backward."""
-    _define_pair_ops()
-    return torch.ops.hf_extras.ssd_pair_weights_v1(gqk, b, seg, ks, strict)
+def ssd_intra(
+    gqk: Tensor, b: Tensor, seg: Tensor, ks: Tensor | None, gamma: Tensor, v: Tensor, QS: Tensor, strict: bool
+) -> Tensor:
+    """SSD's output within each chunk: ``o_r[t] = gamma_r[t] QS_r[t] + sum_s P_r[t, s] v_r[s]`` with the pair weights
+    ``P_r[t, s] = gqk[t, s] exp(b_t - b_s) ks_r[s]`` (s <= t, or s < t when ``strict``, same segment; else 0), computed
+    on the fly, never stored. gqk (..., C, C) is shared by the R heads of a group; b, seg, ks, gamma (..., R, C); v, QS
+    and the output (..., C, R, Dv) (token rows, heads side by side). Not differentiable:
+    ``retention_ops._GroupedChunkwise`` calls it in its forward and ``ssd_intra_backward`` in its backward."""
+    _define_intra_ops()
+    return torch.ops.hf_extras.ssd_intra_v1(gqk, b, seg, ks, gamma, v, QS, strict)
 
 
-def ssd_pair_weights_backward(
-    dP: Tensor, gqk: Tensor, b: Tensor, seg: Tensor, ks: Tensor | None, strict: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """From ``dP`` (the gradient of ``ssd_pair_weights``' output): ``d gqk`` (..., C, C), and with
-    ``X_r = dP_r * gqk * L_r``, its row sums weighted by ``ks`` (``sum_s X_r[t, s] ks_r[s]``) and its column sums
-    (``sum_t X_r[t, s]``), both (..., R, C): the pair decays' share of the log-decay gradient and of ``d ks``."""
-    _define_pair_ops()
-    return torch.ops.hf_extras.ssd_pair_weights_v1_backward(dP, gqk, b, seg, ks, strict)
+def ssd_intra_backward(
+    gqk: Tensor,
+    b: Tensor,
+    seg: Tensor,
+    ks: Tensor | None,
+    gamma: Tensor,
+    v: Tensor,
+    QS: Tensor,
+    dO: Tensor,
+    strict: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """From ``dO`` (the gradient of ``ssd_intra``'s output): ``dQS = gamma dO``, ``d gamma`` (``dO . QS`` per row),
+    ``d gqk``, and with ``X_r = dP_r * gqk * L_r`` its row sums weighted by ``ks`` and its column sums (the pair decays'
+    share of the log-decay gradient and of ``d ks``), and ``dv`` through the pair weights."""
+    _define_intra_ops()
+    return torch.ops.hf_extras.ssd_intra_v1_backward(gqk, b, seg, ks, gamma, v, QS, dO, strict)
+
+
+def ssd_state_writes_backward(dvt: Tensor, v: Tensor, w: Tensor, dv: Tensor) -> Tensor:
+    """Backward of the state writes ``k^T (v * w)``: from ``dvt`` (the gradient of ``v * w``, (..., C, R, Dv)), adds
+    ``w * dvt`` to ``dv`` in place (contiguous, (..., C, R, Dv)) and returns ``dw = sum_d dvt * v`` (..., R, C), with
+    ``w`` (..., R, C) (one weight per head and token). One pass; ``v`` read in place where its rows allow."""
+    _define_intra_ops()
+    return torch.ops.hf_extras.ssd_state_writes_v1_backward(dvt, v, w, dv)

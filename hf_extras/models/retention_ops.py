@@ -64,7 +64,7 @@ This file is copied into saved checkpoints: it must import only torch / math / t
 import torch
 from torch import Tensor
 
-from .mixer_cpu_kernels import kernels_apply, ssd_pair_weights, ssd_pair_weights_backward
+from .mixer_cpu_kernels import kernels_apply, ssd_intra, ssd_intra_backward, ssd_state_writes_backward
 
 __all__ = [
     "decayed_linear_attention",
@@ -633,15 +633,6 @@ class _GroupedChunkwise(torch.autograd.Function):
         R, Dv = v.shape[-2:]
         b, seg, gamma, eps, reset = _scalar_decays(g)
         Gqk = torch.matmul(q, k.transpose(-1, -2))  # (N, B, G, C, C), shared by the group's heads
-        fused = kernels_apply(Gqk)  # float32 on a CPU: the pair weights in one compiled pass (mixer_cpu_kernels)
-        L = None
-        if fused:
-            P = ssd_pair_weights(Gqk, b, seg, ks, strict)  # (N, B, G, R, C, C)
-        else:
-            L = _pair_decays(b, seg, strict)
-            P = Gqk.unsqueeze(3) * L
-            if ks is not None:
-                P = P * ks.unsqueeze(-2)  # column s scaled by the key scale of s
         w = eps if ks is None else eps * ks  # (N, B, G, R, C): a key's weight in the state at the chunk end
         vt = v * w.transpose(-1, -2).unsqueeze(-1)  # (N, B, G, C, R, Dv)
         # across chunks: states[n] enters chunk n. The chunks' writes U_n = k^T vt go straight into slots 1..N and
@@ -655,9 +646,19 @@ class _GroupedChunkwise(torch.autograd.Function):
             st[n + 1].addcmul_(st[n], gs[n])
         states, final = states[:N], states[N].clone()
         QS = torch.matmul(q, states).view(N, B, G, C, R, Dv)  # q S_h, before the decay from the chunk start
-        v_h = v.transpose(-2, -3).contiguous()  # head-major (N, B, G, R, C, Dv) for the per-head products
-        o = torch.empty_like(QS)
-        torch.addcmul(torch.matmul(P, v_h).transpose(-2, -3), QS, gamma.transpose(-1, -2).unsqueeze(-1), out=o)
+        # within chunks: o_h = gamma_h (q S_h) + P_h v_h, P_h = (q k^T) * L_h * ks_h (columns)
+        fused = kernels_apply(Gqk)  # float32 on a CPU: one compiled pass, P never stored (mixer_cpu_kernels)
+        L = P = v_h = None
+        if fused:
+            o = ssd_intra(Gqk, b, seg, ks, gamma, v, QS, strict)
+        else:
+            L = _pair_decays(b, seg, strict)
+            P = Gqk.unsqueeze(3) * L
+            if ks is not None:
+                P = P * ks.unsqueeze(-2)  # column s scaled by the key scale of s
+            v_h = v.transpose(-2, -3).contiguous()  # head-major (N, B, G, R, C, Dv) for the per-head products
+            o = torch.empty_like(QS)
+            torch.addcmul(torch.matmul(P, v_h).transpose(-2, -3), QS, gamma.transpose(-1, -2).unsqueeze(-1), out=o)
         ctx.strict, ctx.fused = strict, fused
         ctx.save_for_backward(q, k, v, v_h, ks, Gqk, P, L, b, seg, gamma, eps, reset, vt, states, QS)
         return o, final
@@ -665,14 +666,33 @@ class _GroupedChunkwise(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, d_final):
+        # in the forward's precision: a backward called under autocast (bf16 mixed precision) must not run these
+        # products in bf16, nor hand bf16 buffers to the float32 kernel
+        with torch.autocast(device_type=do.device.type, enabled=False):
+            return _GroupedChunkwise._backward(ctx, do, d_final)
+
+    @staticmethod
+    def _backward(ctx, do, d_final):
         q, k, v, v_h, ks, Gqk, P, L, b, seg, gamma, eps, reset, vt, states, QS = ctx.saved_tensors
         N, B, G, C, Dk = q.shape
         R, Dv = v.shape[-2:]
         do = do.contiguous()
-        gamma_t = gamma.transpose(-1, -2).unsqueeze(-1)  # (N, B, G, C, R, 1)
-        # inter-chunk output o += gamma * (q S)
-        dQS = (do * gamma_t).view(N, B, G, C, R * Dv)
-        d_gamma = (do * QS).sum(-1).transpose(-1, -2)  # (N, B, G, R, C)
+        # within chunks (and o += gamma * (q S)): dQS, d gamma, d(q k^T), dv through P; X = dP * (q k^T) * L: its
+        # column sums (x_col) and its row sums weighted by ks (z_row) carry the pair decays' share of the log-decay
+        # gradient and of d ks
+        if ctx.fused:
+            dQS, d_gamma, dGqk, z_row, x_col, dv = ssd_intra_backward(Gqk, b, seg, ks, gamma, v, QS, do, ctx.strict)
+            dQS = dQS.view(N, B, G, C, R * Dv)
+        else:
+            dQS = (do * gamma.transpose(-1, -2).unsqueeze(-1)).view(N, B, G, C, R * Dv)
+            d_gamma = (do * QS).sum(-1).transpose(-1, -2)  # (N, B, G, R, C)
+            do_h = do.transpose(-2, -3).contiguous()  # head-major (N, B, G, R, C, Dv)
+            dP = torch.matmul(do_h, v_h.transpose(-1, -2))  # (N, B, G, R, C, C)
+            dv = torch.matmul(P.transpose(-1, -2), do_h).transpose(-2, -3)
+            dGqk = (dP * (L if ks is None else L * ks.unsqueeze(-2))).sum(3)
+            X = dP.mul_(Gqk.unsqueeze(3) * L)
+            x_col = X.sum(-2)
+            z_row = (X if ks is None else X.mul_(ks.unsqueeze(-2))).sum(-1)
         dq = torch.matmul(dQS, states.transpose(-1, -2))
         # the recurrence, last chunk first, in one buffer: slot n holds the gradient reaching S_n from chunk n's
         # outputs (q^T dQS), slot N the final state's; then slot n += a_n * slot n + 1 leaves in slot n + 1 the
@@ -696,21 +716,11 @@ class _GroupedChunkwise(torch.autograd.Function):
         dk = torch.matmul(vt.view(N, B, G, C, R * Dv), dS_next.transpose(-1, -2))
         dvt = torch.matmul(k, dS_next).view(N, B, G, C, R, Dv)
         w = eps if ks is None else eps * ks
-        dw = (dvt * v).sum(-1).transpose(-1, -2)  # (N, B, G, R, C)
-        dv = dvt.mul_(w.transpose(-1, -2).unsqueeze(-1))
-        # intra-chunk: o_h += P_h v_h, P_h = (q k^T) * L_h * ks_h (columns)
-        do_h = do.transpose(-2, -3).contiguous()  # head-major (N, B, G, R, C, Dv)
-        dP = torch.matmul(do_h, v_h.transpose(-1, -2))  # (N, B, G, R, C, C)
-        dv += torch.matmul(P.transpose(-1, -2), do_h).transpose(-2, -3)
-        # X = dP * (q k^T) * L: its column sums (x_col) and its row sums weighted by ks (z_row) carry the pair
-        # decays' share of the log-decay gradient and of d ks
-        if ctx.fused:
-            dGqk, z_row, x_col = ssd_pair_weights_backward(dP, Gqk, b, seg, ks, ctx.strict)
+        if ctx.fused:  # dw and dv += w dvt in one pass
+            dw = ssd_state_writes_backward(dvt, v, w, dv)
         else:
-            dGqk = (dP * (L if ks is None else L * ks.unsqueeze(-2))).sum(3)
-            X = dP.mul_(Gqk.unsqueeze(3) * L)
-            x_col = X.sum(-2)
-            z_row = (X if ks is None else X.mul_(ks.unsqueeze(-2))).sum(-1)
+            dw = (dvt * v).sum(-1).transpose(-1, -2)  # (N, B, G, R, C)
+            dv = dv.addcmul_(dvt, w.transpose(-1, -2).unsqueeze(-1))
         dq += torch.matmul(dGqk, k)
         dk += torch.matmul(dGqk.transpose(-1, -2), q)
         d_ks = None
