@@ -151,7 +151,9 @@ VARIANTS = {  # name -> (model_type, fields on top of the tiny config)
 # float32 noise floor of each comparison. Gated DeltaNet's forward is ill-conditioned at random weights (L2-normalised
 # q/k, per-head RMS norm of the output): fla's own logits move by 1e-5 to 1.3e-4 when its weights are scaled by
 # 1 + 1e-7 noise (12 seeds), and ours stay within 5e-5 of fla's; a wrong convention moves them by 1e-2 or more.
-ATOL = {"retnet": 2e-5, "gla": 2e-5, "gated_deltanet": 1e-4, "mamba2": 2e-5}
+# mamba2: logits up to 11.4 here, and fla's own float32 reference differs from its float64 run by 5.5e-5 (both models
+# keep float32 parts: the gated norm), so 2e-5 sat below the reference's rounding; 1e-4 as for gated_deltanet
+ATOL = {"retnet": 2e-5, "gla": 2e-5, "gated_deltanet": 1e-4, "mamba2": 1e-4}
 OURS = (HfxRetNetForCausalLM, GatedRetentionForCausalLM, HfxGatedDeltaNetForCausalLM, HfxMamba2ForCausalLM)
 
 

@@ -234,16 +234,18 @@ def ssd_inputs(batch=2, seq_len=45, groups=2, heads=4, dk=8, dv=6, seed=0):
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("key_scale", [True, False])
 @pytest.mark.parametrize("documents", [False, True])
-@pytest.mark.parametrize("dv", [6, 64])  # 64 is compiled apart (the accumulator in registers)
-def test_ssd_with_the_intra_kernel_equals_float64_with_gradients(bidirectional, key_scale, documents, dv, monkeypatch):
+@pytest.mark.parametrize("dv, chunk", [(6, 16), (64, 16), (64, 64)])  # Dv 64 and C = Dv = 64 are compiled apart
+def test_ssd_with_the_intra_kernel_equals_float64_with_gradients(
+    bidirectional, key_scale, documents, dv, chunk, monkeypatch
+):
     """float32 (the within-chunk part by the kernel) against float64 (PyTorch): outputs, final state and every
     gradient, with an initial state, odd length, groups, document boundaries and the strict anti-causal pass."""
-    q, k, v, log_decay, dt = ssd_inputs(dv=dv)
+    q, k, v, log_decay, dt = ssd_inputs(seq_len=45 if chunk == 16 else 150, dv=dv)
     S0 = torch.randn(2, 4, 8, dv, dtype=torch.float64)
     reset = None
     if documents:
-        reset = torch.zeros(2, 45, dtype=torch.bool)
-        reset[0, [7, 30]] = True
+        reset = torch.zeros(2, q.shape[1], dtype=torch.bool)
+        reset[0, [7, 30] + ([64, 100] if q.shape[1] > 100 else [])] = True
         reset[1, 44] = True
     calls = []
     real = mixer_cpu_kernels.ssd_intra
@@ -254,7 +256,7 @@ def test_ssd_with_the_intra_kernel_equals_float64_with_gradients(bidirectional, 
         o, final = grouped_decayed_linear_attention(
             *leaves[:4],
             leaves[4] if key_scale else None,
-            chunk_size=16,
+            chunk_size=chunk,
             initial_state=None if bidirectional else leaves[5],
             output_final_state=not bidirectional,
             bidirectional=bidirectional,
@@ -330,8 +332,8 @@ def test_ssd_backward_under_bf16_autocast_stays_in_float32():
 
 @pytest.mark.parametrize("n_groups, batch, seq_len", [(1, 1, 64), (2, 2, 70)])
 def test_mamba2_training_step_with_kernels_equals_the_pytorch_forms(n_groups, batch, seq_len, monkeypatch):
-    """A whole Mamba-2 LM step in float32 with every kernel (conv + SiLU, the SSD's within-chunk part reading x in
-    place inside xBC, the gated norm with D) against `HF_EXTRAS_CPU_KERNEL=0`: loss, logits and every gradient."""
+    """A whole Mamba-2 LM step in float32 with every kernel (the in_proj split + conv + SiLU, the SSD's within-chunk
+    part, the gated norm with D) against `HF_EXTRAS_CPU_KERNEL=0`: loss, logits and every gradient."""
     from hf_extras import HfxMamba2Config, HfxMamba2ForCausalLM
 
     torch.manual_seed(0)
@@ -341,9 +343,9 @@ def test_mamba2_training_step_with_kernels_equals_the_pytorch_forms(n_groups, ba
     )  # fmt: skip
     model = HfxMamba2ForCausalLM(config)
     ids = torch.randint(0, 64, (batch, seq_len))
-    strides = []
-    real = mixer_cpu_kernels._chunk_rows
-    monkeypatch.setattr(mixer_cpu_kernels, "_chunk_rows", lambda v: strides.append(real(v)[1]) or real(v))
+    calls = []
+    real = mixer_cpu_kernels.mamba2_in_conv
+    monkeypatch.setattr("hf_extras.models.modeling_mamba2.mamba2_in_conv", lambda *a: calls.append(1) or real(*a))
 
     def step():
         model.zero_grad()
@@ -352,10 +354,91 @@ def test_mamba2_training_step_with_kernels_equals_the_pytorch_forms(n_groups, ba
         return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     logits_on, grads_on = step()
-    in_place = seq_len % 16 == 0 and batch == n_groups == 1  # x read inside xBC (row stride 64 + 2 * 8)
-    assert strides == ([80] * 6 if in_place else [32] * 6)  # else a copy: 2 heads x 16 per group
+    assert calls == [1, 1]
     monkeypatch.setenv("HF_EXTRAS_CPU_KERNEL", "0")
     logits_off, grads_off = step()
+    assert calls == [1, 1]
     assert rel(logits_on, logits_off) < 1e-5
     for name, grad in grads_off.items():
         assert rel(grads_on[name], grad) < 1e-4, name
+
+
+def test_ssd_kernels_read_values_in_place_from_a_wider_row(monkeypatch):
+    """v as a column slice of a wider token row (Mamba-2's x inside xBC on the padded path), batch 1, one group: the
+    kernels read it in place (row stride of the wide row) and give the same numbers as a contiguous copy."""
+    q, k, v, log_decay, dt = (t.float() for t in ssd_inputs(batch=1, seq_len=64, groups=1, dv=16))
+    wide = torch.cat([v.flatten(2), torch.randn(1, 64, 24)], dim=-1)  # (1, 64, 4 * 16 + 24)
+    strides = []
+    real = mixer_cpu_kernels._chunk_rows
+    monkeypatch.setattr(mixer_cpu_kernels, "_chunk_rows", lambda t: strides.append(real(t)[1]) or real(t))
+
+    def run(values):
+        leaves = [t.clone().requires_grad_() for t in (q, k, log_decay, dt)]
+        values = values.detach().requires_grad_()
+        o, _ = grouped_decayed_linear_attention(
+            leaves[0], leaves[1], values[..., :64].view(1, 64, 4, 16), *leaves[2:], chunk_size=16
+        )
+        return o, torch.autograd.grad(o.square().sum(), [*leaves, values])
+
+    got = run(wide)
+    assert strides == [88] * 4  # the state writes and the within-chunk part, forward and backward
+    expected = run(v.flatten(2))
+    assert torch.equal(got[0], expected[0])
+    for a, b in zip(got[1][:4], expected[1][:4]):
+        assert torch.equal(a, b)
+    assert torch.equal(got[1][4][..., :64], expected[1][4]) and got[1][4][..., 64:].abs().max() == 0
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_mamba2_in_conv_equals_split_then_conv_with_gradients(documents):
+    """`mamba2_in_conv` against the split + conv + SiLU + split it replaces (float64 PyTorch): the five outputs and
+    the gradients of the in_proj output, the taps and the bias, with every output's gradient used."""
+    torch.manual_seed(0)
+    widths = [12, 12, 5, 3]  # z, x, B (= C), dt
+    total = 12 + 12 + 2 * 5 + 3
+    zxbcdt64 = torch.randn(2, 300, total, dtype=torch.float64, requires_grad=True)
+    weight64 = torch.randn(22, 1, 4, dtype=torch.float64, requires_grad=True)
+    bias64 = torch.randn(22, dtype=torch.float64, requires_grad=True)
+    starts = None
+    if documents:
+        starts = torch.zeros(2, 300, dtype=torch.bool)
+        starts[0, [0, 40, 41, 256]] = True
+    z, xbc, dt = zxbcdt64.split([12, 22, 3], dim=-1)
+    conv, _ = causal_depthwise_conv(xbc, weight64, bias64, keep_tail=False, document_starts=starts, activation="silu")
+    reference = (z, *conv.split([12, 5, 5], dim=-1), dt)
+    grads_out = [torch.randn_like(r) for r in reference]
+    expected = torch.autograd.grad(reference, [zxbcdt64, weight64, bias64], grads_out)
+    leaves = [t.detach().float().requires_grad_() for t in (zxbcdt64, weight64, bias64)]
+    got_out = mixer_cpu_kernels.mamba2_in_conv(leaves[0], leaves[1][:, 0, :].t(), leaves[2], widths, starts)
+    got = torch.autograd.grad(got_out, leaves, [g.float() for g in grads_out])
+    for a, b in zip(got_out, reference):
+        assert rel(a, b) < 1e-6
+    for a, b in zip(got, expected):
+        assert rel(a, b) < 1e-6
+
+
+def test_rms_norm_kernel_equals_the_pytorch_norm_with_gradients(monkeypatch):
+    """`RMSNorm` (every block's pre-norm) in float32 by the kernel against its PyTorch form in float64."""
+    from hf_extras.models.norms import RMSNorm
+
+    torch.manual_seed(0)
+    norm64 = RMSNorm(48, eps=1e-5).double()
+    with torch.no_grad():
+        norm64.weight.normal_(1.0, 0.2)
+    x64 = torch.randn(3, 300, 48, dtype=torch.float64, requires_grad=True)
+    reference = norm64(x64)  # float64: the PyTorch form
+    grad_out = torch.randn_like(reference)
+    expected = torch.autograd.grad(reference, [x64, norm64.weight], grad_out)
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(norm64.weight)
+    x = x64.detach().float().requires_grad_()
+    calls = []
+    real = mixer_cpu_kernels.rms_norm
+    monkeypatch.setattr("hf_extras.models.norms.rms_norm", lambda *a: calls.append(1) or real(*a))
+    out = norm(x)
+    got = torch.autograd.grad(out, [x, norm.weight], grad_out.float())
+    assert calls == [1]
+    assert rel(out, reference) < 1e-6
+    for a, b in zip(got, expected):
+        assert rel(a, b) < 1e-6

@@ -34,10 +34,16 @@ static inline float sigm(float x) { return 1.0f / (1.0f + exp2_neg(-1.4426950408
 
 /* ---- causal depthwise conv + SiLU ---- */
 typedef struct {
-    const float *x, *taps, *bias, *gy;
-    float *y, *dx, *dtaps, *dbias, *work;
+    const float *x, *taps, *bias;
+    float *dx, *dtaps, *dbias, *work;
     int64_t batch, T, C, K, sxb, sxt, nsplit, span;
     const uint8_t *starts; /* (batch, T), 1 at a document's first token; NULL: one document per row */
+    /* the output (and its gradient) in up to 3 buffers by channel range: segs[k]..segs[k+1] in ys[k] / gys[k],
+       each (batch, T, width) contiguous; dx with row stride sdx and batch stride sdxb */
+    float *ys[3];
+    const float *gys[3];
+    int64_t segs[4], sdx, sdxb;
+    int nseg;
 } conv_t;
 
 /* xr[j] = the input row tap j reads at token t (t - j), or `zero` before the row or across a document start */
@@ -58,20 +64,22 @@ static inline void tap_rows(const conv_t *a, const float *xb, const uint8_t *st,
    reads `zero`. */
 static inline __attribute__((always_inline)) void conv_fwd_item(const conv_t *a, int64_t it, const float *zero,
                                                                  const int64_t K) {
-    const int64_t C = a->C, T = a->T, sxt = a->sxt;
+    const int64_t C = a->C, T = a->T;
     const int64_t b = it / a->nsplit, t0 = (it % a->nsplit) * a->span, t1 = t0 + a->span < T ? t0 + a->span : T;
     const float *restrict taps = a->taps, *restrict bias = a->bias, *xb = a->x + b * a->sxb;
     const uint8_t *st = a->starts ? a->starts + b * T : 0;
-    (void)sxt;
     for (int64_t t = t0; t < t1; t++) {
         const float *xr[KMAX];
         tap_rows(a, xb, st, t, zero, xr, K);
-        float *restrict yr = a->y + (b * T + t) * C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) {
-            float pre = bias ? bias[c] : 0.0f;
-            for (int64_t j = 0; j < K; j++) pre += taps[(K - 1 - j) * C + c] * xr[j][c];
-            yr[c] = pre * sigm(pre);
+        for (int k = 0; k < a->nseg; k++) {
+            const int64_t c0 = a->segs[k], c1 = a->segs[k + 1];
+            float *restrict yr = a->ys[k] + (b * T + t) * (c1 - c0);
+            #pragma omp simd
+            for (int64_t c = c0; c < c1; c++) {
+                float pre = bias ? bias[c] : 0.0f;
+                for (int64_t j = 0; j < K; j++) pre += taps[(K - 1 - j) * C + c] * xr[j][c];
+                yr[c - c0] = pre * sigm(pre);
+            }
         }
     }
 }
@@ -81,7 +89,7 @@ static inline __attribute__((always_inline)) void conv_fwd_item(const conv_t *a,
    dtaps / dbias take its own tokens only (the K - 1 halo rows after its range are recomputed, not counted). */
 static inline __attribute__((always_inline)) void conv_bwd_item(const conv_t *a, int64_t it, float *ring,
                                                                  const float *zero, const int64_t K) {
-    const int64_t C = a->C, T = a->T, sxt = a->sxt;
+    const int64_t C = a->C, T = a->T;
     const int64_t b = it / a->nsplit, t0 = (it % a->nsplit) * a->span, t1 = t0 + a->span < T ? t0 + a->span : T;
     const int64_t tend = t1 + K - 1 < T ? t1 + K - 1 : T;
     const float *restrict taps = a->taps, *restrict bias = a->bias, *xb = a->x + b * a->sxb;
@@ -90,7 +98,6 @@ static inline __attribute__((always_inline)) void conv_bwd_item(const conv_t *a,
     if (dbias) memset(dbias, 0, C * sizeof(float));
     memset(ring, 0, K * C * sizeof(float));
     const uint8_t *st = a->starts ? a->starts + b * T : 0;
-    (void)sxt;
     for (int64_t t = tend - 1; t >= t0; t--) {
         const float *xr[KMAX], *gr[KMAX];
         tap_rows(a, xb, st, t, zero, xr, K);
@@ -101,29 +108,32 @@ static inline __attribute__((always_inline)) void conv_bwd_item(const conv_t *a,
             gr[j] = valid ? ring + ((t + j) % K) * C : zero;
         }
         float *restrict g = ring + (t % K) * C;
-        const float *restrict gyr = a->gy + (b * T + t) * C;
-        if (t >= t1) {  /* halo: the gradient at the pre-activation only */
+        float *restrict dxr = a->dx + b * a->sdxb + t * a->sdx;
+        for (int k = 0; k < a->nseg; k++) {
+            const int64_t c0 = a->segs[k], c1 = a->segs[k + 1];
+            const float *restrict gyr = a->gys[k] + (b * T + t) * (c1 - c0);
+            if (t >= t1) { /* halo: the gradient at the pre-activation only */
+                #pragma omp simd
+                for (int64_t c = c0; c < c1; c++) {
+                    float pre = bias ? bias[c] : 0.0f;
+                    for (int64_t j = 0; j < K; j++) pre += taps[(K - 1 - j) * C + c] * xr[j][c];
+                    const float s = sigm(pre);
+                    g[c] = gyr[c - c0] * s * (1.0f + pre * (1.0f - s));
+                }
+                continue;
+            }
             #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
+            for (int64_t c = c0; c < c1; c++) {
                 float pre = bias ? bias[c] : 0.0f;
                 for (int64_t j = 0; j < K; j++) pre += taps[(K - 1 - j) * C + c] * xr[j][c];
-                const float s = sigm(pre);
-                g[c] = gyr[c] * s * (1.0f + pre * (1.0f - s));
+                const float s = sigm(pre), gc = gyr[c - c0] * s * (1.0f + pre * (1.0f - s));
+                g[c] = gc;
+                if (dbias) dbias[c] += gc;
+                float d = taps[(K - 1) * C + c] * gc;
+                for (int64_t j = 0; j < K; j++) dtaps[(K - 1 - j) * C + c] += gc * xr[j][c];
+                for (int64_t j = 1; j < K; j++) d += taps[(K - 1 - j) * C + c] * gr[j][c];
+                dxr[c] = d;
             }
-            continue;
-        }
-        float *restrict dxr = a->dx + (b * T + t) * C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) {
-            float pre = bias ? bias[c] : 0.0f;
-            for (int64_t j = 0; j < K; j++) pre += taps[(K - 1 - j) * C + c] * xr[j][c];
-            const float s = sigm(pre), gc = gyr[c] * s * (1.0f + pre * (1.0f - s));
-            g[c] = gc;
-            if (dbias) dbias[c] += gc;
-            float d = taps[(K - 1) * C + c] * gc;
-            for (int64_t j = 0; j < K; j++) dtaps[(K - 1 - j) * C + c] += gc * xr[j][c];
-            for (int64_t j = 1; j < K; j++) d += taps[(K - 1 - j) * C + c] * gr[j][c];
-            dxr[c] = d;
         }
     }
 }
@@ -146,20 +156,39 @@ static void conv_bwd(const void *p, int tid, int nt) {
     }
 }
 
-int hfx_conv_silu_fwd(const float *x, const float *taps, const float *bias, const uint8_t *starts, float *y,
-                      float *work, int64_t batch, int64_t T, int64_t C, int64_t K, int64_t sxb, int64_t sxt,
-                      int64_t nsplit, int nthreads) {
-    conv_t a = {x, taps, bias, 0, y, 0, 0, 0, work, batch, T, C, K, sxb, sxt, nsplit, (T + nsplit - 1) / nsplit,
-                starts};
+static int conv_setup(conv_t *a, const float *x, const float *taps, const float *bias, const uint8_t *starts,
+                      int64_t batch, int64_t T, int64_t C, int64_t K, int64_t sxb, int64_t sxt, int64_t nsplit,
+                      int nseg, const int64_t *widths) {
+    memset(a, 0, sizeof(*a));
+    a->x = x; a->taps = taps; a->bias = bias; a->starts = starts;
+    a->batch = batch; a->T = T; a->C = C; a->K = K; a->sxb = sxb; a->sxt = sxt; a->nsplit = nsplit;
+    a->span = (T + nsplit - 1) / nsplit;
+    if (nseg < 1 || nseg > 3 || K > KMAX) return -1;
+    a->nseg = nseg;
+    for (int k = 0; k < nseg; k++) a->segs[k + 1] = a->segs[k] + widths[k];
+    return a->segs[nseg] == C ? 0 : -1;
+}
+
+/* y in nseg buffers (channel ranges of widths[k]) */
+int hfx_conv_silu_fwd(const float *x, const float *taps, const float *bias, const uint8_t *starts, float *y0,
+                      float *y1, float *y2, const int64_t *widths, int nseg, float *work, int64_t batch, int64_t T,
+                      int64_t C, int64_t K, int64_t sxb, int64_t sxt, int64_t nsplit, int nthreads) {
+    conv_t a;
+    if (conv_setup(&a, x, taps, bias, starts, batch, T, C, K, sxb, sxt, nsplit, nseg, widths)) return -1;
+    a.ys[0] = y0; a.ys[1] = y1; a.ys[2] = y2; a.work = work;
     hfx_parallel(conv_fwd, &a, nthreads);
     return 0;
 }
 
-int hfx_conv_silu_bwd(const float *x, const float *taps, const float *bias, const uint8_t *starts, const float *gy,
-                      float *dx, float *dtaps, float *dbias, float *work, int64_t batch, int64_t T, int64_t C,
+/* gy in nseg buffers; dx written with row stride sdx and batch stride sdxb (e.g. into a wider gradient buffer) */
+int hfx_conv_silu_bwd(const float *x, const float *taps, const float *bias, const uint8_t *starts, const float *gy0,
+                      const float *gy1, const float *gy2, const int64_t *widths, int nseg, float *dx, int64_t sdx,
+                      int64_t sdxb, float *dtaps, float *dbias, float *work, int64_t batch, int64_t T, int64_t C,
                       int64_t K, int64_t sxb, int64_t sxt, int64_t nsplit, int nthreads) {
-    conv_t a = {x, taps, bias, gy, 0, dx, dtaps, dbias, work, batch, T, C, K, sxb, sxt, nsplit,
-                (T + nsplit - 1) / nsplit, starts};
+    conv_t a;
+    if (conv_setup(&a, x, taps, bias, starts, batch, T, C, K, sxb, sxt, nsplit, nseg, widths)) return -1;
+    a.gys[0] = gy0; a.gys[1] = gy1; a.gys[2] = gy2;
+    a.dx = dx; a.sdx = sdx; a.sdxb = sdxb; a.dtaps = dtaps; a.dbias = dbias; a.work = work;
     hfx_parallel(conv_bwd, &a, nthreads);
     return 0;
 }
@@ -206,11 +235,12 @@ static inline void norm_bwd_row(const norm_t *a, int64_t r, float *restrict dw, 
     for (int64_t g = 0; g < G; g++) {
         const int64_t c0 = g * gs, c1 = c0 + gs;
         const float rs = a->rstd[r * G + g];
-        float dot = 0.0f;
+        float dot = 0.0f, srow[gs]; /* the gate's sigmoid, kept for pass 2 */
         /* pass 1: n = u rs, gn = gout w (gate after the norm): dot = sum gn n; n kept in dz, gn in dy */
         #pragma omp simd reduction(+:dot)
         for (int64_t c = c0; c < c1; c++) {
-            const float sz = zr[c] * sigm(zr[c]);
+            const float s = sigm(zr[c]), sz = zr[c] * s;
+            srow[c - c0] = s;
             const float pre = skip ? yr[c] + D[c] * xr[c] : yr[c];
             const float n = (before ? pre : pre * sz) * rs;
             const float gn = go[c] * w[c] * (before ? sz : 1.0f);
@@ -223,7 +253,7 @@ static inline void norm_bwd_row(const norm_t *a, int64_t r, float *restrict dw, 
         /* pass 2: du = rs (gn - n dot), through the gate and the skip */
         #pragma omp simd
         for (int64_t c = c0; c < c1; c++) {
-            const float s = sigm(zr[c]), sz = zr[c] * s, dsz = s * (1.0f + zr[c] * (1.0f - s));
+            const float s = srow[c - c0], sz = zr[c] * s, dsz = s * (1.0f + zr[c] * (1.0f - s));
             const float n = dzr[c], du = rs * (dyr[c] - n * dot);
             float dpre;
             if (before) {
@@ -356,13 +386,148 @@ static inline __attribute__((always_inline)) void intra_fwd_head(const intra_t *
     }
 }
 
+/* ---- C = Dv = 64 (the defaults: chunk 64, Mamba-2 head_dim 64): register-blocked forms of the two heads above,
+   4 rows x 64 columns of accumulators (16 vectors of 16 floats) per step. Same numbers to float rounding. ---- */
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+#define LD(p) (*(const v16u *)(p))
+#define ST(p, x) (*(v16u *)(p) = (x))
+
+/* rows t0..t0+3 of P into pbuf (zeros past each row's last column, up to 64) */
+static inline void pair_rows4(const float *restrict gqk, const float *restrict b, const float *restrict seg,
+                              const float *restrict ks, int64_t t0, int strict, float *restrict pbuf,
+                              float *restrict lbuf) {
+    for (int64_t i = 0; i < 4; i++) {
+        const int64_t t = t0 + i, n = strict ? t : t + 1;
+        pair_row(gqk + t * 64, b, seg, ks, t, n, pbuf + t * 64, lbuf ? lbuf + t * 64 : 0);
+        memset(pbuf + t * 64 + n, 0, (64 - n) * sizeof(float));
+    }
+}
+
+static void intra_fwd_head64(const intra_t *a, int64_t blk, int64_t r, float *restrict pbuf, float *restrict vloc) {
+    const int64_t R = a->R, h = blk * R + r, RD = R * 64;
+    const float *restrict gqk = a->gqk + blk * 4096, *restrict b = a->b + h * 64, *restrict seg = a->seg + h * 64;
+    const float *restrict ks = a->ks ? a->ks + h * 64 : 0, *restrict gamma = a->gamma + h * 64;
+    const float *restrict QS = a->QS + blk * 64 * RD + r * 64;
+    float *restrict o = a->o + blk * 64 * RD + r * 64;
+    gather_rows(a->v + blk * 64 * a->sv + r * 64, a->sv, 64, 64, vloc);
+    for (int64_t t0 = 0; t0 < 64; t0 += 4) {
+        pair_rows4(gqk, b, seg, ks, t0, a->strict, pbuf, 0);
+        v16 acc[4][4];
+        for (int i = 0; i < 4; i++) {
+            const float g = gamma[t0 + i];
+            for (int j = 0; j < 4; j++) acc[i][j] = g * LD(QS + (t0 + i) * RD + 16 * j);
+        }
+        const int64_t smax = t0 + 4;
+        for (int64_t s = 0; s < smax; s++) {
+            const v16 v0 = LD(vloc + s * 64), v1 = LD(vloc + s * 64 + 16), v2 = LD(vloc + s * 64 + 32),
+                      v3 = LD(vloc + s * 64 + 48);
+            for (int i = 0; i < 4; i++) {
+                const float p = pbuf[(t0 + i) * 64 + s];
+                acc[i][0] += p * v0;
+                acc[i][1] += p * v1;
+                acc[i][2] += p * v2;
+                acc[i][3] += p * v3;
+            }
+        }
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) ST(o + (t0 + i) * RD + 16 * j, acc[i][j]);
+    }
+}
+
+static void intra_bwd_head64(const intra_t *a, int64_t blk, int64_t r, float *restrict w) {
+    const int64_t R = a->R, h = blk * R + r, RD = R * 64;
+    float *restrict pbuf = w, *restrict lbuf = pbuf + 4096, *restrict dpbuf = lbuf + 4096, *restrict vt = dpbuf + 4096;
+    float *restrict vloc = vt + 4096, *restrict oloc = vloc + 4096;
+    const float *restrict gqk = a->gqk + blk * 4096, *restrict b = a->b + h * 64, *restrict seg = a->seg + h * 64;
+    const float *restrict ks = a->ks ? a->ks + h * 64 : 0, *restrict gamma = a->gamma + h * 64;
+    const float *restrict QS = a->QS + blk * 64 * RD + r * 64;
+    float *restrict dQS = a->dQS + blk * 64 * RD + r * 64, *restrict dv = a->dv + blk * 64 * RD + r * 64;
+    float *restrict dgqk = a->dgqk + blk * 4096, *restrict xcol = a->xcol + h * 64, *restrict zrow = a->zrow + h * 64;
+    float *restrict dgamma = a->dgamma + h * 64;
+    gather_rows(a->v + blk * 64 * a->sv + r * 64, a->sv, 64, 64, vloc);
+    gather_rows(a->dO + blk * 64 * RD + r * 64, RD, 64, 64, oloc);
+    for (int64_t s = 0; s < 64; s++)
+        for (int64_t d = 0; d < 64; d++) vt[d * 64 + s] = vloc[s * 64 + d];
+    /* dQS, d gamma */
+    for (int64_t t = 0; t < 64; t++) {
+        const float gt = gamma[t], *restrict dot = oloc + t * 64;
+        float dg = 0.0f;
+        #pragma omp simd reduction(+:dg)
+        for (int64_t d = 0; d < 64; d++) {
+            dQS[t * RD + d] = gt * dot[d];
+            dg += dot[d] * QS[t * RD + d];
+        }
+        dgamma[t] = dg;
+    }
+    /* dP = dO v^T, 4 rows at a time over the column vectors that reach the diagonal; P and L rows alongside */
+    for (int64_t t0 = 0; t0 < 64; t0 += 4) {
+        pair_rows4(gqk, b, seg, ks, t0, a->strict, pbuf, lbuf);
+        const int64_t nb = (t0 + 4 + 15) / 16;
+        v16 acc[4][4];
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) acc[i][j] = (v16){0};
+        for (int64_t d = 0; d < 64; d++) {
+            const float o0 = oloc[t0 * 64 + d], o1 = oloc[(t0 + 1) * 64 + d], o2 = oloc[(t0 + 2) * 64 + d],
+                        o3 = oloc[(t0 + 3) * 64 + d];
+            for (int64_t j = 0; j < nb; j++) {
+                const v16 x = LD(vt + d * 64 + 16 * j);
+                acc[0][j] += o0 * x;
+                acc[1][j] += o1 * x;
+                acc[2][j] += o2 * x;
+                acc[3][j] += o3 * x;
+            }
+        }
+        for (int i = 0; i < 4; i++)
+            for (int64_t j = 0; j < nb; j++) ST(dpbuf + (t0 + i) * 64 + 16 * j, acc[i][j]);
+    }
+    /* the pair weights' gradients, row by row */
+    memset(xcol, 0, 64 * sizeof(float));
+    for (int64_t t = 0; t < 64; t++) {
+        const int64_t n = a->strict ? t : t + 1;
+        const float *restrict drow = dpbuf + t * 64, *restrict lrow = lbuf + t * 64, *restrict grow = gqk + t * 64;
+        float *restrict dgrow = dgqk + t * 64;
+        float zr = 0.0f;
+        #pragma omp simd reduction(+:zr)
+        for (int64_t s = 0; s < n; s++) {
+            const float dl = drow[s] * lrow[s], x = dl * grow[s], k = ks ? ks[s] : 1.0f;
+            dgrow[s] += dl * k;
+            xcol[s] += x;
+            zr += x * k;
+        }
+        zrow[t] = zr;
+    }
+    /* dv = P^T dO, 4 rows (columns s of P) at a time over the tokens t >= s */
+    for (int64_t s0 = 0; s0 < 64; s0 += 4) {
+        v16 acc[4][4];
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) acc[i][j] = (v16){0};
+        for (int64_t t = s0; t < 64; t++) {
+            const float *restrict prow = pbuf + t * 64 + s0;
+            const v16 x0 = LD(oloc + t * 64), x1 = LD(oloc + t * 64 + 16), x2 = LD(oloc + t * 64 + 32),
+                      x3 = LD(oloc + t * 64 + 48);
+            for (int i = 0; i < 4; i++) {
+                const float p = prow[i];
+                acc[i][0] += p * x0;
+                acc[i][1] += p * x1;
+                acc[i][2] += p * x2;
+                acc[i][3] += p * x3;
+            }
+        }
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) ST(dv + (s0 + i) * RD + 16 * j, acc[i][j]);
+    }
+}
+
 static void intra_fwd(const void *arg, int tid, int nt) {
     const intra_t *a = (const intra_t *)arg;
-    float *p = a->work + (int64_t)tid * (a->C + a->C * a->Dv), *vloc = p + a->C;
+    const int64_t C = a->C, Dv = a->Dv;
+    float *w = a->work + (int64_t)tid * (C * C + C * Dv + C);
     for (int64_t blk = tid; blk < a->blocks; blk += nt)
         for (int64_t r = 0; r < a->R; r++) {
-            if (a->Dv == 64) intra_fwd_head(a, blk, r, p, vloc, 64);
-            else intra_fwd_head(a, blk, r, p, vloc, a->Dv);
+            if (Dv == 64 && C == 64) intra_fwd_head64(a, blk, r, w, w + 4096);
+            else if (Dv == 64) intra_fwd_head(a, blk, r, w, w + C, 64);
+            else intra_fwd_head(a, blk, r, w, w + C, Dv);
         }
 }
 
@@ -441,11 +606,11 @@ static inline __attribute__((always_inline)) void intra_bwd_head(const intra_t *
 static void intra_bwd(const void *arg, int tid, int nt) {
     const intra_t *a = (const intra_t *)arg;
     const int64_t C = a->C, Dv = a->Dv;
-    float *w = a->work + (int64_t)tid * (C * C + 3 * Dv * C + C);
+    float *w = a->work + (int64_t)tid * (3 * C * C + 3 * Dv * C);
     for (int64_t blk = tid; blk < a->blocks; blk += nt) {
         memset(a->dgqk + blk * C * C, 0, C * C * sizeof(float));
         for (int64_t r = 0; r < a->R; r++) {
-            if (Dv == 64 && C == 64) intra_bwd_head(a, blk, r, w, 64, 64);
+            if (Dv == 64 && C == 64) intra_bwd_head64(a, blk, r, w);
             else intra_bwd_head(a, blk, r, w, Dv, C);
         }
     }
@@ -504,6 +669,161 @@ int hfx_writes_bwd(const float *dvt, const float *v, const float *w, float *dv, 
     hfx_parallel(writes_bwd, &a, nthreads);
     return 0;
 }
+
+/* forward: vt_r[t] = w[r, t] v_r[t] (contiguous, from v read in place) */
+static void writes_fwd(const void *arg, int tid, int nt) {
+    const writes_t *a = (const writes_t *)arg;
+    const int64_t R = a->R, C = a->C, Dv = a->Dv, RD = R * Dv;
+    for (int64_t blk = tid; blk < a->blocks; blk += nt)
+        for (int64_t t = 0; t < C; t++)
+            for (int64_t r = 0; r < R; r++) {
+                const float *restrict v = a->v + (blk * C + t) * a->sv + r * Dv;
+                float *restrict vt = a->dv + (blk * C + t) * RD + r * Dv;
+                const float wt = a->w[(blk * R + r) * C + t];
+                #pragma omp simd
+                for (int64_t d = 0; d < Dv; d++) vt[d] = wt * v[d];
+            }
+}
+
+int hfx_writes_fwd(const float *v, const float *w, float *vt, int64_t blocks, int64_t R, int64_t C, int64_t Dv,
+                   int64_t sv, int nthreads) {
+    writes_t a = {0, v, w, vt, 0, blocks, R, C, Dv, sv};
+    hfx_parallel(writes_fwd, &a, nthreads);
+    return 0;
+}
+
+/* ---- SSD across chunks: S_{n+1} += a_n S_n in place over the (N + 1, BG, Dk, R, Dv) state buffer (slot n + 1 holds
+   chunk n's writes on entry), a_n one decay per head (ge (N, BG, R)); and its backward over the gradient buffer dS
+   (slot n: the gradient reaching S_n from chunk n's outputs, slot N: the final state's), last chunk first:
+   dge[n] = <dS[n + 1], S_n> per head, then dS[n] += a_n dS[n + 1]. One work item per (batch row, group, head). */
+typedef struct {
+    float *S;
+    const float *st, *ge;
+    float *dge;
+    int64_t N, BG, Dk, R, Dv;
+} chunks_t;
+
+static void chunks_fwd(const void *arg, int tid, int nt) {
+    const chunks_t *a = (const chunks_t *)arg;
+    const int64_t BG = a->BG, Dk = a->Dk, R = a->R, Dv = a->Dv, slot = BG * Dk * R * Dv;
+    for (int64_t it = tid; it < BG * R; it += nt) {
+        const int64_t bg = it / R, r = it % R;
+        for (int64_t n = 0; n < a->N; n++) {
+            const float g = a->ge[(n * BG + bg) * R + r];
+            for (int64_t k = 0; k < Dk; k++) {
+                const float *restrict prev = a->S + n * slot + ((bg * Dk + k) * R + r) * Dv;
+                float *restrict cur = a->S + (n + 1) * slot + ((bg * Dk + k) * R + r) * Dv;
+                #pragma omp simd
+                for (int64_t d = 0; d < Dv; d++) cur[d] += g * prev[d];
+            }
+        }
+    }
+}
+
+static void chunks_bwd(const void *arg, int tid, int nt) {
+    const chunks_t *a = (const chunks_t *)arg;
+    const int64_t BG = a->BG, Dk = a->Dk, R = a->R, Dv = a->Dv, slot = BG * Dk * R * Dv;
+    for (int64_t it = tid; it < BG * R; it += nt) {
+        const int64_t bg = it / R, r = it % R;
+        for (int64_t n = a->N - 1; n >= 0; n--) {
+            const float g = a->ge[(n * BG + bg) * R + r];
+            float acc = 0.0f;
+            for (int64_t k = 0; k < Dk; k++) {
+                const int64_t off = ((bg * Dk + k) * R + r) * Dv;
+                const float *restrict next = a->S + (n + 1) * slot + off, *restrict s = a->st + n * slot + off;
+                float *restrict cur = a->S + n * slot + off;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t d = 0; d < Dv; d++) {
+                    acc += next[d] * s[d];
+                    cur[d] += g * next[d];
+                }
+            }
+            a->dge[(n * BG + bg) * R + r] = acc;
+        }
+    }
+}
+
+int hfx_chunks_fwd(float *S, const float *ge, int64_t N, int64_t BG, int64_t Dk, int64_t R, int64_t Dv,
+                   int nthreads) {
+    chunks_t a = {S, 0, ge, 0, N, BG, Dk, R, Dv};
+    hfx_parallel(chunks_fwd, &a, nthreads);
+    return 0;
+}
+
+int hfx_chunks_bwd(float *dS, const float *st, const float *ge, float *dge, int64_t N, int64_t BG, int64_t Dk,
+                   int64_t R, int64_t Dv, int nthreads) {
+    chunks_t a = {dS, st, ge, dge, N, BG, Dk, R, Dv};
+    hfx_parallel(chunks_bwd, &a, nthreads);
+    return 0;
+}
+
+/* ---- RMS norm (the blocks' pre-norm): out = w x rsqrt(mean(x^2) + eps), rows of I, the reciprocal RMS saved ---- */
+typedef struct {
+    const float *x, *w, *gout, *rstd;
+    float *out, *rs_out, *dx, *dw;
+    int64_t rows, I, nitems;
+    float eps;
+} rms_t;
+
+static void rms_fwd(const void *p, int tid, int nt) {
+    const rms_t *a = (const rms_t *)p;
+    const int64_t I = a->I, per = (a->rows + a->nitems - 1) / a->nitems;
+    const float *restrict w = a->w;
+    for (int64_t it = tid; it < a->nitems; it += nt) {
+        const int64_t r1 = (it + 1) * per < a->rows ? (it + 1) * per : a->rows;
+        for (int64_t r = it * per; r < r1; r++) {
+            const float *restrict xr = a->x + r * I;
+            float *restrict o = a->out + r * I;
+            float ss = 0.0f;
+            #pragma omp simd reduction(+:ss)
+            for (int64_t c = 0; c < I; c++) ss += xr[c] * xr[c];
+            const float rs = 1.0f / sqrtf(ss / (float)I + a->eps);
+            a->rs_out[r] = rs;
+            #pragma omp simd
+            for (int64_t c = 0; c < I; c++) o[c] = w[c] * (xr[c] * rs);
+        }
+    }
+}
+
+static void rms_bwd(const void *p, int tid, int nt) {
+    const rms_t *a = (const rms_t *)p;
+    const int64_t I = a->I, per = (a->rows + a->nitems - 1) / a->nitems;
+    const float *restrict w = a->w;
+    for (int64_t it = tid; it < a->nitems; it += nt) {
+        float *restrict dw = a->dw + it * I;
+        memset(dw, 0, I * sizeof(float));
+        const int64_t r1 = (it + 1) * per < a->rows ? (it + 1) * per : a->rows;
+        for (int64_t r = it * per; r < r1; r++) {
+            const float *restrict xr = a->x + r * I, *restrict go = a->gout + r * I;
+            float *restrict dxr = a->dx + r * I;
+            const float rs = a->rstd[r];
+            float dot = 0.0f;
+            #pragma omp simd reduction(+:dot)
+            for (int64_t c = 0; c < I; c++) {
+                const float n = xr[c] * rs;
+                dw[c] += go[c] * n;
+                dot += go[c] * w[c] * n;
+            }
+            dot /= (float)I;
+            #pragma omp simd
+            for (int64_t c = 0; c < I; c++) dxr[c] = rs * (go[c] * w[c] - xr[c] * rs * dot);
+        }
+    }
+}
+
+int hfx_rms_fwd(const float *x, const float *w, float *out, float *rs, int64_t rows, int64_t I, int64_t nitems,
+                float eps, int nthreads) {
+    rms_t a = {x, w, 0, 0, out, rs, 0, 0, rows, I, nitems, eps};
+    hfx_parallel(rms_fwd, &a, nthreads);
+    return 0;
+}
+
+int hfx_rms_bwd(const float *x, const float *w, const float *rstd, const float *gout, float *dx, float *dw,
+                int64_t rows, int64_t I, int64_t nitems, int nthreads) {
+    rms_t a = {x, w, gout, rstd, 0, 0, dx, dw, rows, I, nitems, 0.0f};
+    hfx_parallel(rms_bwd, &a, nthreads);
+    return 0;
+}
 """
 )
 
@@ -516,15 +836,21 @@ def load_kernel() -> ctypes.CDLL | None:
         lib = build_library("mixer_kernels", _SOURCE, "CPU mixer kernels")
         if lib is not None:
             p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-            lib.hfx_conv_silu_fwd.argtypes = [p] * 6 + [i64] * 7 + [i32]
-            lib.hfx_conv_silu_bwd.argtypes = [p] * 9 + [i64] * 7 + [i32]
+            lib.hfx_conv_silu_fwd.argtypes = [p] * 8 + [i32, p] + [i64] * 7 + [i32]
+            lib.hfx_conv_silu_bwd.argtypes = [p] * 8 + [i32, p, i64, i64, p, p, p] + [i64] * 7 + [i32]
             lib.hfx_norm_fwd.argtypes = [p] * 7 + [i64] * 6 + [f32, i32, i32]
             lib.hfx_norm_bwd.argtypes = [p] * 12 + [i64] * 6 + [i32, i32]
             lib.hfx_intra_fwd.argtypes = [p] * 9 + [i64] * 5 + [i32, i32]
             lib.hfx_intra_bwd.argtypes = [p] * 15 + [i64] * 5 + [i32, i32]
             lib.hfx_writes_bwd.argtypes = [p] * 5 + [i64] * 5 + [i32]
+            lib.hfx_writes_fwd.argtypes = [p] * 3 + [i64] * 5 + [i32]
+            lib.hfx_chunks_fwd.argtypes = [p] * 2 + [i64] * 5 + [i32]
+            lib.hfx_chunks_bwd.argtypes = [p] * 4 + [i64] * 5 + [i32]
+            lib.hfx_rms_fwd.argtypes = [p] * 4 + [i64] * 3 + [f32, i32]
+            lib.hfx_rms_bwd.argtypes = [p] * 6 + [i64] * 3 + [i32]
             fns = (lib.hfx_conv_silu_fwd, lib.hfx_conv_silu_bwd, lib.hfx_norm_fwd, lib.hfx_norm_bwd)
-            for fn in (*fns, lib.hfx_intra_fwd, lib.hfx_intra_bwd, lib.hfx_writes_bwd):
+            ssd = (lib.hfx_intra_fwd, lib.hfx_intra_bwd, lib.hfx_writes_fwd, lib.hfx_writes_bwd)
+            for fn in (*fns, *ssd, lib.hfx_chunks_fwd, lib.hfx_chunks_bwd, lib.hfx_rms_fwd, lib.hfx_rms_bwd):
                 fn.restype = i32
         _LIB["lib"] = lib
     return _LIB["lib"]
@@ -581,50 +907,79 @@ def _items(seq_len: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _conv_forward(
+    x: Tensor, taps: Tensor, bias: Tensor | None, starts: Tensor | None, widths: list[int]
+) -> list[Tensor]:
+    """The conv + SiLU of ``x`` (read in place where its rows allow), written as one tensor per channel range."""
+    x, sxt = _rows_view(x)
+    batch, seq_len, channels = x.shape
+    outs = [x.new_empty(batch, seq_len, w) for w in widths]
+    taps = taps.contiguous()
+    threads = torch.get_num_threads()
+    zero = x.new_zeros(threads, channels)  # the input before the first token
+    sizes = (ctypes.c_int64 * len(widths))(*widths)
+    ys = [_ptr(y) for y in outs] + [None] * (3 - len(outs))
+    rc = load_kernel().hfx_conv_silu_fwd(
+        _ptr(x), _ptr(taps), _ptr(bias), _byte_ptr(starts), *ys, sizes, len(widths), _ptr(zero), batch, seq_len,
+        channels, taps.shape[0], x.stride(0), sxt, _items(seq_len), threads,
+    )  # fmt: skip
+    _check(rc, "conv forward")
+    return outs
+
+
+def _conv_backward_into(
+    x: Tensor, taps: Tensor, bias: Tensor | None, starts: Tensor | None, gys: list[Tensor], dx: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Backward of ``_conv_forward`` from the outputs' gradients ``gys``: writes ``dx`` (any row stride, e.g. a column
+    slice of a wider gradient) and returns the taps' and bias' gradients."""
+    x, sxt = _rows_view(x)
+    batch, seq_len, channels = x.shape
+    if dx.stride(-1) != 1 or (batch > 1 and dx.stride(0) != seq_len * dx.stride(1)):
+        raise ValueError("the conv kernel writes dx rows with one stride")
+    kernel = taps.shape[0]
+    nsplit = _items(seq_len)
+    threads = torch.get_num_threads()
+    taps = taps.contiguous()
+    gys = [g.contiguous() for g in gys]
+    dtaps = x.new_empty(batch * nsplit, kernel, channels)
+    dbias = x.new_empty(batch * nsplit, channels)
+    work = x.new_zeros(threads, kernel + 1, channels)  # a ring of kernel rows and a zero row per thread
+    sizes = (ctypes.c_int64 * len(gys))(*(g.shape[-1] for g in gys))
+    pointers = [_ptr(g) for g in gys] + [None] * (3 - len(gys))
+    rc = load_kernel().hfx_conv_silu_bwd(
+        _ptr(x), _ptr(taps), _ptr(bias), _byte_ptr(starts), *pointers, sizes, len(gys), _ptr(dx), dx.stride(1),
+        dx.stride(0), _ptr(dtaps), _ptr(dbias), _ptr(work), batch, seq_len, channels, kernel, x.stride(0), sxt,
+        nsplit, threads,
+    )  # fmt: skip
+    _check(rc, "conv backward")
+    return dtaps.sum(0), dbias.sum(0)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"hf_extras CPU kernel: {what} refused its arguments (code {rc})")
+
+
 def _define_ops() -> None:
     """Define the operators once per process (a checkpoint's copy of this file may be imported as well)."""
-    if hasattr(torch.ops.hf_extras, "conv_silu_v2"):
+    if hasattr(torch.ops.hf_extras, "conv_silu_v3"):
         return
 
-    @torch.library.custom_op("hf_extras::conv_silu_v2", mutates_args=())
+    @torch.library.custom_op("hf_extras::conv_silu_v3", mutates_args=())
     def _conv_silu(x: Tensor, taps: Tensor, bias: Tensor | None, starts: Tensor | None) -> Tensor:
-        x, sxt = _rows_view(x)
-        batch, seq_len, channels = x.shape
-        y = x.new_empty(batch, seq_len, channels)
-        taps = taps.contiguous()
-        threads = torch.get_num_threads()
-        zero = x.new_zeros(threads, channels)  # the input before the first token
-        load_kernel().hfx_conv_silu_fwd(
-            _ptr(x), _ptr(taps), _ptr(bias), _byte_ptr(starts), _ptr(y), _ptr(zero), batch, seq_len, channels,
-            taps.shape[0],
-            x.stride(0), sxt, _items(seq_len), threads,
-        )  # fmt: skip
-        return y
+        return _conv_forward(x, taps, bias, starts, [x.shape[-1]])[0]
 
     @_conv_silu.register_fake
     def _(x, taps, bias, starts):
         return x.new_empty(x.shape)
 
-    @torch.library.custom_op("hf_extras::conv_silu_v2_backward", mutates_args=())
+    @torch.library.custom_op("hf_extras::conv_silu_v3_backward", mutates_args=())
     def _conv_silu_backward(
         x: Tensor, taps: Tensor, bias: Tensor | None, starts: Tensor | None, gy: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        x, sxt = _rows_view(x)
-        batch, seq_len, channels = x.shape
-        kernel = taps.shape[0]
-        nsplit = _items(seq_len)
-        threads = torch.get_num_threads()
-        taps, gy = taps.contiguous(), gy.contiguous()
-        dx = torch.empty_like(gy)
-        dtaps = x.new_empty(batch * nsplit, kernel, channels)
-        dbias = x.new_empty(batch * nsplit, channels)
-        work = x.new_zeros(threads, kernel + 1, channels)  # a ring of kernel rows and a zero row per thread
-        load_kernel().hfx_conv_silu_bwd(
-            _ptr(x), _ptr(taps), _ptr(bias), _byte_ptr(starts), _ptr(gy), _ptr(dx), _ptr(dtaps), _ptr(dbias),
-            _ptr(work),
-            batch, seq_len, channels, kernel, x.stride(0), sxt, nsplit, threads,
-        )  # fmt: skip
-        return dx, dtaps.sum(0), dbias.sum(0)
+        dx = x.new_empty(x.shape)
+        dtaps, dbias = _conv_backward_into(x, taps, bias, starts, [gy], dx)
+        return dx, dtaps, dbias
 
     @_conv_silu_backward.register_fake
     def _(x, taps, bias, starts, gy):
@@ -637,10 +992,83 @@ def _define_ops() -> None:
 
     def _conv_backward(ctx, gy):
         x, taps, bias, starts = ctx.saved_tensors
-        dx, dtaps, dbias = torch.ops.hf_extras.conv_silu_v2_backward(x, taps, bias, starts, gy)
+        dx, dtaps, dbias = torch.ops.hf_extras.conv_silu_v3_backward(x, taps, bias, starts, gy)
         return dx, dtaps, (dbias if ctx.has_bias else None), None
 
     _conv_silu.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+    # Mamba-2's in_proj output -> (z, x, B, C, dt): the conv (+ SiLU) of xBC read in place and written as three
+    # tensors, z and dt copied out; the backward writes one gradient for the whole in_proj output (no concatenation)
+    @torch.library.custom_op("hf_extras::mamba2_in_conv_v1", mutates_args=())
+    def _in_conv(
+        zxbcdt: Tensor, taps: Tensor, bias: Tensor | None, starts: Tensor | None, widths: list[int]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        z_width, x_width, bc_width, _ = widths
+        conv_end = z_width + x_width + 2 * bc_width
+        x, B, C = _conv_forward(zxbcdt[..., z_width:conv_end], taps, bias, starts, [x_width, bc_width, bc_width])
+        copy = torch.contiguous_format  # always a copy: an output must not alias the input (one token: a view)
+        return (
+            zxbcdt[..., :z_width].clone(memory_format=copy),
+            x,
+            B,
+            C,
+            zxbcdt[..., conv_end:].clone(memory_format=copy),
+        )
+
+    @_in_conv.register_fake
+    def _(zxbcdt, taps, bias, starts, widths):
+        batch, seq_len, _ = zxbcdt.shape
+        return tuple(
+            zxbcdt.new_empty(batch, seq_len, w) for w in (widths[0], widths[1], widths[2], widths[2], widths[3])
+        )
+
+    @torch.library.custom_op("hf_extras::mamba2_in_conv_v1_backward", mutates_args=())
+    def _in_conv_backward(
+        zxbcdt: Tensor,
+        taps: Tensor,
+        bias: Tensor | None,
+        starts: Tensor | None,
+        widths: list[int],
+        dz: Tensor,
+        dx: Tensor,
+        dB: Tensor,
+        dC: Tensor,
+        ddt: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        z_width, x_width, bc_width, _ = widths
+        conv_end = z_width + x_width + 2 * bc_width
+        grad = zxbcdt.new_empty(zxbcdt.shape)
+        grad[..., :z_width].copy_(dz)
+        grad[..., conv_end:].copy_(ddt)
+        dtaps, dbias = _conv_backward_into(
+            zxbcdt[..., z_width:conv_end], taps, bias, starts, [dx, dB, dC], grad[..., z_width:conv_end]
+        )
+        return grad, dtaps, dbias
+
+    @_in_conv_backward.register_fake
+    def _(zxbcdt, taps, bias, starts, widths, dz, dx, dB, dC, ddt):
+        return zxbcdt.new_empty(zxbcdt.shape), taps.new_empty(taps.shape), taps.new_empty(taps.shape[-1])
+
+    def _in_conv_setup(ctx, inputs, output):
+        zxbcdt, taps, bias, starts, widths = inputs
+        ctx.save_for_backward(zxbcdt, taps, bias, starts)
+        ctx.widths, ctx.has_bias = widths, bias is not None
+
+    def _in_conv_grad(ctx, dz, dx, dB, dC, ddt):
+        zxbcdt, taps, bias, starts = ctx.saved_tensors
+        batch, seq_len, _ = zxbcdt.shape
+        grads = [
+            g if g is not None else zxbcdt.new_zeros(batch, seq_len, w)
+            for g, w in zip(
+                (dz, dx, dB, dC, ddt), (ctx.widths[0], ctx.widths[1], ctx.widths[2], ctx.widths[2], ctx.widths[3])
+            )
+        ]
+        grad, dtaps, dbias = torch.ops.hf_extras.mamba2_in_conv_v1_backward(
+            zxbcdt, taps, bias, starts, ctx.widths, *grads
+        )
+        return grad, dtaps, (dbias if ctx.has_bias else None), None, None
+
+    _in_conv.register_autograd(_in_conv_grad, setup_context=_in_conv_setup)
 
     @torch.library.custom_op("hf_extras::gated_rms_norm_v1", mutates_args=())
     def _gated_norm(
@@ -719,7 +1147,7 @@ def conv_silu(x: Tensor, taps: Tensor, bias: Tensor | None, document_starts: Ten
     ``kernels_apply``."""
     _define_ops()
     starts = document_starts.to(torch.uint8).contiguous() if document_starts is not None else None
-    return torch.ops.hf_extras.conv_silu_v2(x, taps, bias, starts)
+    return torch.ops.hf_extras.conv_silu_v3(x, taps, bias, starts)
 
 
 def gated_rms_norm(
@@ -765,7 +1193,7 @@ def _intra(
     ks = ks.contiguous() if ks is not None else None
     o = v.new_empty(v.shape)
     threads = torch.get_num_threads()
-    work = v.new_empty(threads, C + C * Dv)
+    work = v.new_empty(threads, C * C + C * Dv + C)
     blocks = b.numel() // (R * C) if C else 0
     load_kernel().hfx_intra_fwd(
         _ptr(gqk), _ptr(b), _ptr(seg), _ptr(ks), _ptr(gamma), _ptr(v), _ptr(QS), _ptr(o), _ptr(work),
@@ -795,7 +1223,7 @@ def _intra_backward(
     dgamma, zrow, xcol = torch.empty_like(b), torch.empty_like(b), torch.empty_like(b)
     dgqk = torch.empty_like(gqk)
     threads = torch.get_num_threads()
-    work = v.new_empty(threads, C * C + 3 * Dv * C + C)
+    work = v.new_empty(threads, 3 * C * C + 3 * Dv * C)
     blocks = b.numel() // (R * C) if C else 0
     load_kernel().hfx_intra_bwd(
         _ptr(gqk), _ptr(b), _ptr(seg), _ptr(ks), _ptr(gamma), _ptr(v), _ptr(QS), _ptr(dO), _ptr(dQS),
@@ -803,6 +1231,44 @@ def _intra_backward(
         threads,
     )  # fmt: skip
     return dQS, dgamma, dgqk, zrow, xcol, dv
+
+
+def _chunks(states: Tensor, ge: Tensor) -> None:
+    """``ssd_chunk_states`` by the kernel."""
+    N1, *_, Dk, RDv = states.shape
+    N, R = ge.shape[0], ge.shape[-1]
+    if not states.is_contiguous():
+        raise ValueError("ssd_chunk_states: the state buffer must be contiguous (it is updated in place)")
+    ge = ge.contiguous()
+    BG = ge.numel() // (N * R) if N * R else 0
+    load_kernel().hfx_chunks_fwd(_ptr(states), _ptr(ge), N, BG, Dk, R, RDv // R, torch.get_num_threads())
+
+
+def _chunks_backward(dS: Tensor, states: Tensor, ge: Tensor) -> Tensor:
+    """``ssd_chunk_states_backward`` by the kernel."""
+    *_, Dk, RDv = dS.shape
+    N, R = ge.shape[0], ge.shape[-1]
+    if not dS.is_contiguous():
+        raise ValueError("ssd_chunk_states_backward: the gradient buffer must be contiguous (it is updated in place)")
+    ge, states = ge.contiguous(), states.contiguous()
+    BG = ge.numel() // (N * R) if N * R else 0
+    d_ge = ge.new_empty(ge.shape)
+    load_kernel().hfx_chunks_bwd(
+        _ptr(dS), _ptr(states), _ptr(ge), _ptr(d_ge), N, BG, Dk, R, RDv // R, torch.get_num_threads()
+    )
+    return d_ge
+
+
+def _writes(v: Tensor, w: Tensor) -> Tensor:
+    """``ssd_state_writes`` by the kernel."""
+    *lead, R, C = w.shape
+    Dv = v.shape[-1]
+    w = w.contiguous()
+    v, sv = _chunk_rows(v)
+    vt = v.new_empty(v.shape)
+    blocks = w.numel() // (R * C) if C else 0
+    load_kernel().hfx_writes_fwd(_ptr(v), _ptr(w), _ptr(vt), blocks, R, C, Dv, sv, torch.get_num_threads())
+    return vt
 
 
 def _writes_backward(dvt: Tensor, v: Tensor, w: Tensor, dv: Tensor) -> Tensor:
@@ -821,6 +1287,52 @@ def _writes_backward(dvt: Tensor, v: Tensor, w: Tensor, dv: Tensor) -> Tensor:
     return dw
 
 
+def _rms(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``rms_norm`` by the kernel: the output and the reciprocal RMS per row."""
+    x = x.contiguous()
+    width = x.shape[-1]
+    rows = x.numel() // width if width else 0
+    out, rstd = x.new_empty(x.shape), x.new_empty(x.shape[:-1])
+    load_kernel().hfx_rms_fwd(
+        _ptr(x), _ptr(weight), _ptr(out), _ptr(rstd), rows, width, _items(rows), eps, torch.get_num_threads()
+    )
+    return out, rstd
+
+
+def _rms_backward(x: Tensor, weight: Tensor, rstd: Tensor, gout: Tensor) -> tuple[Tensor, Tensor]:
+    """``rms_norm``'s backward by the kernel."""
+    x, gout = x.contiguous(), gout.contiguous()
+    width = x.shape[-1]
+    rows = x.numel() // width if width else 0
+    items = _items(rows)
+    dx, dw = x.new_empty(x.shape), x.new_empty(items, width)
+    load_kernel().hfx_rms_bwd(
+        _ptr(x), _ptr(weight), _ptr(rstd), _ptr(gout), _ptr(dx), _ptr(dw), rows, width, items, torch.get_num_threads()
+    )
+    return dx, dw.sum(0)
+
+
+def _define_rms_ops() -> None:
+    """The RMS norm as a differentiable operator (opaque to torch.compile), once per process."""
+    if hasattr(torch.ops.hf_extras, "rms_norm_v1"):
+        return
+    fwd = torch.library.custom_op("hf_extras::rms_norm_v1", _rms, mutates_args=())
+    bwd = torch.library.custom_op("hf_extras::rms_norm_v1_backward", _rms_backward, mutates_args=())
+    fwd.register_fake(lambda x, weight, eps: (x.new_empty(x.shape), x.new_empty(x.shape[:-1])))
+    bwd.register_fake(lambda x, weight, rstd, gout: (x.new_empty(x.shape), weight.new_empty(weight.shape)))
+
+    def setup(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight, output[1])
+
+    def backward(ctx, gout, _grstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.hf_extras.rms_norm_v1_backward(x, weight, rstd, gout)
+        return dx, dw, None
+
+    fwd.register_autograd(backward, setup_context=setup)
+
+
 def _define_intra_ops() -> None:
     """The within-chunk part as operators (opaque to torch.compile inside the SSD's autograd function), once per
     process."""
@@ -829,6 +1341,13 @@ def _define_intra_ops() -> None:
     fwd = torch.library.custom_op("hf_extras::ssd_intra_v1", _intra, mutates_args=())
     bwd = torch.library.custom_op("hf_extras::ssd_intra_v1_backward", _intra_backward, mutates_args=())
     writes = torch.library.custom_op("hf_extras::ssd_state_writes_v1_backward", _writes_backward, mutates_args=("dv",))
+    torch.library.custom_op("hf_extras::ssd_state_writes_v1", _writes, mutates_args=()).register_fake(
+        lambda v, w: v.new_empty(v.shape)
+    )
+    torch.library.custom_op("hf_extras::ssd_chunk_states_v1", _chunks, mutates_args=("states",))
+    torch.library.custom_op(
+        "hf_extras::ssd_chunk_states_v1_backward", _chunks_backward, mutates_args=("dS",)
+    ).register_fake(lambda dS, states, ge: ge.new_empty(ge.shape))
 
     @writes.register_fake
     def _(dvt, v, w, dv):
@@ -881,9 +1400,52 @@ def ssd_intra_backward(
     return torch.ops.hf_extras.ssd_intra_v1_backward(gqk, b, seg, ks, gamma, v, QS, dO, strict)
 
 
+def ssd_chunk_states(states: Tensor, ge: Tensor) -> None:
+    """The recurrence across chunks, in place: ``states`` (N + 1, B, G, Dk, R * Dv) holds in slot n + 1 chunk n's
+    writes on entry and the state leaving chunk n on return (``S_{n+1} += a_n S_n``, slot 0 the initial state);
+    ``ge`` (N, B, G, R) the chunks' decays per head. One pass over the buffer."""
+    _define_intra_ops()
+    torch.ops.hf_extras.ssd_chunk_states_v1(states, ge)
+
+
+def ssd_chunk_states_backward(dS: Tensor, states: Tensor, ge: Tensor) -> Tensor:
+    """Backward of ``ssd_chunk_states``, in place: ``dS`` (N + 1, B, G, Dk, R * Dv) holds in slot n the gradient
+    reaching S_n from chunk n's outputs and in slot N the final state's; on return slot n + 1 holds the gradient of
+    the state leaving chunk n and slot 0 the initial state's. ``states`` (N, ...) the states entering each chunk.
+    Returns the gradient of the chunks' decays, (N, B, G, R)."""
+    _define_intra_ops()
+    return torch.ops.hf_extras.ssd_chunk_states_v1_backward(dS, states, ge)
+
+
+def ssd_state_writes(v: Tensor, w: Tensor) -> Tensor:
+    """``v * w`` (contiguous (..., C, R, Dv)) with ``w`` (..., R, C), one weight per head and token: the values as the
+    state products take them. One pass; ``v`` read in place where its rows allow."""
+    _define_intra_ops()
+    return torch.ops.hf_extras.ssd_state_writes_v1(v, w)
+
+
 def ssd_state_writes_backward(dvt: Tensor, v: Tensor, w: Tensor, dv: Tensor) -> Tensor:
     """Backward of the state writes ``k^T (v * w)``: from ``dvt`` (the gradient of ``v * w``, (..., C, R, Dv)), adds
     ``w * dvt`` to ``dv`` in place (contiguous, (..., C, R, Dv)) and returns ``dw = sum_d dvt * v`` (..., R, C), with
     ``w`` (..., R, C) (one weight per head and token). One pass; ``v`` read in place where its rows allow."""
     _define_intra_ops()
     return torch.ops.hf_extras.ssd_state_writes_v1_backward(dvt, v, w, dv)
+
+
+def mamba2_in_conv(
+    zxbcdt: Tensor, taps: Tensor, bias: Tensor | None, widths: list[int], document_starts: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Mamba-2's ``in_proj`` output ``(z, xBC, dt)`` (widths ``[z, x, B (= C), dt]``) -> ``z, x, B, C, dt`` with
+    ``x, B, C = silu(causal depthwise conv(xBC))`` (taps (kernel, channels), ``document_starts`` as in
+    ``conv_silu``): each a separate contiguous tensor, so that the backward writes one gradient for the whole input
+    instead of autograd concatenating the pieces' gradients twice. Differentiable; callers check ``kernels_apply``."""
+    _define_ops()
+    starts = document_starts.to(torch.uint8).contiguous() if document_starts is not None else None
+    return torch.ops.hf_extras.mamba2_in_conv_v1(zxbcdt, taps, bias, starts, list(widths))
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``weight * x * rsqrt(mean(x^2, -1) + eps)`` in one pass forward and one backward (float32 CPU tensors, the last
+    dim normed). Differentiable; callers check ``kernels_apply``."""
+    _define_rms_ops()
+    return torch.ops.hf_extras.rms_norm_v1(x, weight, eps)[0]

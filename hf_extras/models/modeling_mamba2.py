@@ -38,7 +38,7 @@ from .heads import (
     ForSequenceClassificationHead,
     ForTokenClassificationHead,
 )
-from .mixer_cpu_kernels import gated_rms_norm, kernels_apply
+from .mixer_cpu_kernels import MAX_KERNEL, gated_rms_norm, kernels_apply, mamba2_in_conv
 from .retention_ops import grouped_decayed_linear_attention, pick_mode
 from .seq2seq import ForConditionalGenerationHead
 
@@ -166,6 +166,12 @@ class HfxMamba2Mixer(nn.Module):
         if config.rescale_prenorm_residual:
             init.copy_(self.out_proj.weight, self.out_proj.weight / math.sqrt(config.num_hidden_layers))
 
+    def _in_conv_applies(self, zxbcdt: torch.Tensor) -> bool:
+        """Whether `mamba2_in_conv` (one compiled pass from the in_proj output to z, x, B, C, dt) can run: float32
+        on a CPU, a conv of at most `MAX_KERNEL` taps, at least one token."""
+        weight, bias = self.conv1d.weight, self.conv1d.bias
+        return zxbcdt.shape[1] > 0 and weight.shape[-1] <= MAX_KERNEL and kernels_apply(zxbcdt, weight, bias)
+
     def _heads(self, t: torch.Tensor, width: int) -> torch.Tensor:
         """`(batch, time, groups * width)` -> `(batch, heads, time, width)`, each group repeated for its heads."""
         batch, seq_len, _ = t.shape
@@ -188,28 +194,34 @@ class HfxMamba2Mixer(nn.Module):
         the batch is not packed); a pad reaches no later token through the conv and passes the state (`dt = 0`)."""
         batch, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype
-        z, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        keep = attention_mask[..., None].to(xBC.dtype) if attention_mask is not None else None
-        tail = cache.read_conv(self.layer_idx) if cache is not None else None
-        silu = self.hidden_act == "silu"  # fused with the conv where a compiled kernel applies
-        xBC, new_tail = causal_depthwise_conv(
-            xBC,
-            self.conv1d.weight,
-            self.conv1d.bias,
-            tail,
-            padding_mask=attention_mask,
-            document_starts=document_starts,
-            keep_tail=cache is not None,
-            activation="silu" if silu else None,
-        )
-        if cache is not None:
-            cache.write_conv(self.layer_idx, new_tail, self.conv_kernel_size - 1)
-        if not silu:
-            xBC = self.act(xBC)
-        if keep is not None:
-            xBC = xBC * keep
+        zxbcdt = self.in_proj(hidden_states)
         group_width = self.n_groups * self.ssm_state_size
-        x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
+        keep = attention_mask[..., None].to(zxbcdt.dtype) if attention_mask is not None else None
+        silu = self.hidden_act == "silu"  # fused with the conv where a compiled kernel applies
+        if cache is None and keep is None and silu and self._in_conv_applies(zxbcdt):  # float32 CPU training
+            widths = [self.intermediate_size, self.intermediate_size, group_width, self.num_heads]
+            taps = self.conv1d.weight[:, 0, :].t()
+            z, x, B, C, dt = mamba2_in_conv(zxbcdt, taps, self.conv1d.bias, widths, document_starts)
+        else:
+            z, xBC, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+            tail = cache.read_conv(self.layer_idx) if cache is not None else None
+            xBC, new_tail = causal_depthwise_conv(
+                xBC,
+                self.conv1d.weight,
+                self.conv1d.bias,
+                tail,
+                padding_mask=attention_mask,
+                document_starts=document_starts,
+                keep_tail=cache is not None,
+                activation="silu" if silu else None,
+            )
+            if cache is not None:
+                cache.write_conv(self.layer_idx, new_tail, self.conv_kernel_size - 1)
+            if not silu:
+                xBC = self.act(xBC)
+            if keep is not None:
+                xBC = xBC * keep
+            x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
 
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (batch, time, heads), float32
         if self.time_step_limit != (0.0, float("inf")):

@@ -64,7 +64,15 @@ This file is copied into saved checkpoints: it must import only torch / math / t
 import torch
 from torch import Tensor
 
-from .mixer_cpu_kernels import kernels_apply, ssd_intra, ssd_intra_backward, ssd_state_writes_backward
+from .mixer_cpu_kernels import (
+    kernels_apply,
+    ssd_chunk_states,
+    ssd_chunk_states_backward,
+    ssd_intra,
+    ssd_intra_backward,
+    ssd_state_writes,
+    ssd_state_writes_backward,
+)
 
 __all__ = [
     "decayed_linear_attention",
@@ -634,20 +642,26 @@ class _GroupedChunkwise(torch.autograd.Function):
         b, seg, gamma, eps, reset = _scalar_decays(g)
         Gqk = torch.matmul(q, k.transpose(-1, -2))  # (N, B, G, C, C), shared by the group's heads
         w = eps if ks is None else eps * ks  # (N, B, G, R, C): a key's weight in the state at the chunk end
-        vt = v * w.transpose(-1, -2).unsqueeze(-1)  # (N, B, G, C, R, Dv)
+        fused = kernels_apply(Gqk)  # float32 on a CPU: compiled passes (mixer_cpu_kernels), P never stored
+        if fused:
+            vt = ssd_state_writes(v, w)  # (N, B, G, C, R, Dv), contiguous
+        else:
+            vt = v * w.transpose(-1, -2).unsqueeze(-1)
         # across chunks: states[n] enters chunk n. The chunks' writes U_n = k^T vt go straight into slots 1..N and
         # the recurrence S_{n+1} = U_n + a_n S_n runs in place (elementwise, a scalar decay per head): one buffer
         states = vt.new_empty(N + 1, B, G, Dk, R * Dv)
         states[0] = S0
         torch.matmul(k.transpose(-1, -2), vt.view(N, B, G, C, R * Dv), out=states[1:])
-        ge = gamma[..., -1].view(N, B, G, 1, R, 1)
-        st, gs = states.view(N + 1, B, G, Dk, R, Dv).unbind(0), ge.unbind(0)
-        for n in range(N):
-            st[n + 1].addcmul_(st[n], gs[n])
+        if fused:
+            ssd_chunk_states(states, gamma[..., -1])
+        else:
+            ge = gamma[..., -1].view(N, B, G, 1, R, 1)
+            st, gs = states.view(N + 1, B, G, Dk, R, Dv).unbind(0), ge.unbind(0)
+            for n in range(N):
+                st[n + 1].addcmul_(st[n], gs[n])
         states, final = states[:N], states[N].clone()
         QS = torch.matmul(q, states).view(N, B, G, C, R, Dv)  # q S_h, before the decay from the chunk start
         # within chunks: o_h = gamma_h (q S_h) + P_h v_h, P_h = (q k^T) * L_h * ks_h (columns)
-        fused = kernels_apply(Gqk)  # float32 on a CPU: one compiled pass, P never stored (mixer_cpu_kernels)
         L = P = v_h = None
         if fused:
             o = ssd_intra(Gqk, b, seg, ks, gamma, v, QS, strict)
@@ -703,14 +717,18 @@ class _GroupedChunkwise(torch.autograd.Function):
             dS[N].zero_()
         else:
             dS[N].copy_(d_final.view(B, G, Dk, R * Dv))
-        ge = gamma[..., -1].view(N, B, G, 1, R, 1)
-        ds, gs = dS.view(N + 1, B, G, Dk, R, Dv).unbind(0), ge.unbind(0)
-        st = states.view(N, B, G, Dk, R, Dv).unbind(0)
-        d_ge = []  # gradient of each chunk's decay exp(b_C): <dS_{n+1}, S_n> per head, while both are in cache
-        for n in range(N - 1, -1, -1):
-            d_ge.append((ds[n + 1] * st[n]).sum((-3, -1)))
-            ds[n].addcmul_(ds[n + 1], gs[n])
-        d_ge = torch.stack(d_ge[::-1])  # (N, B, G, R)
+        # d_ge: gradient of each chunk's decay exp(b_C), <dS_{n+1}, S_n> per head, while both are in cache
+        if ctx.fused:
+            d_ge = ssd_chunk_states_backward(dS, states, gamma[..., -1])  # (N, B, G, R)
+        else:
+            ge = gamma[..., -1].view(N, B, G, 1, R, 1)
+            ds, gs = dS.view(N + 1, B, G, Dk, R, Dv).unbind(0), ge.unbind(0)
+            st = states.view(N, B, G, Dk, R, Dv).unbind(0)
+            d_ge = []
+            for n in range(N - 1, -1, -1):
+                d_ge.append((ds[n + 1] * st[n]).sum((-3, -1)))
+                ds[n].addcmul_(ds[n + 1], gs[n])
+            d_ge = torch.stack(d_ge[::-1])  # (N, B, G, R)
         dS_next, dS0 = dS[1:], dS[0]
         # state writes U = k^T vt
         dk = torch.matmul(vt.view(N, B, G, C, R * Dv), dS_next.transpose(-1, -2))
