@@ -435,6 +435,27 @@ static void intra_fwd_head64(const intra_t *a, int64_t blk, int64_t r, float *re
     }
 }
 
+/* rows t0..t0+3 of dP = dO v^T over the first NB column vectors (NB a literal at the call) */
+static inline __attribute__((always_inline)) void dp_rows4(const float *restrict oloc, const float *restrict vt,
+                                                           int64_t t0, float *restrict dpbuf, const int NB) {
+    v16 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < NB; j++) acc[i][j] = (v16){0};
+    for (int64_t d = 0; d < 64; d++) {
+        const float o0 = oloc[t0 * 64 + d], o1 = oloc[(t0 + 1) * 64 + d], o2 = oloc[(t0 + 2) * 64 + d],
+                    o3 = oloc[(t0 + 3) * 64 + d];
+        for (int j = 0; j < NB; j++) {
+            const v16 x = LD(vt + d * 64 + 16 * j);
+            acc[0][j] += o0 * x;
+            acc[1][j] += o1 * x;
+            acc[2][j] += o2 * x;
+            acc[3][j] += o3 * x;
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < NB; j++) ST(dpbuf + (t0 + i) * 64 + 16 * j, acc[i][j]);
+}
+
 static void intra_bwd_head64(const intra_t *a, int64_t blk, int64_t r, float *restrict w) {
     const int64_t R = a->R, h = blk * R + r, RD = R * 64;
     float *restrict pbuf = w, *restrict lbuf = pbuf + 4096, *restrict dpbuf = lbuf + 4096, *restrict vt = dpbuf + 4096;
@@ -463,23 +484,12 @@ static void intra_bwd_head64(const intra_t *a, int64_t blk, int64_t r, float *re
     /* dP = dO v^T, 4 rows at a time over the column vectors that reach the diagonal; P and L rows alongside */
     for (int64_t t0 = 0; t0 < 64; t0 += 4) {
         pair_rows4(gqk, b, seg, ks, t0, a->strict, pbuf, lbuf);
-        const int64_t nb = (t0 + 4 + 15) / 16;
-        v16 acc[4][4];
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < 4; j++) acc[i][j] = (v16){0};
-        for (int64_t d = 0; d < 64; d++) {
-            const float o0 = oloc[t0 * 64 + d], o1 = oloc[(t0 + 1) * 64 + d], o2 = oloc[(t0 + 2) * 64 + d],
-                        o3 = oloc[(t0 + 3) * 64 + d];
-            for (int64_t j = 0; j < nb; j++) {
-                const v16 x = LD(vt + d * 64 + 16 * j);
-                acc[0][j] += o0 * x;
-                acc[1][j] += o1 * x;
-                acc[2][j] += o2 * x;
-                acc[3][j] += o3 * x;
-            }
+        switch ((t0 + 4 + 15) / 16) { /* a literal count of column vectors: the accumulators stay in registers */
+            case 1: dp_rows4(oloc, vt, t0, dpbuf, 1); break;
+            case 2: dp_rows4(oloc, vt, t0, dpbuf, 2); break;
+            case 3: dp_rows4(oloc, vt, t0, dpbuf, 3); break;
+            default: dp_rows4(oloc, vt, t0, dpbuf, 4); break;
         }
-        for (int i = 0; i < 4; i++)
-            for (int64_t j = 0; j < nb; j++) ST(dpbuf + (t0 + i) * 64 + 16 * j, acc[i][j]);
     }
     /* the pair weights' gradients, row by row */
     memset(xcol, 0, 64 * sizeof(float));
