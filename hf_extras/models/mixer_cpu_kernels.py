@@ -1,21 +1,23 @@
-"""Fused CPU kernels for the memory-bound parts around a mixer's scan: the causal depthwise conv with its SiLU, and
-Mamba-2's gated RMS norm with the ``D`` skip folded in. C, compiled on first use by ``cpu_kernel_build``.
+"""Fused CPU kernels for the memory-bound parts of the recurrent mixers. C, compiled on first use by
+``cpu_kernel_build``, called as ``torch.library`` operators (opaque to ``torch.compile``).
 
-Why: in PyTorch each is a chain of array-sized passes. The conv is ``kernel`` shifted multiply-adds and a SiLU
-forward, twice as many passes backward; the norm with its skip is ~8 passes forward and ~15 backward. Each kernel
-here reads its inputs once and writes its outputs once, per token row (the conv's few earlier rows stay in L1), and
-recomputes what the backward needs (the conv's pre-activation, the norm's input) instead of storing it. Measured in
-the Mamba-2 benchmark (``benchmarks/mamba2_vs_transformers.py``): see the README.
+Why: in PyTorch each of these is a chain of array-sized passes over memory; each kernel reads its inputs once and
+writes its outputs once, a token row (or a chunk of one head) at a time, and recomputes what its backward needs
+instead of storing it. Measured in the Mamba-2 benchmark (``benchmarks/mamba2_vs_transformers.py``): see the README.
 
-* conv: ``y = silu(bias + sum_j taps[K-1-j] * x[t-j])`` from a zero start (the training form of
-  ``conv_ops._CausalConv``); ``x`` may be a column slice of a wider row (Mamba-2's ``xBC`` inside the ``in_proj``
-  output) and is read in place.
-* norm: ``out = weight * rms_g(u) [* silu(z)]`` with ``u = (y + D x) [* silu(z)]`` (gate before or after the norm),
-  RMS over groups of channels, the per-(token, group) reciprocal RMS saved for the backward.
+* conv: ``y = silu(bias + sum_j taps[K-1-j] * x[t-j])`` from a zero start, a tap never reading across a document
+  start (the training form of ``conv_ops.causal_depthwise_conv``); ``x`` may be a column slice of a wider row, read in
+  place; the output may be written as up to three tensors by channel range (``mamba2_in_conv``: Mamba-2's in_proj
+  output to z, x, B, C, dt with one gradient written for the whole in_proj output).
+* gated norm: ``out = weight * rms_g(u) [* silu(z)]`` with ``u = (y + D x) [* silu(z)]`` (gate before or after the
+  norm), RMS over groups of channels; and the plain RMS norm of every block.
+* SSD (``retention_ops._GroupedChunkwise``): the within-chunk part (pair weights ``(q k^T) * exp(b_t - b_s) * ks_s``
+  computed on the fly, never stored; a register-blocked form for chunk = head_dim = 64), the values' weights, and the
+  recurrence across chunks. The state products stay PyTorch matmuls.
 
-Work is split over (batch row, range of tokens) items; the per-channel gradient sums (conv taps and bias, the norm's
-weight and ``D``) are written as one partial sum per item and added by torch in a fixed order, so results do not
-depend on the thread count. Float32 only; callers check ``kernels_apply`` and keep their PyTorch forms otherwise.
+Work is split into fixed items (ranges of tokens, chunks, heads); per-channel gradient sums are written as one partial
+sum per item and added by torch in a fixed order, so results do not depend on the thread count. Float32 CPU tensors
+only (``_ptr`` refuses anything else); callers check ``kernels_apply`` and keep their PyTorch forms otherwise.
 
 This file is copied into saved checkpoints: it imports only torch and the standard library.
 """
