@@ -4,7 +4,7 @@ conv, Mamba's conv1d, Gated DeltaNet's and Mamba-2's convs)."""
 import torch
 import torch.nn.functional as F
 
-from .mixer_cpu_kernels import MAX_KERNEL, conv_silu, kernels_apply
+from .mixer_cpu_kernels import conv_kernel_applies, conv_silu
 from .packing import document_ids, has_interior_pads
 
 
@@ -43,7 +43,7 @@ def causal_depthwise_conv(
     if padding_mask is not None:
         x = x * padding_mask[..., None].to(x.dtype)
     if tail is None and not keep_tail and activation == "silu":  # training: no cache
-        if (padding_mask is None or not has_interior_pads(padding_mask)) and _fused_applies(x, weight, bias):
+        if (padding_mask is None or not has_interior_pads(padding_mask)) and conv_kernel_applies(x, weight, bias):
             return conv_silu(x, weight[:, 0, :].t(), bias, document_starts), None
     if padding_mask is not None and has_interior_pads(padding_mask):
         y, new_tail = _conv_over_real_tokens(x, weight, bias, tail, padding_mask, document_starts, keep_tail)
@@ -52,8 +52,32 @@ def causal_depthwise_conv(
     return (F.silu(y) if activation == "silu" else y), new_tail
 
 
-def _fused_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return weight.shape[-1] <= MAX_KERNEL and x.shape[1] > 0 and kernels_apply(x, weight, bias)
+def cached_causal_conv(
+    x: torch.Tensor,
+    conv1d: torch.nn.Conv1d,
+    cache,
+    layer_idx: int,
+    *,
+    padding_mask: torch.Tensor | None = None,
+    document_starts: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """`causal_depthwise_conv` with a mixer's `nn.Conv1d` through its layer's conv slot of a `RecurrentCache`: the
+    previous tail is read and the new one written (no cache: training, from a zero start, nothing kept)."""
+    tail = cache.read_conv(layer_idx) if cache is not None else None
+    y, new_tail = causal_depthwise_conv(
+        x,
+        conv1d.weight,
+        conv1d.bias,
+        tail,
+        padding_mask=padding_mask,
+        document_starts=document_starts,
+        keep_tail=cache is not None,
+        activation=activation,
+    )
+    if cache is not None:
+        cache.write_conv(layer_idx, new_tail, conv1d.weight.shape[-1] - 1)
+    return y
 
 
 def _conv(x, weight, bias, tail, padding_mask, document_starts, keep_tail):

@@ -548,10 +548,9 @@ static void intra_fwd(const void *arg, int tid, int nt) {
    dP[t, s] = dO_r[t] . v_r[s] (a whole row of C at once against v_r transposed, vt (Dv, C));
    dgqk[t, s] += dP L ks[s]; X = dP gqk L: xcol[s] = sum_t X, zrow[t] = sum_s X ks[s];
    dv_r[s] = sum_{t >= s} P[t, s] dO_r[t] (P kept in pbuf (C, C) from the row pass).
-   Dv and C are literals at the call for 64 (the row of dP and the dv accumulator in registers). */
-static inline __attribute__((always_inline)) void intra_bwd_head(const intra_t *a, int64_t blk, int64_t r,
-                                                                  float *restrict w, const int64_t Dv,
-                                                                  const int64_t C) {
+   The general shapes; C = Dv = 64 runs intra_bwd_head64. */
+static void intra_bwd_head(const intra_t *a, int64_t blk, int64_t r, float *restrict w, const int64_t Dv,
+                           const int64_t C) {
     const int64_t R = a->R, h = blk * R + r, RD = R * Dv;
     float *restrict pbuf = w, *restrict vt = pbuf + C * C, *restrict vloc = vt + Dv * C, *restrict oloc = vloc + C * Dv;
     float *restrict lrow = oloc + C * Dv;
@@ -881,6 +880,13 @@ def kernels_apply(*tensors: Tensor | None) -> bool:
     )
 
 
+def conv_kernel_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the conv kernels (``conv_silu``, ``mamba2_in_conv``) can run on input ``x`` (batch, time, channels)
+    with an ``nn.Conv1d`` depthwise ``weight`` / ``bias``: at least one token, at most ``MAX_KERNEL`` taps, float32 CPU
+    tensors, kernels enabled and built."""
+    return x.shape[1] > 0 and weight.shape[-1] <= MAX_KERNEL and kernels_apply(x, weight, bias)
+
+
 def _ptr(t: Tensor | None):
     """The address of a float32 CPU tensor's data (the kernels read raw float32 memory: anything else is refused)."""
     if t is None:
@@ -972,10 +978,23 @@ def _check(rc: int, what: str) -> None:
         raise RuntimeError(f"hf_extras CPU kernel: {what} refused its arguments (code {rc})")
 
 
+_DEFINED = []  # non-empty once this module's copy has checked that the operators exist
+
+
 def _define_ops() -> None:
-    """Define the operators once per process (a checkpoint's copy of this file may be imported as well)."""
-    if hasattr(torch.ops.hf_extras, "conv_silu_v3"):
+    """Define every operator of this file once per process (a checkpoint's copy of this file may be imported as
+    well, and finds them defined)."""
+    if _DEFINED:
         return
+    if not hasattr(torch.ops.hf_extras, "conv_silu_v3"):
+        _define_conv_norm_ops()
+        _define_rms_ops()
+        _define_ssd_ops()
+    _DEFINED.append(True)
+
+
+def _define_conv_norm_ops() -> None:
+    """The conv + SiLU, Mamba-2's in_proj split + conv, and the gated norm, each with its autograd."""
 
     @torch.library.custom_op("hf_extras::conv_silu_v3", mutates_args=())
     def _conv_silu(x: Tensor, taps: Tensor, bias: Tensor | None, starts: Tensor | None) -> Tensor:
@@ -1325,9 +1344,7 @@ def _rms_backward(x: Tensor, weight: Tensor, rstd: Tensor, gout: Tensor) -> tupl
 
 
 def _define_rms_ops() -> None:
-    """The RMS norm as a differentiable operator (opaque to torch.compile), once per process."""
-    if hasattr(torch.ops.hf_extras, "rms_norm_v1"):
-        return
+    """The RMS norm with its autograd."""
     fwd = torch.library.custom_op("hf_extras::rms_norm_v1", _rms, mutates_args=())
     bwd = torch.library.custom_op("hf_extras::rms_norm_v1_backward", _rms_backward, mutates_args=())
     fwd.register_fake(lambda x, weight, eps: (x.new_empty(x.shape), x.new_empty(x.shape[:-1])))
@@ -1345,11 +1362,8 @@ def _define_rms_ops() -> None:
     fwd.register_autograd(backward, setup_context=setup)
 
 
-def _define_intra_ops() -> None:
-    """The within-chunk part as operators (opaque to torch.compile inside the SSD's autograd function), once per
-    process."""
-    if hasattr(torch.ops.hf_extras, "ssd_intra_v1"):
-        return
+def _define_ssd_ops() -> None:
+    """The SSD pieces (called inside `retention_ops._GroupedChunkwise`'s forward and backward: no autograd)."""
     fwd = torch.library.custom_op("hf_extras::ssd_intra_v1", _intra, mutates_args=())
     bwd = torch.library.custom_op("hf_extras::ssd_intra_v1_backward", _intra_backward, mutates_args=())
     writes = torch.library.custom_op("hf_extras::ssd_state_writes_v1_backward", _writes_backward, mutates_args=("dv",))
@@ -1390,7 +1404,7 @@ def ssd_intra(
     on the fly, never stored. gqk (..., C, C) is shared by the R heads of a group; b, seg, ks, gamma (..., R, C); v, QS
     and the output (..., C, R, Dv) (token rows, heads side by side). Not differentiable:
     ``retention_ops._GroupedChunkwise`` calls it in its forward and ``ssd_intra_backward`` in its backward."""
-    _define_intra_ops()
+    _define_ops()
     return torch.ops.hf_extras.ssd_intra_v1(gqk, b, seg, ks, gamma, v, QS, strict)
 
 
@@ -1408,7 +1422,7 @@ def ssd_intra_backward(
     """From ``dO`` (the gradient of ``ssd_intra``'s output): ``dQS = gamma dO``, ``d gamma`` (``dO . QS`` per row),
     ``d gqk``, and with ``X_r = dP_r * gqk * L_r`` its row sums weighted by ``ks`` and its column sums (the pair decays'
     share of the log-decay gradient and of ``d ks``), and ``dv`` through the pair weights."""
-    _define_intra_ops()
+    _define_ops()
     return torch.ops.hf_extras.ssd_intra_v1_backward(gqk, b, seg, ks, gamma, v, QS, dO, strict)
 
 
@@ -1416,7 +1430,7 @@ def ssd_chunk_states(states: Tensor, ge: Tensor) -> None:
     """The recurrence across chunks, in place: ``states`` (N + 1, B, G, Dk, R * Dv) holds in slot n + 1 chunk n's
     writes on entry and the state leaving chunk n on return (``S_{n+1} += a_n S_n``, slot 0 the initial state);
     ``ge`` (N, B, G, R) the chunks' decays per head. One pass over the buffer."""
-    _define_intra_ops()
+    _define_ops()
     torch.ops.hf_extras.ssd_chunk_states_v1(states, ge)
 
 
@@ -1425,14 +1439,14 @@ def ssd_chunk_states_backward(dS: Tensor, states: Tensor, ge: Tensor) -> Tensor:
     reaching S_n from chunk n's outputs and in slot N the final state's; on return slot n + 1 holds the gradient of
     the state leaving chunk n and slot 0 the initial state's. ``states`` (N, ...) the states entering each chunk.
     Returns the gradient of the chunks' decays, (N, B, G, R)."""
-    _define_intra_ops()
+    _define_ops()
     return torch.ops.hf_extras.ssd_chunk_states_v1_backward(dS, states, ge)
 
 
 def ssd_state_writes(v: Tensor, w: Tensor) -> Tensor:
     """``v * w`` (contiguous (..., C, R, Dv)) with ``w`` (..., R, C), one weight per head and token: the values as the
     state products take them. One pass; ``v`` read in place where its rows allow."""
-    _define_intra_ops()
+    _define_ops()
     return torch.ops.hf_extras.ssd_state_writes_v1(v, w)
 
 
@@ -1440,7 +1454,7 @@ def ssd_state_writes_backward(dvt: Tensor, v: Tensor, w: Tensor, dv: Tensor) -> 
     """Backward of the state writes ``k^T (v * w)``: from ``dvt`` (the gradient of ``v * w``, (..., C, R, Dv)), adds
     ``w * dvt`` to ``dv`` in place (contiguous, (..., C, R, Dv)) and returns ``dw = sum_d dvt * v`` (..., R, C), with
     ``w`` (..., R, C) (one weight per head and token). One pass; ``v`` read in place where its rows allow."""
-    _define_intra_ops()
+    _define_ops()
     return torch.ops.hf_extras.ssd_state_writes_v1_backward(dvt, v, w, dv)
 
 
@@ -1459,5 +1473,5 @@ def mamba2_in_conv(
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``weight * x * rsqrt(mean(x^2, -1) + eps)`` in one pass forward and one backward (float32 CPU tensors, the last
     dim normed). Differentiable; callers check ``kernels_apply``."""
-    _define_rms_ops()
+    _define_ops()
     return torch.ops.hf_extras.rms_norm_v1(x, weight, eps)[0]

@@ -21,7 +21,7 @@ from transformers import initialization as init
 
 from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_gated_deltanet import GatedDeltaNetConfig
-from .conv_ops import causal_depthwise_conv
+from .conv_ops import cached_causal_conv
 from .delta_ops import gated_delta_rule, pick_mode
 from .fla_delta_dispatch import fla_gated_delta_rule
 from .heads import (
@@ -169,19 +169,15 @@ class GatedDeltaNetMixer(nn.Module):
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         if self.conv_size > 0:  # pads and earlier documents never reach a token through the conv window
             qkv = torch.cat([q, k, v], dim=-1)
-            tail = cache.read_conv(self.layer_idx) if cache is not None else None
-            mixed, new_tail = causal_depthwise_conv(
+            mixed = cached_causal_conv(
                 qkv,
-                self.conv1d.weight,
-                None,
-                tail,
+                self.conv1d,
+                cache,
+                self.layer_idx,
                 padding_mask=attention_mask,
                 document_starts=starts,
-                keep_tail=cache is not None,
                 activation="silu",
             )
-            if cache is not None:
-                cache.write_conv(self.layer_idx, new_tail, self.conv_size - 1)
             q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         elif self.silu_without_conv:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)

@@ -17,7 +17,7 @@ from transformers.activations import ACT2FN
 
 from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_mamba import HfxMambaConfig
-from .conv_ops import causal_depthwise_conv
+from .conv_ops import cached_causal_conv
 from .heads import (
     ForCausalLMHead,
     ForMaskedLMHead,
@@ -104,20 +104,16 @@ class HfxMambaMixer(nn.Module):
         dtype = hidden_states.dtype
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         keep = attention_mask[..., None].to(x.dtype) if attention_mask is not None else None
-        tail = cache.read_conv(self.layer_idx) if cache is not None else None
         silu = self.hidden_act == "silu"  # fused with the conv where a compiled kernel applies
-        x, new_tail = causal_depthwise_conv(
+        x = cached_causal_conv(
             x,
-            self.conv1d.weight,
-            self.conv1d.bias,
-            tail,
+            self.conv1d,
+            cache,
+            self.layer_idx,
             padding_mask=attention_mask,
             document_starts=document_starts,
-            keep_tail=cache is not None,
             activation="silu" if silu else None,
         )
-        if cache is not None:
-            cache.write_conv(self.layer_idx, new_tail, self.conv_kernel_size - 1)
         if not silu:
             x = self.act(x)
         if keep is not None:

@@ -29,7 +29,7 @@ from transformers.activations import ACT2FN
 
 from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_mamba2 import HfxMamba2Config
-from .conv_ops import causal_depthwise_conv
+from .conv_ops import cached_causal_conv
 from .fla_dispatch import fla_available, fla_decayed_linear_attention
 from .heads import (
     ForCausalLMHead,
@@ -38,7 +38,7 @@ from .heads import (
     ForSequenceClassificationHead,
     ForTokenClassificationHead,
 )
-from .mixer_cpu_kernels import MAX_KERNEL, gated_rms_norm, kernels_apply, mamba2_in_conv
+from .mixer_cpu_kernels import conv_kernel_applies, gated_rms_norm, kernels_apply, mamba2_in_conv
 from .retention_ops import grouped_decayed_linear_attention, pick_mode
 from .seq2seq import ForConditionalGenerationHead
 
@@ -166,12 +166,6 @@ class HfxMamba2Mixer(nn.Module):
         if config.rescale_prenorm_residual:
             init.copy_(self.out_proj.weight, self.out_proj.weight / math.sqrt(config.num_hidden_layers))
 
-    def _in_conv_applies(self, zxbcdt: torch.Tensor) -> bool:
-        """Whether `mamba2_in_conv` (one compiled pass from the in_proj output to z, x, B, C, dt) can run: float32
-        on a CPU, a conv of at most `MAX_KERNEL` taps, at least one token."""
-        weight, bias = self.conv1d.weight, self.conv1d.bias
-        return zxbcdt.shape[1] > 0 and weight.shape[-1] <= MAX_KERNEL and kernels_apply(zxbcdt, weight, bias)
-
     def _heads(self, t: torch.Tensor, width: int) -> torch.Tensor:
         """`(batch, time, groups * width)` -> `(batch, heads, time, width)`, each group repeated for its heads."""
         batch, seq_len, _ = t.shape
@@ -198,25 +192,22 @@ class HfxMamba2Mixer(nn.Module):
         group_width = self.n_groups * self.ssm_state_size
         keep = attention_mask[..., None].to(zxbcdt.dtype) if attention_mask is not None else None
         silu = self.hidden_act == "silu"  # fused with the conv where a compiled kernel applies
-        if cache is None and keep is None and silu and self._in_conv_applies(zxbcdt):  # float32 CPU training
+        conv = self.conv1d
+        if cache is None and keep is None and silu and conv_kernel_applies(zxbcdt, conv.weight, conv.bias):  # training
             widths = [self.intermediate_size, self.intermediate_size, group_width, self.num_heads]
             taps = self.conv1d.weight[:, 0, :].t()
             z, x, B, C, dt = mamba2_in_conv(zxbcdt, taps, self.conv1d.bias, widths, document_starts)
         else:
             z, xBC, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-            tail = cache.read_conv(self.layer_idx) if cache is not None else None
-            xBC, new_tail = causal_depthwise_conv(
+            xBC = cached_causal_conv(
                 xBC,
-                self.conv1d.weight,
-                self.conv1d.bias,
-                tail,
+                self.conv1d,
+                cache,
+                self.layer_idx,
                 padding_mask=attention_mask,
                 document_starts=document_starts,
-                keep_tail=cache is not None,
                 activation="silu" if silu else None,
             )
-            if cache is not None:
-                cache.write_conv(self.layer_idx, new_tail, self.conv_kernel_size - 1)
             if not silu:
                 xBC = self.act(xBC)
             if keep is not None:

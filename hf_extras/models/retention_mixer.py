@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_ops import causal_depthwise_conv
+from .conv_ops import cached_causal_conv
 from .fla_dispatch import fla_decayed_linear_attention
 from .norms import RMSNorm
 from .packing import log_decay_with_padding, padding_touches_state
@@ -69,19 +69,15 @@ class RetentionMixer(nn.Module):
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         if self.conv_size > 0:  # pads and earlier documents never reach a token through the conv window
             qkv = torch.cat([q, k, v], dim=-1)
-            tail = cache.read_conv(self.layer_idx) if cache is not None else None
-            mixed, new_tail = causal_depthwise_conv(
+            mixed = cached_causal_conv(
                 qkv,
-                self.conv1d.weight,
-                None,
-                tail,
+                self.conv1d,
+                cache,
+                self.layer_idx,
                 padding_mask=attention_mask,
                 document_starts=document_starts,
-                keep_tail=cache is not None,
                 activation="silu",
             )
-            if cache is not None:
-                cache.write_conv(self.layer_idx, new_tail, self.conv_size - 1)
             q, k, v = mixed.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
         return q, k, v
 

@@ -58,7 +58,8 @@ document starting at ``r`` is cut off from the one before it by a zero decay at 
 alone). A ``-inf`` log decay is taken literally in both directions (``a_r = 0``), which does not
 separate documents in the anti-causal pass: for bidirectional packed rows pass ``reset``.
 
-This file is copied into saved checkpoints: it must import only torch / math / typing.
+This file is copied into saved checkpoints: it imports only torch and ``mixer_cpu_kernels`` (the compiled CPU kernels
+of the grouped SSD, itself torch and the standard library only).
 """
 
 import torch

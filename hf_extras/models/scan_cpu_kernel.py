@@ -48,7 +48,7 @@ typedef struct {
     const uint8_t *reset;
     float *y, *h_last, *ckpt, *dx, *ddt, *dB, *dC, *dA, *dh0, *work;
     int64_t batch, T, D, Dp, N, K, nblk, nck;
-    int nthreads, tid;
+    int tid;
 } args_t;
 
 /* States are [n][j] in a block (j: the block's BLOCK channels), so the inner loops run over channels: the decays
@@ -171,31 +171,17 @@ static void bwd_item(const args_t *a, int64_t item) {
         }
 }
 
-static void *run_fwd(void *p) {
-    const args_t *a = (const args_t *)p;
-    for (int64_t i = a->tid; i < a->batch * a->nblk; i += a->nthreads) fwd_item(a, i);
-    return NULL;
+/* hfx_parallel workers: a private copy of the arguments with this thread's id (bwd_item's work buffer) */
+static void run_fwd(const void *p, int tid, int nt) {
+    args_t a = *(const args_t *)p;
+    a.tid = tid;
+    for (int64_t i = tid; i < a.batch * a.nblk; i += nt) fwd_item(&a, i);
 }
 
-static void *run_bwd(void *p) {
-    const args_t *a = (const args_t *)p;
-    for (int64_t i = a->tid; i < a->batch * a->nblk; i += a->nthreads) bwd_item(a, i);
-    return NULL;
-}
-
-static int launch(args_t *base, void *(*fn)(void *)) {
-    int nt = base->nthreads;
-    if (nt > 64) nt = 64;
-    if (nt < 1) nt = 1;
-    base->nthreads = nt;
-    args_t args[64];
-    pthread_t threads[64];
-    for (int i = 0; i < nt; i++) { args[i] = *base; args[i].tid = i; }
-    for (int i = 1; i < nt; i++)
-        if (pthread_create(&threads[i], NULL, fn, &args[i]) != 0) return -1;
-    fn(&args[0]);
-    for (int i = 1; i < nt; i++) pthread_join(threads[i], NULL);
-    return 0;
+static void run_bwd(const void *p, int tid, int nt) {
+    args_t a = *(const args_t *)p;
+    a.tid = tid;
+    for (int64_t i = tid; i < a.batch * a.nblk; i += nt) bwd_item(&a, i);
 }
 
 int hfx_scan_fwd(const float *x, const float *dt, const float *A2t, const float *B, const float *C, const float *h0,
@@ -206,8 +192,9 @@ int hfx_scan_fwd(const float *x, const float *dt, const float *A2t, const float 
     a.x = x; a.dt = dt; a.A2t = A2t; a.B = B; a.C = C; a.h0 = h0; a.reset = reset;
     a.y = y; a.h_last = h_last; a.ckpt = ckpt;
     a.batch = batch; a.T = T; a.D = D; a.N = N; a.K = K; a.nblk = (D + BLOCK - 1) / BLOCK; a.Dp = a.nblk * BLOCK;
-    a.nck = (T + K - 1) / K; a.nthreads = nthreads;
-    return launch(&a, run_fwd);
+    a.nck = (T + K - 1) / K;
+    hfx_parallel(run_fwd, &a, nthreads);
+    return 0;
 }
 
 int hfx_scan_bwd(const float *x, const float *dt, const float *A2t, const float *At, const float *B, const float *C,
@@ -220,8 +207,9 @@ int hfx_scan_bwd(const float *x, const float *dt, const float *A2t, const float 
     a.ckpt = (float *)ckpt; a.gy = gy; a.gh = gh;
     a.dx = dx; a.ddt = ddt; a.dB = dB; a.dC = dC; a.dA = dA; a.dh0 = dh0; a.work = work;
     a.batch = batch; a.T = T; a.D = D; a.N = N; a.K = K; a.nblk = (D + BLOCK - 1) / BLOCK; a.Dp = a.nblk * BLOCK;
-    a.nck = (T + K - 1) / K; a.nthreads = nthreads;
-    return launch(&a, run_bwd);
+    a.nck = (T + K - 1) / K;
+    hfx_parallel(run_bwd, &a, nthreads);
+    return 0;
 }
 """.replace("@BLOCK@", str(BLOCK))
 )
@@ -313,7 +301,7 @@ def kernel_forward(
         D,
         N,
         CHECKPOINT,
-        torch.get_num_threads(),
+        max(1, min(torch.get_num_threads(), batch * -(-D // BLOCK))),  # at most one thread per work item
     )
     _check(rc, "forward")
     return y, h_last, ckpt
