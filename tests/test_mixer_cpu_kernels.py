@@ -53,7 +53,14 @@ def conv_reference(x, weight, bias):
 
 @pytest.mark.parametrize(
     "batch, seq_len, channels, kernel, bias",
-    [(1, 300, 40, 4, True), (2, 129, 24, 3, False), (3, 5, 16, 4, True), (1, 1, 8, 4, True), (2, 70, 8, 2, True)],
+    [
+        (1, 300, 40, 4, True),
+        (2, 300, 48, 4, True),  # channels a multiple of 16: the register-blocked K = 4 form, two work items
+        (2, 129, 24, 3, False),
+        (3, 5, 16, 4, True),
+        (1, 1, 8, 4, True),
+        (2, 70, 8, 2, True),
+    ],
 )
 def test_conv_silu_equals_conv1d_and_silu_with_gradients(batch, seq_len, channels, kernel, bias):
     """Read in place from a column slice of a wider row (Mamba-2's xBC inside in_proj's output)."""
@@ -78,12 +85,13 @@ def test_conv_silu_equals_conv1d_and_silu_with_gradients(batch, seq_len, channel
         assert rel(g, e) < 1e-6
 
 
-def test_conv_silu_does_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("channels", [24, 32])  # 32: the register-blocked K = 4 form
+def test_conv_silu_does_not_depend_on_the_thread_count(channels):
     """Per-item partial sums of the taps' gradient, added by torch in a fixed order: bit-identical for 1 or 2."""
     torch.manual_seed(0)
-    x = torch.randn(2, 300, 24, requires_grad=True)
-    taps, bias = torch.randn(4, 24, requires_grad=True), torch.randn(24, requires_grad=True)
-    grad_out = torch.randn(2, 300, 24)
+    x = torch.randn(2, 300, channels, requires_grad=True)
+    taps, bias = torch.randn(4, channels, requires_grad=True), torch.randn(channels, requires_grad=True)
+    grad_out = torch.randn(2, 300, channels)
     results = []
     for n in (1, 2):
         with threads(n):
@@ -115,16 +123,19 @@ def test_causal_conv_fuses_silu_only_where_the_kernel_applies(monkeypatch):
         causal_depthwise_conv(x, weight, bias, activation="gelu")
 
 
-@pytest.mark.parametrize("kernel", [2, 4, 5])
-def test_conv_kernel_stops_at_document_starts_with_gradients(kernel):
+@pytest.mark.parametrize("kernel, channels", [(2, 10), (4, 10), (5, 10), (4, 32)])  # (4, 32): the blocked form
+def test_conv_kernel_stops_at_document_starts_with_gradients(kernel, channels):
     """Packed documents: the kernel (float32) equals the PyTorch conv's document masks (float64), outputs and every
-    gradient, with starts closer together than the window, at the first token, and at an item boundary (256)."""
+    gradient, with starts closer together than the window, at the first token, at an item boundary (two items of 150
+    tokens) and at or up to two tokens past the ends of the blocked form's runs of 64 tokens (forward: from 0 and 150;
+    backward: down from 153 and 300)."""
     torch.manual_seed(0)
-    x64 = torch.randn(2, 300, 10, dtype=torch.float64)
-    weight64, bias64 = torch.randn(10, 1, kernel, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    x64 = torch.randn(2, 300, channels, dtype=torch.float64)
+    weight64 = torch.randn(channels, 1, kernel, dtype=torch.float64)
+    bias64 = torch.randn(channels, dtype=torch.float64)
     starts = torch.zeros(2, 300, dtype=torch.bool)
-    starts[0, [0, 5, 6, 8, 100, 256, 257]] = True
-    starts[1, [3, 255, 299]] = True
+    starts[0, [0, 5, 6, 8, 26, 64, 89, 100, 150, 151, 174]] = True
+    starts[1, [3, 25, 91, 128, 154, 172, 214, 236, 255, 299]] = True
     leaves64 = [t.clone().requires_grad_() for t in (x64, weight64, bias64)]
     reference, _ = causal_depthwise_conv(*leaves64, keep_tail=False, document_starts=starts, activation="silu")
     grad_out = torch.randn_like(reference)
@@ -135,8 +146,8 @@ def test_conv_kernel_stops_at_document_starts_with_gradients(kernel):
     assert rel(y, reference) < 1e-6
     for g, e in zip(got, expected):
         assert rel(g, e) < 1e-6
-    alone, _ = causal_depthwise_conv(leaves[0][:1, 100:256], *leaves[1:], keep_tail=False, activation="silu")
-    torch.testing.assert_close(y[:1, 100:256], alone, rtol=0, atol=0)  # a document alone: the same numbers
+    alone, _ = causal_depthwise_conv(leaves[0][:1, 100:150], *leaves[1:], keep_tail=False, activation="silu")
+    torch.testing.assert_close(y[:1, 100:150], alone, rtol=0, atol=0)  # a document alone: the same numbers
 
 
 def test_conv_kernel_keeps_pads_out_of_real_tokens():
@@ -390,22 +401,23 @@ def test_ssd_kernels_read_values_in_place_from_a_wider_row(monkeypatch):
 
 
 @pytest.mark.parametrize("documents", [False, True])
-def test_mamba2_in_conv_equals_split_then_conv_with_gradients(documents):
+@pytest.mark.parametrize("widths", [[12, 12, 5, 3], [32, 32, 16, 3]])  # the second: the register-blocked conv
+def test_mamba2_in_conv_equals_split_then_conv_with_gradients(documents, widths):
     """`mamba2_in_conv` against the split + conv + SiLU + split it replaces (float64 PyTorch): the five outputs and
     the gradients of the in_proj output, the taps and the bias, with every output's gradient used."""
     torch.manual_seed(0)
-    widths = [12, 12, 5, 3]  # z, x, B (= C), dt
-    total = 12 + 12 + 2 * 5 + 3
-    zxbcdt64 = torch.randn(2, 300, total, dtype=torch.float64, requires_grad=True)
-    weight64 = torch.randn(22, 1, 4, dtype=torch.float64, requires_grad=True)
-    bias64 = torch.randn(22, dtype=torch.float64, requires_grad=True)
+    z_width, x_width, bc_width, dt_width = widths
+    conv_width = x_width + 2 * bc_width
+    zxbcdt64 = torch.randn(2, 300, z_width + conv_width + dt_width, dtype=torch.float64, requires_grad=True)
+    weight64 = torch.randn(conv_width, 1, 4, dtype=torch.float64, requires_grad=True)
+    bias64 = torch.randn(conv_width, dtype=torch.float64, requires_grad=True)
     starts = None
     if documents:
         starts = torch.zeros(2, 300, dtype=torch.bool)
         starts[0, [0, 40, 41, 256]] = True
-    z, xbc, dt = zxbcdt64.split([12, 22, 3], dim=-1)
+    z, xbc, dt = zxbcdt64.split([z_width, conv_width, dt_width], dim=-1)
     conv, _ = causal_depthwise_conv(xbc, weight64, bias64, keep_tail=False, document_starts=starts, activation="silu")
-    reference = (z, *conv.split([12, 5, 5], dim=-1), dt)
+    reference = (z, *conv.split([x_width, bc_width, bc_width], dim=-1), dt)
     grads_out = [torch.randn_like(r) for r in reference]
     expected = torch.autograd.grad(reference, [zxbcdt64, weight64, bias64], grads_out)
     leaves = [t.detach().float().requires_grad_() for t in (zxbcdt64, weight64, bias64)]

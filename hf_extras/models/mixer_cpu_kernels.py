@@ -8,7 +8,9 @@ instead of storing it. Measured in the Mamba-2 benchmark (``benchmarks/mamba2_vs
 * conv: ``y = silu(bias + sum_j taps[K-1-j] * x[t-j])`` from a zero start, a tap never reading across a document
   start (the training form of ``conv_ops.causal_depthwise_conv``); ``x`` may be a column slice of a wider row, read in
   place; the output may be written as up to three tensors by channel range (``mamba2_in_conv``: Mamba-2's in_proj
-  output to z, x, B, C, dt with one gradient written for the whole in_proj output).
+  output to z, x, B, C, dt with one gradient written for the whole in_proj output). For 4 taps and channel ranges in
+  multiples of 16 (Mamba's, Mamba-2's and DeltaNet's convs), a register-blocked form: 16 channels at a time through
+  runs of 64 tokens, the taps, the input window and the tap sums in registers.
 * gated norm: ``out = weight * rms_g(u) [* silu(z)]`` with ``u = (y + D x) [* silu(z)]`` (gate before or after the
   norm), RMS over groups of channels; and the plain RMS norm of every block.
 * SSD (``retention_ops._GroupedChunkwise``): the within-chunk part (pair weights ``(q k^T) * exp(b_t - b_s) * ks_s``
@@ -45,7 +47,7 @@ typedef struct {
     float *ys[3];
     const float *gys[3];
     int64_t segs[4], sdx, sdxb;
-    int nseg;
+    int nseg, vec4; /* vec4: K = 4 and every range a multiple of 16 channels (conv_*_item4) */
 } conv_t;
 
 /* xr[j] = the input row tap j reads at token t (t - j), or `zero` before the row or across a document start */
@@ -140,11 +142,163 @@ static inline __attribute__((always_inline)) void conv_bwd_item(const conv_t *a,
     }
 }
 
+/* ---- GCC / clang vector extensions: 16 floats (one AVX-512 register, two AVX2 ones) ---- */
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+#define LD(p) (*(const v16u *)(p))
+#define ST(p, x) (*(v16u *)(p) = (x))
+
+/* ---- K = 4 with every output range a multiple of 16 channels (Mamba / Mamba-2 / DeltaNet's convs): per run of SUB
+   tokens, 16 channels at a time through the run, with the taps, the last inputs, the next gradients and the tap sums
+   in registers (each input and gradient read once, each output written once); runs of SUB tokens keep the rows
+   walked per pass few enough for the TLB and L2. Same numbers to float rounding. ---- */
+#define SUB 64
+typedef int32_t v16i __attribute__((vector_size(64)));
+#define VZERO ((v16){0})
+#define VAND(x, m) ((v16)((v16i)(x) & (m)))
+
+static inline v16 vmax(v16 a, v16 b) { const v16i m = a > b; return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
+static inline v16 vmin(v16 a, v16 b) { const v16i m = a < b; return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
+
+/* exp2_neg of each lane (rounding to the nearest integer by the 1.5 * 2^23 shift, |x| <= 127) */
+static inline v16 exp2_neg16(v16 x) {
+    x = vmin(vmax(x, VZERO - 127.0f), VZERO + 127.0f);
+    const v16 xi = (x + 12582912.0f) - 12582912.0f;
+    const v16 g = (x - xi) * 0.69314718055994531f;
+    const v16 p = 1.0f + g * (1.0f + g * (0.5f + g * (0.16666666666666666f + g * (0.041666666666666664f
+                  + g * (0.008333333333333333f + g * (0.001388888888888889f + g * 0.0001984126984126984f))))));
+    const v16i bits = (__builtin_convertvector(xi, v16i) + 127) << 23;
+    return p * (v16)bits;
+}
+
+static inline v16 sigm16(v16 x) { return 1.0f / (1.0f + exp2_neg16(-1.4426950408889634f * x)); }
+
+/* all-ones where tap j of token t reads a real input (t - j in the row and no document start in t-j+1..t) */
+static inline void tap_masks(const uint8_t *st, int64_t t, v16i *m) {
+    int valid = 1;
+    for (int j = 1; j < 4; j++) {
+        valid = valid && j <= t && !(st && st[t - j + 1]);
+        m[j] = (v16i){0} - valid;
+    }
+}
+
+static inline v16 load_or_zero(const float *p, int64_t t, int64_t sxt, int64_t c) {
+    return t >= 0 ? LD(p + t * sxt + c) : VZERO;
+}
+
+static inline __attribute__((always_inline)) void conv_fwd_item4(const conv_t *a, int64_t it, const int docs) {
+    const int64_t C = a->C, T = a->T, sxt = a->sxt;
+    const int64_t b = it / a->nsplit, t0 = (it % a->nsplit) * a->span, t1 = t0 + a->span < T ? t0 + a->span : T;
+    const float *restrict xb = a->x + b * a->sxb, *restrict taps = a->taps, *restrict bias = a->bias;
+    const uint8_t *st = docs ? a->starts + b * T : 0;
+    for (int64_t lo = t0; lo < t1; lo += SUB) {
+        const int64_t hi = lo + SUB < t1 ? lo + SUB : t1;
+        for (int k = 0; k < a->nseg; k++) {
+            const int64_t c0 = a->segs[k], c1 = a->segs[k + 1], width = c1 - c0;
+            float *restrict yb = a->ys[k] + b * T * width - c0;
+            for (int64_t c = c0; c < c1; c += 16) {
+                const v16 w0 = LD(taps + c), w1 = LD(taps + C + c), w2 = LD(taps + 2 * C + c),
+                          w3 = LD(taps + 3 * C + c);
+                const v16 bv = bias ? LD(bias + c) : VZERO;
+                v16 x1 = load_or_zero(xb, lo - 1, sxt, c), x2 = load_or_zero(xb, lo - 2, sxt, c),
+                    x3 = load_or_zero(xb, lo - 3, sxt, c);
+                for (int64_t t = lo; t < hi; t++) {
+                    const v16 x0 = LD(xb + t * sxt + c);
+                    v16 pre;
+                    if (docs) {
+                        v16i m[4];
+                        tap_masks(st, t, m);
+                        pre = bv + w3 * x0 + w2 * VAND(x1, m[1]) + w1 * VAND(x2, m[2]) + w0 * VAND(x3, m[3]);
+                    } else {
+                        pre = bv + w3 * x0 + w2 * x1 + w1 * x2 + w0 * x3;
+                    }
+                    ST(yb + t * width + c, pre * sigm16(pre));
+                    x3 = x2; x2 = x1; x1 = x0;
+                }
+            }
+        }
+    }
+}
+
+/* tokens last to first, in runs of SUB; between runs each 16 channels' next gradients wait in `carry` (3 rows of C)
+   and their tap sums in the item's dtaps / dbias */
+static inline __attribute__((always_inline)) void conv_bwd_item4(const conv_t *a, int64_t it, float *restrict carry,
+                                                                  const int docs) {
+    const int64_t C = a->C, T = a->T, sxt = a->sxt, sdx = a->sdx;
+    const int64_t b = it / a->nsplit, t0 = (it % a->nsplit) * a->span, t1 = t0 + a->span < T ? t0 + a->span : T;
+    const int64_t tend = t1 + 3 < T ? t1 + 3 : T;
+    const float *restrict xb = a->x + b * a->sxb, *restrict taps = a->taps, *restrict bias = a->bias;
+    float *restrict dtaps = a->dtaps + it * 4 * C, *restrict dbias = a->dbias ? a->dbias + it * C : 0;
+    float *restrict dxb = a->dx + b * a->sdxb;
+    const uint8_t *st = docs ? a->starts + b * T : 0;
+    memset(dtaps, 0, 4 * C * sizeof(float));
+    if (dbias) memset(dbias, 0, C * sizeof(float));
+    memset(carry, 0, 3 * C * sizeof(float));
+    for (int64_t hi = tend; hi > t0; hi -= SUB) {
+        const int64_t lo = hi - SUB > t0 ? hi - SUB : t0;
+        /* whether token hi - 1 reaches tokens hi, hi + 1, hi + 2 (their gradients are zero past the row) */
+        const int r1 = !docs || (hi < T && !st[hi]), r2 = r1 && (!docs || (hi + 1 < T && !st[hi + 1])),
+                  r3 = r2 && (!docs || (hi + 2 < T && !st[hi + 2]));
+        for (int k = 0; k < a->nseg; k++) {
+            const int64_t c0 = a->segs[k], c1 = a->segs[k + 1], width = c1 - c0;
+            const float *restrict gyb = a->gys[k] + b * T * width - c0;
+            for (int64_t c = c0; c < c1; c += 16) {
+                const v16 w0 = LD(taps + c), w1 = LD(taps + C + c), w2 = LD(taps + 2 * C + c),
+                          w3 = LD(taps + 3 * C + c);
+                const v16 bv = bias ? LD(bias + c) : VZERO;
+                v16 d0 = LD(dtaps + c), d1 = LD(dtaps + C + c), d2 = LD(dtaps + 2 * C + c), d3 = LD(dtaps + 3 * C + c);
+                v16 db = dbias ? LD(dbias + c) : VZERO;
+                /* the pre-activation gradients of tokens t+1..t+3, and whether token t reaches them */
+                v16 g1 = LD(carry + c), g2 = LD(carry + C + c), g3 = LD(carry + 2 * C + c);
+                int n1 = r1, n2 = r2, n3 = r3;
+                const int64_t tl = hi - 1;
+                v16 x0 = LD(xb + tl * sxt + c), x1 = load_or_zero(xb, tl - 1, sxt, c),
+                    x2 = load_or_zero(xb, tl - 2, sxt, c);
+                for (int64_t t = tl; t >= lo; t--) {
+                    const v16 x3 = load_or_zero(xb, t - 3, sxt, c);
+                    v16 xm1 = x1, xm2 = x2, xm3 = x3;
+                    if (docs) {
+                        v16i m[4];
+                        tap_masks(st, t, m);
+                        xm1 = VAND(x1, m[1]); xm2 = VAND(x2, m[2]); xm3 = VAND(x3, m[3]);
+                    }
+                    const v16 pre = bv + w3 * x0 + w2 * xm1 + w1 * xm2 + w0 * xm3;
+                    const v16 s = sigm16(pre), g = LD(gyb + t * width + c) * s * (1.0f + pre * (1.0f - s));
+                    if (t < t1) {
+                        v16 d = w3 * g;
+                        if (docs) {
+                            d += w2 * VAND(g1, (v16i){0} - n1) + w1 * VAND(g2, (v16i){0} - n2)
+                                 + w0 * VAND(g3, (v16i){0} - n3);
+                        } else {
+                            d += w2 * g1 + w1 * g2 + w0 * g3;
+                        }
+                        ST(dxb + t * sdx + c, d);
+                        d3 += g * x0; d2 += g * xm1; d1 += g * xm2; d0 += g * xm3;
+                        db += g;
+                    }
+                    if (docs) { /* token t-1 reaches t+j-1 if no start in t..t+j-1 */
+                        const int s0 = !st[t];
+                        n3 = n2 && s0; n2 = n1 && s0; n1 = s0;
+                    }
+                    g3 = g2; g2 = g1; g1 = g;
+                    x0 = x1; x1 = x2; x2 = x3;
+                }
+                ST(carry + c, g1); ST(carry + C + c, g2); ST(carry + 2 * C + c, g3);
+                ST(dtaps + c, d0); ST(dtaps + C + c, d1); ST(dtaps + 2 * C + c, d2); ST(dtaps + 3 * C + c, d3);
+                if (dbias) ST(dbias + c, db);
+            }
+        }
+    }
+}
+
 static void conv_fwd(const void *p, int tid, int nt) {
     const conv_t *a = (const conv_t *)p;
     const float *zero = a->work + (int64_t)tid * a->C;
     for (int64_t it = tid; it < a->batch * a->nsplit; it += nt) {
-        if (a->K == 4) conv_fwd_item(a, it, zero, 4);
+        if (a->vec4) {
+            if (a->starts) conv_fwd_item4(a, it, 1);
+            else conv_fwd_item4(a, it, 0);
+        } else if (a->K == 4) conv_fwd_item(a, it, zero, 4);
         else conv_fwd_item(a, it, zero, a->K);
     }
 }
@@ -153,7 +307,10 @@ static void conv_bwd(const void *p, int tid, int nt) {
     const conv_t *a = (const conv_t *)p;
     float *ring = a->work + (int64_t)tid * (a->K + 1) * a->C, *zero = ring + a->K * a->C;
     for (int64_t it = tid; it < a->batch * a->nsplit; it += nt) {
-        if (a->K == 4) conv_bwd_item(a, it, ring, zero, 4);
+        if (a->vec4) {
+            if (a->starts) conv_bwd_item4(a, it, ring, 1);
+            else conv_bwd_item4(a, it, ring, 0);
+        } else if (a->K == 4) conv_bwd_item(a, it, ring, zero, 4);
         else conv_bwd_item(a, it, ring, zero, a->K);
     }
 }
@@ -168,6 +325,8 @@ static int conv_setup(conv_t *a, const float *x, const float *taps, const float 
     if (nseg < 1 || nseg > 3 || K > KMAX) return -1;
     a->nseg = nseg;
     for (int k = 0; k < nseg; k++) a->segs[k + 1] = a->segs[k] + widths[k];
+    a->vec4 = K == 4;
+    for (int k = 0; k < nseg; k++) a->vec4 = a->vec4 && widths[k] % 16 == 0;
     return a->segs[nseg] == C ? 0 : -1;
 }
 
@@ -390,10 +549,6 @@ static inline __attribute__((always_inline)) void intra_fwd_head(const intra_t *
 
 /* ---- C = Dv = 64 (the defaults: chunk 64, Mamba-2 head_dim 64): register-blocked forms of the two heads above,
    4 rows x 64 columns of accumulators (16 vectors of 16 floats) per step. Same numbers to float rounding. ---- */
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-#define LD(p) (*(const v16u *)(p))
-#define ST(p, x) (*(v16u *)(p) = (x))
 
 /* rows t0..t0+3 of P into pbuf (zeros past each row's last column, up to 64) */
 static inline void pair_rows4(const float *restrict gqk, const float *restrict b, const float *restrict seg,
