@@ -31,14 +31,14 @@ def pieces(seq_len: int):
     zxbcdt = torch.randn(1, T, inner + inner + 2 * state + heads)  # in_proj's output: z | x B C | dt
     conv_weight, conv_bias = torch.randn(inner + 2 * state, 1, 4) * 0.3, torch.randn(inner + 2 * state)
     grad_conv = torch.randn(1, T, inner + 2 * state)
-    y, z, x = (torch.randn(1, T, inner) for _ in range(3))
-    D = torch.randn(inner)
+    y, z = torch.randn(1, T, inner), torch.randn(1, T, inner)
     gated = GatedRMSNorm(inner, inner)
     hidden = torch.randn(1, T, 256)
     rms = RMSNorm(256)
     q, k = torch.randn(1, T, 1, state) * 0.1, torch.randn(1, T, 1, state) * 0.1
     v = torch.randn(1, T, heads, 64)
     dt = torch.rand(1, T, heads) * 0.1
+    D = torch.randn(heads, 64)  # Mamba-2's D x skip, added inside the scan
     log_decay = -dt * torch.arange(1, heads + 1)
 
     def leaves(*tensors):
@@ -53,23 +53,23 @@ def pieces(seq_len: int):
         out.backward(grad_conv)
 
     def gated_norm():
-        a, g, s, d = leaves(y, z, x, D)
-        gated(a, g, skip=s, skip_scale=d).sum().backward()
+        a, g = leaves(y, z)
+        gated(a, g).sum().backward()
 
     def rms_norm():
         (h,) = leaves(hidden)
         rms(h).sum().backward()
 
     def ssd():
-        a, b, c, g, s = leaves(q, k, v, log_decay, dt)
-        o, _ = grouped_decayed_linear_attention(a, b, c, g, s, chunk_size=64)
+        a, b, c, g, s, d = leaves(q, k, v, log_decay, dt, D)
+        o, _ = grouped_decayed_linear_attention(a, b, c, g, s, chunk_size=64, skip_scale=d)
         o.backward(torch.ones_like(o))
 
     return {
         "conv + SiLU (1, T, 768), a column slice": conv,
-        "gated RMS norm + D x (1, T, 512)": gated_norm,
+        "gated RMS norm (1, T, 512)": gated_norm,
         "RMS norm (1, T, 256)": rms_norm,
-        "SSD, chunk 64, 8 heads x 64, state 128": ssd,
+        "SSD + D x, chunk 64, 8 heads x 64, state 128": ssd,
     }
 
 

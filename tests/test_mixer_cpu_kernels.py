@@ -164,43 +164,35 @@ def test_conv_kernel_keeps_pads_out_of_real_tokens():
 
 
 # --------------------------------------------------------------------------------------------
-# gated RMS norm with the D skip
+# gated RMS norm
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("norm_before_gate", [False, True])
 @pytest.mark.parametrize("groups", [1, 2, 4])
-@pytest.mark.parametrize("skip", [False, True])
-def test_gated_norm_kernel_equals_the_pytorch_norm_with_gradients(norm_before_gate, groups, skip):
-    """float32 kernel against `GatedRMSNorm`'s PyTorch form in float64, gate and skip read as column slices."""
+def test_gated_norm_kernel_equals_the_pytorch_norm_with_gradients(norm_before_gate, groups):
+    """float32 kernel against `GatedRMSNorm`'s PyTorch form in float64, the gate read as a column slice."""
     torch.manual_seed(0)
     batch, seq_len, width = 2, 70, 32
     y64 = torch.randn(batch, seq_len, width, dtype=torch.float64, requires_grad=True)
     wide_z = torch.randn(batch, seq_len, width + 5, dtype=torch.float64)
-    wide_x = torch.randn(batch, seq_len, width + 9, dtype=torch.float64)
     z64 = wide_z[..., 2 : 2 + width].clone().requires_grad_()
-    x64 = wide_x[..., :width].clone().requires_grad_()
-    D64 = torch.randn(width, dtype=torch.float64, requires_grad=True)
     norm64 = GatedRMSNorm(width, width // groups, 1e-6, norm_before_gate).double()
     with torch.no_grad():
         norm64.weight.normal_(1.0, 0.1)
-    reference = norm64(y64 + (x64 * D64 if skip else 0), z64)
+    reference = norm64(y64, z64)
     grad_out = torch.randn_like(reference)
-    inputs64 = [y64, z64, norm64.weight] + ([x64, D64] if skip else [])
-    expected = torch.autograd.grad(reference, inputs64, grad_out)
+    expected = torch.autograd.grad(reference, [y64, z64, norm64.weight], grad_out)
 
     norm = GatedRMSNorm(width, width // groups, 1e-6, norm_before_gate)
     with torch.no_grad():
         norm.weight.copy_(norm64.weight)
     y = y64.detach().float().requires_grad_()
-    zw, xw = wide_z.float().requires_grad_(), wide_x.float().requires_grad_()
-    D = D64.detach().float().requires_grad_()
-    out = norm(y, zw[..., 2 : 2 + width], skip=xw[..., :width] if skip else None, skip_scale=D if skip else None)
-    inputs = [y, zw, norm.weight] + ([xw, D] if skip else [])
-    got = list(torch.autograd.grad(out, inputs, grad_out.float()))
+    zw = wide_z.float().requires_grad_()
+    out = norm(y, zw[..., 2 : 2 + width])
+    got = list(torch.autograd.grad(out, [y, zw, norm.weight], grad_out.float()))
+    assert got[1][..., :2].abs().max() == 0 and got[1][..., 2 + width :].abs().max() == 0
     got[1] = got[1][..., 2 : 2 + width]
-    if skip:
-        got[3] = got[3][..., :width]
     assert rel(out, reference) < 1e-6
     for g, e in zip(got, expected):
         assert rel(g, e) < 2e-6
@@ -209,8 +201,7 @@ def test_gated_norm_kernel_equals_the_pytorch_norm_with_gradients(norm_before_ga
 def test_gated_norm_kernel_is_used_and_does_not_depend_on_the_thread_count(monkeypatch):
     torch.manual_seed(0)
     norm = GatedRMSNorm(16, 8)
-    y, z, x = (torch.randn(3, 90, 16, requires_grad=True) for _ in range(3))
-    D = torch.randn(16, requires_grad=True)
+    y, z = (torch.randn(3, 90, 16, requires_grad=True) for _ in range(2))
     grad_out = torch.randn(3, 90, 16)
     calls = []
     real = mixer_cpu_kernels.gated_rms_norm
@@ -218,12 +209,12 @@ def test_gated_norm_kernel_is_used_and_does_not_depend_on_the_thread_count(monke
     results = []
     for n in (1, 2):
         with threads(n):
-            out = norm(y, z, skip=x, skip_scale=D)
-            results.append((out, *torch.autograd.grad(out, [y, z, x, D, norm.weight], grad_out)))
+            out = norm(y, z)
+            results.append((out, *torch.autograd.grad(out, [y, z, norm.weight], grad_out)))
     assert calls == [1, 1]
     assert all(torch.equal(a, b) for a, b in zip(*results))
     monkeypatch.setenv("HF_EXTRAS_CPU_KERNEL", "0")
-    torch.testing.assert_close(norm(y, z, skip=x, skip_scale=D), results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm(y, z), results[0][0], rtol=1e-5, atol=1e-6)
     assert calls == [1, 1]
 
 
@@ -246,13 +237,16 @@ def ssd_inputs(batch=2, seq_len=45, groups=2, heads=4, dk=8, dv=6, seed=0):
 @pytest.mark.parametrize("key_scale", [True, False])
 @pytest.mark.parametrize("documents", [False, True])
 @pytest.mark.parametrize("dv, chunk", [(6, 16), (64, 16), (64, 64)])  # Dv 64 and C = Dv = 64 are compiled apart
+@pytest.mark.parametrize("skip", [False, True], ids=["", "skip"])
 def test_ssd_with_the_intra_kernel_equals_float64_with_gradients(
-    bidirectional, key_scale, documents, dv, chunk, monkeypatch
+    bidirectional, key_scale, documents, dv, chunk, skip, monkeypatch
 ):
     """float32 (the within-chunk part by the kernel) against float64 (PyTorch): outputs, final state and every
-    gradient, with an initial state, odd length, groups, document boundaries and the strict anti-causal pass."""
+    gradient, with an initial state, odd length, groups, document boundaries and the strict anti-causal pass; with
+    `skip_scale` (Mamba-2's `D x`, added by the kernel) against the float64 output without it plus `D v`."""
     q, k, v, log_decay, dt = ssd_inputs(seq_len=45 if chunk == 16 else 150, dv=dv)
     S0 = torch.randn(2, 4, 8, dv, dtype=torch.float64)
+    D = torch.randn(4, dv, dtype=torch.float64)
     reset = None
     if documents:
         reset = torch.zeros(2, q.shape[1], dtype=torch.bool)
@@ -262,8 +256,8 @@ def test_ssd_with_the_intra_kernel_equals_float64_with_gradients(
     real = mixer_cpu_kernels.ssd_intra
     monkeypatch.setattr("hf_extras.models.retention_ops.ssd_intra", lambda *a: calls.append(1) or real(*a))
 
-    def run(dtype):
-        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, log_decay, dt, S0)]
+    def run(dtype, fold):  # fold: the skip inside the scan; else added after it (the reference)
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, log_decay, dt, S0, D)]
         o, final = grouped_decayed_linear_attention(
             *leaves[:4],
             leaves[4] if key_scale else None,
@@ -272,22 +266,32 @@ def test_ssd_with_the_intra_kernel_equals_float64_with_gradients(
             output_final_state=not bidirectional,
             bidirectional=bidirectional,
             reset=reset,
+            skip_scale=leaves[6] if skip and fold else None,
         )
+        if skip and not fold:
+            o = o + leaves[2] * leaves[6]
         loss = (o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)).sum()
         if final is not None:
             loss = loss + (final * 0.3).sum()
-        used = [t for i, t in enumerate(leaves) if (i != 4 or key_scale) and (i != 5 or not bidirectional)]
+        used = [
+            t
+            for i, t in enumerate(leaves)
+            if (i != 4 or key_scale) and (i != 5 or not bidirectional) and (i != 6 or skip)
+        ]
         return o, final, torch.autograd.grad(loss, used)
 
-    o64, f64, g64 = run(torch.float64)
+    o64, f64, g64 = run(torch.float64, fold=False)
     assert calls == []  # float64 stays on the PyTorch form
-    o32, f32, g32 = run(torch.float32)
+    o32, f32, g32 = run(torch.float32, fold=True)
     assert calls == [1, 1] if bidirectional else calls == [1]
     assert rel(o32, o64) < 1e-5
     if f64 is not None:
         assert rel(f32, f64) < 1e-5
     for a, b in zip(g32, g64):
         assert rel(a, b) < 1e-5
+    if skip:  # the PyTorch form's own skip (float64, no kernel)
+        for a, b in zip(run(torch.float64, fold=True)[2], g64):
+            assert rel(a, b) < 1e-12
 
 
 def test_ssd_intra_kernel_matches_the_pytorch_form_in_float32(monkeypatch):
@@ -319,7 +323,7 @@ def test_a_failed_build_leaves_the_pytorch_forms(monkeypatch, tmp_path, caplog):
     x = torch.randn(1, 10, 4)
     y, _ = causal_depthwise_conv(x, torch.randn(4, 1, 4), None, keep_tail=False, activation="silu")
     assert y.shape == x.shape
-    assert GatedRMSNorm(4, 4)(x, x, skip=x, skip_scale=torch.ones(4)).shape == x.shape
+    assert GatedRMSNorm(4, 4)(x, x).shape == x.shape
     q, k, v, log_decay, dt = (t.float() for t in ssd_inputs())
     o, _ = grouped_decayed_linear_attention(q, k, v, log_decay, dt, chunk_size=16)
     assert torch.isfinite(o).all()

@@ -732,6 +732,31 @@ def test_grouped_matches_the_per_head_form(mode, groups, key_scale, bidirectiona
             assert rel_err(a.grad, b.grad) <= 1e-10, name
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_grouped_skip_scale_adds_d_v_once(mode, bidirectional):
+    """`skip_scale` (Mamba-2's `D x`, (H, Dv)): the output plus `D v`, counted once when bidirectional, in every form,
+    with its gradient and v's (float64)."""
+    q, k, v, ld, ks, s0 = make_grouped(T=45)
+    D = torch.randn(v.shape[2], v.shape[3], dtype=torch.float64)
+    reset = torch.zeros(2, 45, dtype=torch.bool)
+    reset[:, [5, 20]] = True
+    results = []
+    for fold in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (v, D)]
+        o, _ = grouped_decayed_linear_attention(
+            q, k, leaves[0], ld, ks, mode=mode, chunk_size=16, bidirectional=bidirectional, reset=reset,
+            skip_scale=leaves[1] if fold else None,
+        )  # fmt: skip
+        if not fold:
+            o = o + leaves[0] * leaves[1]
+        results.append((o, *torch.autograd.grad((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum(), leaves)))
+    for a, b in zip(*results):
+        assert rel_err(a, b) <= 1e-12
+    with pytest.raises(ValueError, match="skip_scale must have shape"):
+        grouped_decayed_linear_attention(q, k, v, ld, ks, skip_scale=D[:, :2])
+
+
 def test_grouped_float32_boundaries_and_autocast():
     """float32 within 1e-5 of the per-head form, with -inf log decays (per head) as boundaries and under bf16
     autocast (the kernel computes in float32 there too); no NaN in the gradients."""

@@ -11,8 +11,8 @@ instead of storing it. Measured in the Mamba-2 benchmark (``benchmarks/mamba2_vs
   output to z, x, B, C, dt with one gradient written for the whole in_proj output). For 4 taps and channel ranges in
   multiples of 16 (Mamba's, Mamba-2's and DeltaNet's convs), a register-blocked form: 16 channels at a time through
   runs of 64 tokens, the taps, the input window and the tap sums in registers.
-* gated norm: ``out = weight * rms_g(u) [* silu(z)]`` with ``u = (y + D x) [* silu(z)]`` (gate before or after the
-  norm), RMS over groups of channels; and the plain RMS norm of every block.
+* gated norm: ``out = weight * rms_g(u) [* silu(z)]`` with ``u = y [* silu(z)]`` (gate before or after the norm),
+  RMS over groups of channels; and the plain RMS norm of every block.
 * SSD (``retention_ops._GroupedChunkwise``): the within-chunk part (pair weights ``(q k^T) * exp(b_t - b_s) * ks_s``
   computed on the fly, never stored; a register-blocked form for chunk = head_dim = 64), the values' weights, and the
   recurrence across chunks. The state products stay PyTorch matmuls.
@@ -354,20 +354,19 @@ int hfx_conv_silu_bwd(const float *x, const float *taps, const float *bias, cons
     return 0;
 }
 
-/* ---- gated RMS norm with the D skip ---- */
+/* ---- gated RMS norm ---- */
 typedef struct {
-    const float *y, *x, *D, *z, *w, *gout;
-    float *out, *rstd, *dy, *dx, *dz, *dw, *dD;
-    int64_t rows, I, G, sx, sz, nitems;
+    const float *y, *z, *w, *gout;
+    float *out, *rstd, *dy, *dz, *dw;
+    int64_t rows, I, G, sz, nitems;
     float eps;
     int before;
 } norm_t;
 
-/* One token row; `before` and `skip` are literal constants at each call, so each variant is compiled branch-free. */
-static inline void norm_fwd_row(const norm_t *a, int64_t r, const int before, const int skip) {
+/* One token row; `before` is a literal constant at each call, so each variant is compiled branch-free. */
+static inline void norm_fwd_row(const norm_t *a, int64_t r, const int before) {
     const int64_t I = a->I, G = a->G, gs = I / G;
     const float *restrict yr = a->y + r * I, *restrict zr = a->z + r * a->sz, *restrict w = a->w;
-    const float *restrict xr = skip ? a->x + r * a->sx : 0, *restrict D = a->D;
     float *restrict o = a->out + r * I;
     const float eps = a->eps;
     for (int64_t g = 0; g < G; g++) {
@@ -375,8 +374,7 @@ static inline void norm_fwd_row(const norm_t *a, int64_t r, const int before, co
         float ss = 0.0f;
         #pragma omp simd reduction(+:ss)
         for (int64_t c = c0; c < c1; c++) {
-            float u = skip ? yr[c] + D[c] * xr[c] : yr[c];
-            if (!before) u *= zr[c] * sigm(zr[c]);
+            const float u = before ? yr[c] : yr[c] * zr[c] * sigm(zr[c]);
             o[c] = u;
             ss += u * u;
         }
@@ -387,12 +385,11 @@ static inline void norm_fwd_row(const norm_t *a, int64_t r, const int before, co
     }
 }
 
-static inline void norm_bwd_row(const norm_t *a, int64_t r, float *restrict dw, float *restrict dD, const int before,
-                                const int skip) {
+static inline void norm_bwd_row(const norm_t *a, int64_t r, float *restrict dw, const int before) {
     const int64_t I = a->I, G = a->G, gs = I / G;
     const float *restrict yr = a->y + r * I, *restrict zr = a->z + r * a->sz, *restrict w = a->w;
-    const float *restrict xr = skip ? a->x + r * a->sx : 0, *restrict D = a->D, *restrict go = a->gout + r * I;
-    float *restrict dyr = a->dy + r * I, *restrict dzr = a->dz + r * I, *restrict dxr = skip ? a->dx + r * I : 0;
+    const float *restrict go = a->gout + r * I;
+    float *restrict dyr = a->dy + r * I, *restrict dzr = a->dz + r * I;
     for (int64_t g = 0; g < G; g++) {
         const int64_t c0 = g * gs, c1 = c0 + gs;
         const float rs = a->rstd[r * G + g];
@@ -402,8 +399,7 @@ static inline void norm_bwd_row(const norm_t *a, int64_t r, float *restrict dw, 
         for (int64_t c = c0; c < c1; c++) {
             const float s = sigm(zr[c]), sz = zr[c] * s;
             srow[c - c0] = s;
-            const float pre = skip ? yr[c] + D[c] * xr[c] : yr[c];
-            const float n = (before ? pre : pre * sz) * rs;
+            const float n = (before ? yr[c] : yr[c] * sz) * rs;
             const float gn = go[c] * w[c] * (before ? sz : 1.0f);
             dw[c] += go[c] * n * (before ? sz : 1.0f);
             dzr[c] = n;
@@ -411,24 +407,17 @@ static inline void norm_bwd_row(const norm_t *a, int64_t r, float *restrict dw, 
             dot += gn * n;
         }
         dot /= (float)gs;
-        /* pass 2: du = rs (gn - n dot), through the gate and the skip */
+        /* pass 2: du = rs (gn - n dot), through the gate */
         #pragma omp simd
         for (int64_t c = c0; c < c1; c++) {
             const float s = srow[c - c0], sz = zr[c] * s, dsz = s * (1.0f + zr[c] * (1.0f - s));
             const float n = dzr[c], du = rs * (dyr[c] - n * dot);
-            float dpre;
             if (before) {
-                dpre = du;
+                dyr[c] = du;
                 dzr[c] = go[c] * w[c] * n * dsz;
             } else {
-                const float pre = skip ? yr[c] + D[c] * xr[c] : yr[c];
-                dpre = du * sz;
-                dzr[c] = du * pre * dsz;
-            }
-            dyr[c] = dpre;
-            if (skip) {
-                dxr[c] = dpre * D[c];
-                dD[c] += dpre * xr[c];
+                dyr[c] = du * sz;
+                dzr[c] = du * yr[c] * dsz;
             }
         }
     }
@@ -440,11 +429,8 @@ static void norm_fwd(const void *p, int tid, int nt) {
     for (int64_t it = tid; it < a->nitems; it += nt) {
         const int64_t r1 = (it + 1) * per < a->rows ? (it + 1) * per : a->rows;
         for (int64_t r = it * per; r < r1; r++) {
-            if (a->before) {
-                if (a->x) norm_fwd_row(a, r, 1, 1); else norm_fwd_row(a, r, 1, 0);
-            } else {
-                if (a->x) norm_fwd_row(a, r, 0, 1); else norm_fwd_row(a, r, 0, 0);
-            }
+            if (a->before) norm_fwd_row(a, r, 1);
+            else norm_fwd_row(a, r, 0);
         }
     }
 }
@@ -453,32 +439,27 @@ static void norm_bwd(const void *p, int tid, int nt) {
     const norm_t *a = (const norm_t *)p;
     const int64_t I = a->I, per = (a->rows + a->nitems - 1) / a->nitems;
     for (int64_t it = tid; it < a->nitems; it += nt) {
-        float *dw = a->dw + it * I, *dD = a->x ? a->dD + it * I : 0;
+        float *dw = a->dw + it * I;
         memset(dw, 0, I * sizeof(float));
-        if (dD) memset(dD, 0, I * sizeof(float));
         const int64_t r1 = (it + 1) * per < a->rows ? (it + 1) * per : a->rows;
         for (int64_t r = it * per; r < r1; r++) {
-            if (a->before) {
-                if (a->x) norm_bwd_row(a, r, dw, dD, 1, 1); else norm_bwd_row(a, r, dw, dD, 1, 0);
-            } else {
-                if (a->x) norm_bwd_row(a, r, dw, dD, 0, 1); else norm_bwd_row(a, r, dw, dD, 0, 0);
-            }
+            if (a->before) norm_bwd_row(a, r, dw, 1);
+            else norm_bwd_row(a, r, dw, 0);
         }
     }
 }
 
-int hfx_norm_fwd(const float *y, const float *x, const float *D, const float *z, const float *w, float *out,
-                 float *rstd, int64_t rows, int64_t I, int64_t G, int64_t sx, int64_t sz, int64_t nitems, float eps,
-                 int before, int nthreads) {
-    norm_t a = {y, x, D, z, w, 0, out, rstd, 0, 0, 0, 0, 0, rows, I, G, sx, sz, nitems, eps, before};
+int hfx_norm_fwd(const float *y, const float *z, const float *w, float *out, float *rstd, int64_t rows, int64_t I,
+                 int64_t G, int64_t sz, int64_t nitems, float eps, int before, int nthreads) {
+    norm_t a = {y, z, w, 0, out, rstd, 0, 0, 0, rows, I, G, sz, nitems, eps, before};
     hfx_parallel(norm_fwd, &a, nthreads);
     return 0;
 }
 
-int hfx_norm_bwd(const float *y, const float *x, const float *D, const float *z, const float *w, const float *gout,
-                 const float *rstd, float *dy, float *dx, float *dz, float *dw, float *dD, int64_t rows, int64_t I,
-                 int64_t G, int64_t sx, int64_t sz, int64_t nitems, int before, int nthreads) {
-    norm_t a = {y, x, D, z, w, gout, 0, (float *)rstd, dy, dx, dz, dw, dD, rows, I, G, sx, sz, nitems, 0.0f, before};
+int hfx_norm_bwd(const float *y, const float *z, const float *w, const float *gout, const float *rstd, float *dy,
+                 float *dz, float *dw, int64_t rows, int64_t I, int64_t G, int64_t sz, int64_t nitems, int before,
+                 int nthreads) {
+    norm_t a = {y, z, w, gout, 0, (float *)rstd, dy, dz, dw, rows, I, G, sz, nitems, 0.0f, before};
     hfx_parallel(norm_bwd, &a, nthreads);
     return 0;
 }
@@ -492,7 +473,9 @@ int hfx_norm_bwd(const float *y, const float *x, const float *D, const float *z,
 typedef struct {
     const float *gqk, *b, *seg, *ks, *gamma, *v, *QS, *dO;
     float *o, *dQS, *dgamma, *dgqk, *zrow, *xcol, *dv, *work;
-    int64_t blocks, R, C, Dv, sv; /* sv: v's token row stride (v read in place, e.g. a column slice) */
+    const float *D; /* the skip: o += D v, D (G, R, Dv) per group (blocks cycle through the G groups); or NULL */
+    float *dD;      /* its gradient's partial sums, (blocks, R, Dv) */
+    int64_t blocks, R, C, Dv, sv, G; /* sv: v's token row stride (v read in place, e.g. a column slice) */
     int strict;
 } intra_t;
 
@@ -528,6 +511,7 @@ static inline __attribute__((always_inline)) void intra_fwd_head(const intra_t *
     const float *restrict ks = a->ks ? a->ks + h * C : 0, *restrict gamma = a->gamma + h * C;
     const float *restrict QS = a->QS + blk * C * RD + r * Dv;
     float *restrict o = a->o + blk * C * RD + r * Dv;
+    const float *restrict Dr = a->D ? a->D + ((blk % a->G) * R + r) * Dv : 0;
     gather_rows(a->v + blk * C * a->sv + r * Dv, a->sv, C, Dv, vloc);
     for (int64_t t = 0; t < C; t++) {
         const int64_t n = a->strict ? t : t + 1;
@@ -535,7 +519,7 @@ static inline __attribute__((always_inline)) void intra_fwd_head(const intra_t *
         float acc[Dv];
         const float gt = gamma[t];
         #pragma omp simd
-        for (int64_t d = 0; d < Dv; d++) acc[d] = gt * QS[t * RD + d];
+        for (int64_t d = 0; d < Dv; d++) acc[d] = gt * QS[t * RD + d] + (Dr ? Dr[d] * vloc[t * Dv + d] : 0.0f);
         for (int64_t s = 0; s < n; s++) {
             const float ps = p[s];
             const float *restrict vs = vloc + s * Dv;
@@ -567,6 +551,7 @@ static void intra_fwd_head64(const intra_t *a, int64_t blk, int64_t r, float *re
     const float *restrict ks = a->ks ? a->ks + h * 64 : 0, *restrict gamma = a->gamma + h * 64;
     const float *restrict QS = a->QS + blk * 64 * RD + r * 64;
     float *restrict o = a->o + blk * 64 * RD + r * 64;
+    const float *restrict Dr = a->D ? a->D + ((blk % a->G) * R + r) * 64 : 0;
     gather_rows(a->v + blk * 64 * a->sv + r * 64, a->sv, 64, 64, vloc);
     for (int64_t t0 = 0; t0 < 64; t0 += 4) {
         pair_rows4(gqk, b, seg, ks, t0, a->strict, pbuf, 0);
@@ -574,6 +559,8 @@ static void intra_fwd_head64(const intra_t *a, int64_t blk, int64_t r, float *re
         for (int i = 0; i < 4; i++) {
             const float g = gamma[t0 + i];
             for (int j = 0; j < 4; j++) acc[i][j] = g * LD(QS + (t0 + i) * RD + 16 * j);
+            if (Dr)
+                for (int j = 0; j < 4; j++) acc[i][j] += LD(Dr + 16 * j) * LD(vloc + (t0 + i) * 64 + 16 * j);
         }
         const int64_t smax = t0 + 4;
         for (int64_t s = 0; s < smax; s++) {
@@ -623,21 +610,25 @@ static void intra_bwd_head64(const intra_t *a, int64_t blk, int64_t r, float *re
     float *restrict dQS = a->dQS + blk * 64 * RD + r * 64, *restrict dv = a->dv + blk * 64 * RD + r * 64;
     float *restrict dgqk = a->dgqk + blk * 4096, *restrict xcol = a->xcol + h * 64, *restrict zrow = a->zrow + h * 64;
     float *restrict dgamma = a->dgamma + h * 64;
+    const float *restrict Dr = a->D ? a->D + ((blk % a->G) * R + r) * 64 : 0;
     gather_rows(a->v + blk * 64 * a->sv + r * 64, a->sv, 64, 64, vloc);
     gather_rows(a->dO + blk * 64 * RD + r * 64, RD, 64, 64, oloc);
     for (int64_t s = 0; s < 64; s++)
         for (int64_t d = 0; d < 64; d++) vt[d * 64 + s] = vloc[s * 64 + d];
-    /* dQS, d gamma */
+    /* dQS, d gamma (and the skip's dD = sum_t dO v) */
+    float dD[64] = {0};
     for (int64_t t = 0; t < 64; t++) {
-        const float gt = gamma[t], *restrict dot = oloc + t * 64;
+        const float gt = gamma[t], *restrict dot = oloc + t * 64, *restrict vr = vloc + t * 64;
         float dg = 0.0f;
         #pragma omp simd reduction(+:dg)
         for (int64_t d = 0; d < 64; d++) {
             dQS[t * RD + d] = gt * dot[d];
             dg += dot[d] * QS[t * RD + d];
+            dD[d] += dot[d] * vr[d];
         }
         dgamma[t] = dg;
     }
+    if (Dr) memcpy(a->dD + h * 64, dD, sizeof(dD));
     /* dP = dO v^T, 4 rows at a time over the column vectors that reach the diagonal; P and L rows alongside */
     for (int64_t t0 = 0; t0 < 64; t0 += 4) {
         pair_rows4(gqk, b, seg, ks, t0, a->strict, pbuf, lbuf);
@@ -681,6 +672,9 @@ static void intra_bwd_head64(const intra_t *a, int64_t blk, int64_t r, float *re
                 acc[i][3] += p * x3;
             }
         }
+        if (Dr)
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] += LD(Dr + 16 * j) * LD(oloc + (s0 + i) * 64 + 16 * j);
         for (int i = 0; i < 4; i++)
             for (int j = 0; j < 4; j++) ST(dv + (s0 + i) * RD + 16 * j, acc[i][j]);
     }
@@ -715,11 +709,14 @@ static void intra_bwd_head(const intra_t *a, int64_t blk, int64_t r, float *rest
     float *restrict dQS = a->dQS + blk * C * RD + r * Dv, *restrict dv = a->dv + blk * C * RD + r * Dv;
     float *restrict dgqk = a->dgqk + blk * C * C, *restrict xcol = a->xcol + h * C, *restrict zrow = a->zrow + h * C;
     float *restrict dgamma = a->dgamma + h * C;
+    const float *restrict Dr = a->D ? a->D + ((blk % a->G) * R + r) * Dv : 0;
+    float *restrict dD = a->D ? a->dD + h * Dv : 0;
     gather_rows(a->v + blk * C * a->sv + r * Dv, a->sv, C, Dv, vloc);
     gather_rows(a->dO + blk * C * RD + r * Dv, RD, C, Dv, oloc);
     for (int64_t s = 0; s < C; s++)
         for (int64_t d = 0; d < Dv; d++) vt[d * C + s] = vloc[s * Dv + d];
     memset(xcol, 0, C * sizeof(float));
+    if (dD) memset(dD, 0, Dv * sizeof(float));
     for (int64_t t = 0; t < C; t++) {
         const int64_t n = a->strict ? t : t + 1;
         const float *restrict dot = oloc + t * Dv;
@@ -731,6 +728,10 @@ static void intra_bwd_head(const intra_t *a, int64_t blk, int64_t r, float *rest
             dg += dot[d] * QS[t * RD + d];
         }
         dgamma[t] = dg;
+        if (dD) {
+            #pragma omp simd
+            for (int64_t d = 0; d < Dv; d++) dD[d] += dot[d] * vloc[t * Dv + d];
+        }
         float *restrict prow = pbuf + t * C;
         pair_row(gqk + t * C, b, seg, ks, t, n, prow, lrow);
         float drow[C];
@@ -765,7 +766,7 @@ static void intra_bwd_head(const intra_t *a, int64_t blk, int64_t r, float *rest
             for (int64_t d = 0; d < Dv; d++) acc[d] += pts * dot[d];
         }
         #pragma omp simd
-        for (int64_t d = 0; d < Dv; d++) dv[s * RD + d] = acc[d];
+        for (int64_t d = 0; d < Dv; d++) dv[s * RD + d] = acc[d] + (Dr ? Dr[d] * oloc[s * Dv + d] : 0.0f);
     }
 }
 
@@ -783,19 +784,20 @@ static void intra_bwd(const void *arg, int tid, int nt) {
 }
 
 int hfx_intra_fwd(const float *gqk, const float *b, const float *seg, const float *ks, const float *gamma,
-                  const float *v, const float *QS, float *o, float *work, int64_t blocks, int64_t R, int64_t C,
-                  int64_t Dv, int64_t sv, int strict, int nthreads) {
-    intra_t a = {gqk, b, seg, ks, gamma, v, QS, 0, o, 0, 0, 0, 0, 0, 0, work, blocks, R, C, Dv, sv, strict};
+                  const float *v, const float *QS, const float *D, float *o, float *work, int64_t blocks, int64_t R,
+                  int64_t C, int64_t Dv, int64_t sv, int64_t G, int strict, int nthreads) {
+    intra_t a = {gqk, b, seg, ks, gamma, v, QS, 0, o, 0, 0, 0, 0, 0, 0, work, D, 0, blocks, R, C, Dv, sv, G,
+                 strict};
     hfx_parallel(intra_fwd, &a, nthreads);
     return 0;
 }
 
 int hfx_intra_bwd(const float *gqk, const float *b, const float *seg, const float *ks, const float *gamma,
-                  const float *v, const float *QS, const float *dO, float *dQS, float *dgamma, float *dgqk,
-                  float *zrow, float *xcol, float *dv, float *work, int64_t blocks, int64_t R, int64_t C, int64_t Dv,
-                  int64_t sv, int strict, int nthreads) {
-    intra_t a = {gqk, b, seg, ks, gamma, v, QS, dO, 0, dQS, dgamma, dgqk, zrow, xcol, dv, work, blocks, R, C, Dv,
-                 sv, strict};
+                  const float *v, const float *QS, const float *D, const float *dO, float *dQS, float *dgamma,
+                  float *dgqk, float *zrow, float *xcol, float *dv, float *dD, float *work, int64_t blocks, int64_t R,
+                  int64_t C, int64_t Dv, int64_t sv, int64_t G, int strict, int nthreads) {
+    intra_t a = {gqk, b, seg, ks, gamma, v, QS, dO, 0, dQS, dgamma, dgqk, zrow, xcol, dv, work, D, dD, blocks, R, C,
+                 Dv, sv, G, strict};
     hfx_parallel(intra_bwd, &a, nthreads);
     return 0;
 }
@@ -1004,10 +1006,10 @@ def load_kernel() -> ctypes.CDLL | None:
             p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
             lib.hfx_conv_silu_fwd.argtypes = [p] * 8 + [i32, p] + [i64] * 7 + [i32]
             lib.hfx_conv_silu_bwd.argtypes = [p] * 8 + [i32, p, i64, i64, p, p, p] + [i64] * 7 + [i32]
-            lib.hfx_norm_fwd.argtypes = [p] * 7 + [i64] * 6 + [f32, i32, i32]
-            lib.hfx_norm_bwd.argtypes = [p] * 12 + [i64] * 6 + [i32, i32]
-            lib.hfx_intra_fwd.argtypes = [p] * 9 + [i64] * 5 + [i32, i32]
-            lib.hfx_intra_bwd.argtypes = [p] * 15 + [i64] * 5 + [i32, i32]
+            lib.hfx_norm_fwd.argtypes = [p] * 5 + [i64] * 5 + [f32, i32, i32]
+            lib.hfx_norm_bwd.argtypes = [p] * 8 + [i64] * 5 + [i32, i32]
+            lib.hfx_intra_fwd.argtypes = [p] * 10 + [i64] * 6 + [i32, i32]
+            lib.hfx_intra_bwd.argtypes = [p] * 17 + [i64] * 6 + [i32, i32]
             lib.hfx_writes_bwd.argtypes = [p] * 5 + [i64] * 5 + [i32]
             lib.hfx_writes_fwd.argtypes = [p] * 3 + [i64] * 5 + [i32]
             lib.hfx_chunks_fwd.argtypes = [p] * 2 + [i64] * 5 + [i32]
@@ -1138,10 +1140,11 @@ _DEFINED = []  # non-empty once this module's copy has checked that the operator
 
 def _define_ops() -> None:
     """Define every operator of this file once per process (a checkpoint's copy of this file may be imported as
-    well, and finds them defined)."""
+    well, and finds them defined). A change to any operator renames them all (a new version suffix): an older copy
+    (an older checkpoint's) then defines and runs its own operators beside these instead of finding them."""
     if _DEFINED:
         return
-    if not hasattr(torch.ops.hf_extras, "conv_silu_v3"):
+    if not hasattr(torch.ops.hf_extras, "conv_silu_v4"):
         _define_conv_norm_ops()
         _define_rms_ops()
         _define_ssd_ops()
@@ -1151,7 +1154,7 @@ def _define_ops() -> None:
 def _define_conv_norm_ops() -> None:
     """The conv + SiLU, Mamba-2's in_proj split + conv, and the gated norm, each with its autograd."""
 
-    @torch.library.custom_op("hf_extras::conv_silu_v3", mutates_args=())
+    @torch.library.custom_op("hf_extras::conv_silu_v4", mutates_args=())
     def _conv_silu(x: Tensor, taps: Tensor, bias: Tensor | None, starts: Tensor | None) -> Tensor:
         return _conv_forward(x, taps, bias, starts, [x.shape[-1]])[0]
 
@@ -1159,7 +1162,7 @@ def _define_conv_norm_ops() -> None:
     def _(x, taps, bias, starts):
         return x.new_empty(x.shape)
 
-    @torch.library.custom_op("hf_extras::conv_silu_v3_backward", mutates_args=())
+    @torch.library.custom_op("hf_extras::conv_silu_v4_backward", mutates_args=())
     def _conv_silu_backward(
         x: Tensor, taps: Tensor, bias: Tensor | None, starts: Tensor | None, gy: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -1178,14 +1181,14 @@ def _define_conv_norm_ops() -> None:
 
     def _conv_backward(ctx, gy):
         x, taps, bias, starts = ctx.saved_tensors
-        dx, dtaps, dbias = torch.ops.hf_extras.conv_silu_v3_backward(x, taps, bias, starts, gy)
+        dx, dtaps, dbias = torch.ops.hf_extras.conv_silu_v4_backward(x, taps, bias, starts, gy)
         return dx, dtaps, (dbias if ctx.has_bias else None), None
 
     _conv_silu.register_autograd(_conv_backward, setup_context=_conv_setup)
 
     # Mamba-2's in_proj output -> (z, x, B, C, dt): the conv (+ SiLU) of xBC read in place and written as three
     # tensors, z and dt copied out; the backward writes one gradient for the whole in_proj output (no concatenation)
-    @torch.library.custom_op("hf_extras::mamba2_in_conv_v1", mutates_args=())
+    @torch.library.custom_op("hf_extras::mamba2_in_conv_v2", mutates_args=())
     def _in_conv(
         zxbcdt: Tensor, taps: Tensor, bias: Tensor | None, starts: Tensor | None, widths: list[int]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -1208,7 +1211,7 @@ def _define_conv_norm_ops() -> None:
             zxbcdt.new_empty(batch, seq_len, w) for w in (widths[0], widths[1], widths[2], widths[2], widths[3])
         )
 
-    @torch.library.custom_op("hf_extras::mamba2_in_conv_v1_backward", mutates_args=())
+    @torch.library.custom_op("hf_extras::mamba2_in_conv_v2_backward", mutates_args=())
     def _in_conv_backward(
         zxbcdt: Tensor,
         taps: Tensor,
@@ -1249,79 +1252,61 @@ def _define_conv_norm_ops() -> None:
                 (dz, dx, dB, dC, ddt), (ctx.widths[0], ctx.widths[1], ctx.widths[2], ctx.widths[2], ctx.widths[3])
             )
         ]
-        grad, dtaps, dbias = torch.ops.hf_extras.mamba2_in_conv_v1_backward(
+        grad, dtaps, dbias = torch.ops.hf_extras.mamba2_in_conv_v2_backward(
             zxbcdt, taps, bias, starts, ctx.widths, *grads
         )
         return grad, dtaps, (dbias if ctx.has_bias else None), None, None
 
     _in_conv.register_autograd(_in_conv_grad, setup_context=_in_conv_setup)
 
-    @torch.library.custom_op("hf_extras::gated_rms_norm_v1", mutates_args=())
+    @torch.library.custom_op("hf_extras::gated_rms_norm_v2", mutates_args=())
     def _gated_norm(
-        y: Tensor, x: Tensor | None, D: Tensor | None, z: Tensor, weight: Tensor, groups: int, eps: float, before: bool
+        y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float, before: bool
     ) -> tuple[Tensor, Tensor]:
         batch, seq_len, width = y.shape
-        y, D = y.contiguous(), D.contiguous() if D is not None else None
+        y = y.contiguous()
         z, sz = _rows_view(z)
-        x, sx = _rows_view(x) if x is not None else (None, 0)
         out = y.new_empty(batch, seq_len, width)
         rstd = y.new_empty(batch, seq_len, groups)
         load_kernel().hfx_norm_fwd(
-            _ptr(y), _ptr(x), _ptr(D), _ptr(z), _ptr(weight), _ptr(out), _ptr(rstd), batch * seq_len, width, groups,
-            sx, sz, _items(batch * seq_len), eps, int(before), torch.get_num_threads(),
+            _ptr(y), _ptr(z), _ptr(weight), _ptr(out), _ptr(rstd), batch * seq_len, width, groups, sz,
+            _items(batch * seq_len), eps, int(before), torch.get_num_threads(),
         )  # fmt: skip
         return out, rstd
 
     @_gated_norm.register_fake
-    def _(y, x, D, z, weight, groups, eps, before):
+    def _(y, z, weight, groups, eps, before):
         return y.new_empty(y.shape), y.new_empty(*y.shape[:2], groups)
 
-    @torch.library.custom_op("hf_extras::gated_rms_norm_v1_backward", mutates_args=())
+    @torch.library.custom_op("hf_extras::gated_rms_norm_v2_backward", mutates_args=())
     def _gated_norm_backward(
-        y: Tensor,
-        x: Tensor | None,
-        D: Tensor | None,
-        z: Tensor,
-        weight: Tensor,
-        rstd: Tensor,
-        gout: Tensor,
-        groups: int,
-        before: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        y: Tensor, z: Tensor, weight: Tensor, rstd: Tensor, gout: Tensor, groups: int, before: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
         batch, seq_len, width = y.shape
-        y, gout, D = y.contiguous(), gout.contiguous(), D.contiguous() if D is not None else None
+        y, gout = y.contiguous(), gout.contiguous()
         z, sz = _rows_view(z)
-        x, sx = _rows_view(x) if x is not None else (None, 0)
         items = _items(batch * seq_len)
         dy, dz = torch.empty_like(y), torch.empty_like(y)
-        dx = torch.empty_like(y) if x is not None else y.new_zeros(0)
         dw = y.new_empty(items, width)
-        dD = y.new_empty(items, width) if x is not None else y.new_zeros(1, 0)
         load_kernel().hfx_norm_bwd(
-            _ptr(y), _ptr(x), _ptr(D), _ptr(z), _ptr(weight), _ptr(gout), _ptr(rstd), _ptr(dy),
-            _ptr(dx if x is not None else None), _ptr(dz), _ptr(dw), _ptr(dD if x is not None else None),
-            batch * seq_len, width, groups, sx, sz, items, int(before), torch.get_num_threads(),
+            _ptr(y), _ptr(z), _ptr(weight), _ptr(gout), _ptr(rstd), _ptr(dy), _ptr(dz), _ptr(dw), batch * seq_len,
+            width, groups, sz, items, int(before), torch.get_num_threads(),
         )  # fmt: skip
-        return dy, dx, dz, dw.sum(0), dD.sum(0)
+        return dy, dz, dw.sum(0)
 
     @_gated_norm_backward.register_fake
-    def _(y, x, D, z, weight, rstd, gout, groups, before):
-        dx = y.new_empty(y.shape) if x is not None else y.new_empty(0)
-        return y.new_empty(y.shape), dx, y.new_empty(y.shape), weight.new_empty(weight.shape), y.new_empty(y.shape[-1])
+    def _(y, z, weight, rstd, gout, groups, before):
+        return y.new_empty(y.shape), y.new_empty(y.shape), weight.new_empty(weight.shape)
 
     def _norm_setup(ctx, inputs, output):
-        y, x, D, z, weight, groups, eps, before = inputs
-        ctx.save_for_backward(y, x, D, z, weight, output[1])
-        ctx.groups, ctx.before, ctx.has_skip = groups, before, x is not None
+        y, z, weight, groups, eps, before = inputs
+        ctx.save_for_backward(y, z, weight, output[1])
+        ctx.groups, ctx.before = groups, before
 
     def _norm_backward(ctx, gout, _grstd):
-        y, x, D, z, weight, rstd = ctx.saved_tensors
-        dy, dx, dz, dw, dD = torch.ops.hf_extras.gated_rms_norm_v1_backward(
-            y, x, D, z, weight, rstd, gout, ctx.groups, ctx.before
-        )
-        if not ctx.has_skip:
-            dx = dD = None
-        return dy, dx, dD, dz, dw, None, None, None
+        y, z, weight, rstd = ctx.saved_tensors
+        dy, dz, dw = torch.ops.hf_extras.gated_rms_norm_v2_backward(y, z, weight, rstd, gout, ctx.groups, ctx.before)
+        return dy, dz, dw, None, None, None
 
     _gated_norm.register_autograd(_norm_backward, setup_context=_norm_setup)
 
@@ -1333,24 +1318,15 @@ def conv_silu(x: Tensor, taps: Tensor, bias: Tensor | None, document_starts: Ten
     ``kernels_apply``."""
     _define_ops()
     starts = document_starts.to(torch.uint8).contiguous() if document_starts is not None else None
-    return torch.ops.hf_extras.conv_silu_v3(x, taps, bias, starts)
+    return torch.ops.hf_extras.conv_silu_v4(x, taps, bias, starts)
 
 
-def gated_rms_norm(
-    y: Tensor,
-    z: Tensor,
-    weight: Tensor,
-    groups: int,
-    eps: float,
-    norm_before_gate: bool,
-    skip: Tensor | None = None,
-    skip_scale: Tensor | None = None,
-) -> Tensor:
-    """Mamba-2's gated RMS norm of ``y + skip_scale * skip`` (all (batch, time, width) but ``skip_scale`` (width,);
-    ``skip`` None: no skip) with gate ``z``, RMS over ``groups`` equal groups of channels. Differentiable; callers
-    check ``kernels_apply``."""
+def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float, norm_before_gate: bool) -> Tensor:
+    """Mamba-2's gated RMS norm of ``y`` with gate ``z`` (both (batch, time, width); ``z`` may be a column slice of a
+    wider row, read in place), RMS over ``groups`` equal groups of channels. Differentiable; callers check
+    ``kernels_apply``."""
     _define_ops()
-    return torch.ops.hf_extras.gated_rms_norm_v1(y, skip, skip_scale, z, weight, groups, eps, norm_before_gate)[0]
+    return torch.ops.hf_extras.gated_rms_norm_v2(y, z, weight, groups, eps, norm_before_gate)[0]
 
 
 def _chunk_rows(v: Tensor) -> tuple[Tensor, int]:
@@ -1369,7 +1345,15 @@ def _chunk_rows(v: Tensor) -> tuple[Tensor, int]:
 
 
 def _intra(
-    gqk: Tensor, b: Tensor, seg: Tensor, ks: Tensor | None, gamma: Tensor, v: Tensor, QS: Tensor, strict: bool
+    gqk: Tensor,
+    b: Tensor,
+    seg: Tensor,
+    ks: Tensor | None,
+    gamma: Tensor,
+    v: Tensor,
+    QS: Tensor,
+    D: Tensor | None,
+    strict: bool,
 ) -> Tensor:
     """``ssd_intra`` by the kernel."""
     *lead, R, C = b.shape
@@ -1377,13 +1361,15 @@ def _intra(
     gqk, b, seg, gamma, QS = (t.contiguous() for t in (gqk, b, seg, gamma, QS))
     v, sv = _chunk_rows(v)
     ks = ks.contiguous() if ks is not None else None
+    D = D.contiguous() if D is not None else None
     o = v.new_empty(v.shape)
     threads = torch.get_num_threads()
     work = v.new_empty(threads, C * C + C * Dv + C)
     blocks = b.numel() // (R * C) if C else 0
+    groups = D.numel() // (R * Dv) if D is not None else 1
     load_kernel().hfx_intra_fwd(
-        _ptr(gqk), _ptr(b), _ptr(seg), _ptr(ks), _ptr(gamma), _ptr(v), _ptr(QS), _ptr(o), _ptr(work),
-        blocks, R, C, Dv, sv, int(strict), threads,
+        _ptr(gqk), _ptr(b), _ptr(seg), _ptr(ks), _ptr(gamma), _ptr(v), _ptr(QS), _ptr(D), _ptr(o), _ptr(work),
+        blocks, R, C, Dv, sv, groups, int(strict), threads,
     )  # fmt: skip
     return o
 
@@ -1396,27 +1382,32 @@ def _intra_backward(
     gamma: Tensor,
     v: Tensor,
     QS: Tensor,
+    D: Tensor | None,
     dO: Tensor,
     strict: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``ssd_intra_backward`` by the kernel."""
     *lead, R, C = b.shape
     Dv = v.shape[-1]
     gqk, b, seg, gamma, QS, dO = (t.contiguous() for t in (gqk, b, seg, gamma, QS, dO))
     v, sv = _chunk_rows(v)
     ks = ks.contiguous() if ks is not None else None
+    D = D.contiguous() if D is not None else None
     dQS, dv = v.new_empty(v.shape), v.new_empty(v.shape)
     dgamma, zrow, xcol = torch.empty_like(b), torch.empty_like(b), torch.empty_like(b)
     dgqk = torch.empty_like(gqk)
     threads = torch.get_num_threads()
     work = v.new_empty(threads, 3 * C * C + 3 * Dv * C)
     blocks = b.numel() // (R * C) if C else 0
+    groups = D.numel() // (R * Dv) if D is not None else 1
+    dD = v.new_empty(blocks // groups, groups, R, Dv) if D is not None else None  # partial sums per (chunk, row)
     load_kernel().hfx_intra_bwd(
-        _ptr(gqk), _ptr(b), _ptr(seg), _ptr(ks), _ptr(gamma), _ptr(v), _ptr(QS), _ptr(dO), _ptr(dQS),
-        _ptr(dgamma), _ptr(dgqk), _ptr(zrow), _ptr(xcol), _ptr(dv), _ptr(work), blocks, R, C, Dv, sv, int(strict),
-        threads,
+        _ptr(gqk), _ptr(b), _ptr(seg), _ptr(ks), _ptr(gamma), _ptr(v), _ptr(QS), _ptr(D), _ptr(dO), _ptr(dQS),
+        _ptr(dgamma), _ptr(dgqk), _ptr(zrow), _ptr(xcol), _ptr(dv), _ptr(dD), _ptr(work), blocks, R, C, Dv, sv,
+        groups, int(strict), threads,
     )  # fmt: skip
-    return dQS, dgamma, dgqk, zrow, xcol, dv
+    dD = dD.sum(0).view(D.shape) if D is not None else v.new_zeros(0)
+    return dQS, dgamma, dgqk, zrow, xcol, dv, dD
 
 
 def _chunks(states: Tensor, ge: Tensor) -> None:
@@ -1500,8 +1491,8 @@ def _rms_backward(x: Tensor, weight: Tensor, rstd: Tensor, gout: Tensor) -> tupl
 
 def _define_rms_ops() -> None:
     """The RMS norm with its autograd."""
-    fwd = torch.library.custom_op("hf_extras::rms_norm_v1", _rms, mutates_args=())
-    bwd = torch.library.custom_op("hf_extras::rms_norm_v1_backward", _rms_backward, mutates_args=())
+    fwd = torch.library.custom_op("hf_extras::rms_norm_v2", _rms, mutates_args=())
+    bwd = torch.library.custom_op("hf_extras::rms_norm_v2_backward", _rms_backward, mutates_args=())
     fwd.register_fake(lambda x, weight, eps: (x.new_empty(x.shape), x.new_empty(x.shape[:-1])))
     bwd.register_fake(lambda x, weight, rstd, gout: (x.new_empty(x.shape), weight.new_empty(weight.shape)))
 
@@ -1511,7 +1502,7 @@ def _define_rms_ops() -> None:
 
     def backward(ctx, gout, _grstd):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.hf_extras.rms_norm_v1_backward(x, weight, rstd, gout)
+        dx, dw = torch.ops.hf_extras.rms_norm_v2_backward(x, weight, rstd, gout)
         return dx, dw, None
 
     fwd.register_autograd(backward, setup_context=setup)
@@ -1519,15 +1510,15 @@ def _define_rms_ops() -> None:
 
 def _define_ssd_ops() -> None:
     """The SSD pieces (called inside `retention_ops._GroupedChunkwise`'s forward and backward: no autograd)."""
-    fwd = torch.library.custom_op("hf_extras::ssd_intra_v1", _intra, mutates_args=())
-    bwd = torch.library.custom_op("hf_extras::ssd_intra_v1_backward", _intra_backward, mutates_args=())
-    writes = torch.library.custom_op("hf_extras::ssd_state_writes_v1_backward", _writes_backward, mutates_args=("dv",))
-    torch.library.custom_op("hf_extras::ssd_state_writes_v1", _writes, mutates_args=()).register_fake(
+    fwd = torch.library.custom_op("hf_extras::ssd_intra_v2", _intra, mutates_args=())
+    bwd = torch.library.custom_op("hf_extras::ssd_intra_v2_backward", _intra_backward, mutates_args=())
+    writes = torch.library.custom_op("hf_extras::ssd_state_writes_v2_backward", _writes_backward, mutates_args=("dv",))
+    torch.library.custom_op("hf_extras::ssd_state_writes_v2", _writes, mutates_args=()).register_fake(
         lambda v, w: v.new_empty(v.shape)
     )
-    torch.library.custom_op("hf_extras::ssd_chunk_states_v1", _chunks, mutates_args=("states",))
+    torch.library.custom_op("hf_extras::ssd_chunk_states_v2", _chunks, mutates_args=("states",))
     torch.library.custom_op(
-        "hf_extras::ssd_chunk_states_v1_backward", _chunks_backward, mutates_args=("dS",)
+        "hf_extras::ssd_chunk_states_v2_backward", _chunks_backward, mutates_args=("dS",)
     ).register_fake(lambda dS, states, ge: ge.new_empty(ge.shape))
 
     @writes.register_fake
@@ -1535,11 +1526,11 @@ def _define_ssd_ops() -> None:
         return w.new_empty(w.shape)
 
     @fwd.register_fake
-    def _(gqk, b, seg, ks, gamma, v, QS, strict):
+    def _(gqk, b, seg, ks, gamma, v, QS, D, strict):
         return v.new_empty(v.shape)
 
     @bwd.register_fake
-    def _(gqk, b, seg, ks, gamma, v, QS, dO, strict):
+    def _(gqk, b, seg, ks, gamma, v, QS, D, dO, strict):
         v_like, b_like = v.new_empty(v.shape), b.new_empty(b.shape)
         return (
             v_like,
@@ -1548,19 +1539,29 @@ def _define_ssd_ops() -> None:
             b.new_empty(b.shape),
             b.new_empty(b.shape),
             v.new_empty(v.shape),
+            D.new_empty(D.shape) if D is not None else v.new_empty(0),
         )
 
 
 def ssd_intra(
-    gqk: Tensor, b: Tensor, seg: Tensor, ks: Tensor | None, gamma: Tensor, v: Tensor, QS: Tensor, strict: bool
+    gqk: Tensor,
+    b: Tensor,
+    seg: Tensor,
+    ks: Tensor | None,
+    gamma: Tensor,
+    v: Tensor,
+    QS: Tensor,
+    D: Tensor | None,
+    strict: bool,
 ) -> Tensor:
-    """SSD's output within each chunk: ``o_r[t] = gamma_r[t] QS_r[t] + sum_s P_r[t, s] v_r[s]`` with the pair weights
-    ``P_r[t, s] = gqk[t, s] exp(b_t - b_s) ks_r[s]`` (s <= t, or s < t when ``strict``, same segment; else 0), computed
-    on the fly, never stored. gqk (..., C, C) is shared by the R heads of a group; b, seg, ks, gamma (..., R, C); v, QS
-    and the output (..., C, R, Dv) (token rows, heads side by side). Not differentiable:
-    ``retention_ops._GroupedChunkwise`` calls it in its forward and ``ssd_intra_backward`` in its backward."""
+    """SSD's output within each chunk: ``o_r[t] = gamma_r[t] QS_r[t] + sum_s P_r[t, s] v_r[s] (+ D_r v_r[t])`` with
+    the pair weights ``P_r[t, s] = gqk[t, s] exp(b_t - b_s) ks_r[s]`` (s <= t, or s < t when ``strict``, same segment;
+    else 0), computed on the fly, never stored. gqk (N, B, G, C, C) is shared by the R heads of a group; b, seg, ks,
+    gamma (N, B, G, R, C); v, QS and the output (N, B, G, C, R, Dv) (token rows, heads side by side); D None or
+    (G, R, Dv), a per-channel skip (Mamba-2's ``D x``). Not differentiable: ``retention_ops._GroupedChunkwise`` calls
+    it in its forward and ``ssd_intra_backward`` in its backward."""
     _define_ops()
-    return torch.ops.hf_extras.ssd_intra_v1(gqk, b, seg, ks, gamma, v, QS, strict)
+    return torch.ops.hf_extras.ssd_intra_v2(gqk, b, seg, ks, gamma, v, QS, D, strict)
 
 
 def ssd_intra_backward(
@@ -1571,14 +1572,16 @@ def ssd_intra_backward(
     gamma: Tensor,
     v: Tensor,
     QS: Tensor,
+    D: Tensor | None,
     dO: Tensor,
     strict: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """From ``dO`` (the gradient of ``ssd_intra``'s output): ``dQS = gamma dO``, ``d gamma`` (``dO . QS`` per row),
     ``d gqk``, and with ``X_r = dP_r * gqk * L_r`` its row sums weighted by ``ks`` and its column sums (the pair decays'
-    share of the log-decay gradient and of ``d ks``), and ``dv`` through the pair weights."""
+    share of the log-decay gradient and of ``d ks``), ``dv`` through the pair weights and the skip, and ``dD``
+    (``D``'s shape; empty without a skip)."""
     _define_ops()
-    return torch.ops.hf_extras.ssd_intra_v1_backward(gqk, b, seg, ks, gamma, v, QS, dO, strict)
+    return torch.ops.hf_extras.ssd_intra_v2_backward(gqk, b, seg, ks, gamma, v, QS, D, dO, strict)
 
 
 def ssd_chunk_states(states: Tensor, ge: Tensor) -> None:
@@ -1586,7 +1589,7 @@ def ssd_chunk_states(states: Tensor, ge: Tensor) -> None:
     writes on entry and the state leaving chunk n on return (``S_{n+1} += a_n S_n``, slot 0 the initial state);
     ``ge`` (N, B, G, R) the chunks' decays per head. One pass over the buffer."""
     _define_ops()
-    torch.ops.hf_extras.ssd_chunk_states_v1(states, ge)
+    torch.ops.hf_extras.ssd_chunk_states_v2(states, ge)
 
 
 def ssd_chunk_states_backward(dS: Tensor, states: Tensor, ge: Tensor) -> Tensor:
@@ -1595,14 +1598,14 @@ def ssd_chunk_states_backward(dS: Tensor, states: Tensor, ge: Tensor) -> Tensor:
     the state leaving chunk n and slot 0 the initial state's. ``states`` (N, ...) the states entering each chunk.
     Returns the gradient of the chunks' decays, (N, B, G, R)."""
     _define_ops()
-    return torch.ops.hf_extras.ssd_chunk_states_v1_backward(dS, states, ge)
+    return torch.ops.hf_extras.ssd_chunk_states_v2_backward(dS, states, ge)
 
 
 def ssd_state_writes(v: Tensor, w: Tensor) -> Tensor:
     """``v * w`` (contiguous (..., C, R, Dv)) with ``w`` (..., R, C), one weight per head and token: the values as the
     state products take them. One pass; ``v`` read in place where its rows allow."""
     _define_ops()
-    return torch.ops.hf_extras.ssd_state_writes_v1(v, w)
+    return torch.ops.hf_extras.ssd_state_writes_v2(v, w)
 
 
 def ssd_state_writes_backward(dvt: Tensor, v: Tensor, w: Tensor, dv: Tensor) -> Tensor:
@@ -1610,7 +1613,7 @@ def ssd_state_writes_backward(dvt: Tensor, v: Tensor, w: Tensor, dv: Tensor) -> 
     ``w * dvt`` to ``dv`` in place (contiguous, (..., C, R, Dv)) and returns ``dw = sum_d dvt * v`` (..., R, C), with
     ``w`` (..., R, C) (one weight per head and token). One pass; ``v`` read in place where its rows allow."""
     _define_ops()
-    return torch.ops.hf_extras.ssd_state_writes_v1_backward(dvt, v, w, dv)
+    return torch.ops.hf_extras.ssd_state_writes_v2_backward(dvt, v, w, dv)
 
 
 def mamba2_in_conv(
@@ -1622,11 +1625,11 @@ def mamba2_in_conv(
     instead of autograd concatenating the pieces' gradients twice. Differentiable; callers check ``kernels_apply``."""
     _define_ops()
     starts = document_starts.to(torch.uint8).contiguous() if document_starts is not None else None
-    return torch.ops.hf_extras.mamba2_in_conv_v1(zxbcdt, taps, bias, starts, list(widths))
+    return torch.ops.hf_extras.mamba2_in_conv_v2(zxbcdt, taps, bias, starts, list(widths))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``weight * x * rsqrt(mean(x^2, -1) + eps)`` in one pass forward and one backward (float32 CPU tensors, the last
     dim normed). Differentiable; callers check ``kernels_apply``."""
     _define_ops()
-    return torch.ops.hf_extras.rms_norm_v1(x, weight, eps)[0]
+    return torch.ops.hf_extras.rms_norm_v2(x, weight, eps)[0]

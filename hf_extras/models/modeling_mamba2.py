@@ -58,22 +58,12 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
         self.norm_before_gate = norm_before_gate
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        gate: torch.Tensor | None = None,
-        skip: torch.Tensor | None = None,
-        skip_scale: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Norm of `hidden_states + skip * skip_scale` (Mamba-2's `D x` term; `skip_scale` per channel) gated by
-        `gate`. In float32 on a CPU with a gate, one compiled kernel (`mixer_cpu_kernels`) does it all."""
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Norm of `hidden_states` gated by `gate`. In float32 on a CPU with a gate, one compiled kernel
+        (`mixer_cpu_kernels`) does it all."""
         groups = hidden_states.shape[-1] // self.group_size
-        if gate is not None and kernels_apply(hidden_states, gate, self.weight, skip, skip_scale):
-            return gated_rms_norm(
-                hidden_states, gate, self.weight, groups, self.eps, self.norm_before_gate, skip, skip_scale
-            )
-        if skip is not None:
-            hidden_states = hidden_states + skip * skip_scale
+        if gate is not None and kernels_apply(hidden_states, gate, self.weight):
+            return gated_rms_norm(hidden_states, gate, self.weight, groups, self.eps, self.norm_before_gate)
         dtype = hidden_states.dtype
         y = hidden_states.float()
         if gate is not None and not self.norm_before_gate:
@@ -232,6 +222,8 @@ class HfxMamba2Mixer(nn.Module):
             bidirectional=self.bidirectional,
             reset=document_starts,
         )
+        # + D x: one D per head (or per channel, D_has_hdim), added by the scan where it reads x anyway
+        D = self.D.view(self.num_heads, -1).expand(-1, self.head_dim)
         result = None
         if fla_available(v.device):  # fla's kernels take per-head, head-first q / k / v
             q = self._heads(C, self.ssm_state_size)
@@ -240,23 +232,21 @@ class HfxMamba2Mixer(nn.Module):
                 q, k, v.transpose(1, 2), log_decay.transpose(1, 2), mode=mode, **kwargs
             )
             if result is not None:
-                result = result[0].transpose(1, 2), result[1]
+                result = result[0].transpose(1, 2) + v * D.to(v.dtype), result[1]
         if result is None:  # B / C shared by the heads of a group, never expanded per head (dt scales the keys)
             groups = (batch, seq_len, self.n_groups, self.ssm_state_size)
             result = grouped_decayed_linear_attention(
-                C.view(groups), B.view(groups), v, log_decay, dt, mode=mode, chunk_size=self.chunk_size, **kwargs
-            )
+                C.view(groups), B.view(groups), v, log_decay, dt, mode=mode, chunk_size=self.chunk_size,
+                skip_scale=D, **kwargs,
+            )  # fmt: skip
         y, new_state = result  # (batch, time, heads, head_dim)
         if cache is not None:
             cache.write_recurrent(self.layer_idx, new_state)
         y = y.reshape(batch, seq_len, self.intermediate_size)
-        # + D x: one D per head (or per channel, D_has_hdim), applied per channel; folded into the norm's kernel
-        D = self.D.to(y.dtype).view(self.num_heads, -1).expand(-1, self.head_dim).reshape(self.intermediate_size)
-        x = x.reshape(batch, seq_len, self.intermediate_size)
         if self.norm is not None:
-            y = self.norm(y, z, skip=x, skip_scale=D)
+            y = self.norm(y, z)
         else:
-            y = (y + x * D).float() * F.silu(z.float())
+            y = y.float() * F.silu(z.float())
         return self.out_proj(y.to(dtype))
 
 

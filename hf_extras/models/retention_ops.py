@@ -625,10 +625,11 @@ class _GroupedChunkwise(torch.autograd.Function):
     Layouts, chunk-major and token-major (the heads of a group side by side in the last dim, as Mamba's ``x``):
     q, k (N, B, G, C, Dk); v (N, B, G, C, R, Dv); g log decays (N, B, G, R, C) (``-inf``: the state resets before
     that token writes); ks key scales (N, B, G, R, C) or None; S0 (B, G, Dk, R * Dv) (head h's state in columns
-    ``h * Dv:(h + 1) * Dv``). Per chunk, with ``b`` the within-chunk cumulative log decay of a head::
+    ``h * Dv:(h + 1) * Dv``); D None or (G, R, Dv), a skip ``o += D v`` per channel (Mamba-2's ``D x``, added here
+    where v is read anyway). Per chunk, with ``b`` the within-chunk cumulative log decay of a head::
 
         L_h[t, s] = exp(b_t - b_s) (s <= t, or s < t when strict; same segment), gamma_t = exp(b_t), eps_s = exp(b_C - b_s)
-        o_h = ((q k^T) * L_h * ks_h[None, :]) v_h + gamma_h * (q S_h)
+        o_h = ((q k^T) * L_h * ks_h[None, :]) v_h + gamma_h * (q S_h) (+ D_h v_h)
         S_h <- exp(b_C) S_h + k^T (eps_h ks_h v_h)
 
     Why: ``q k^T`` is computed once per group (not per head), the state products run as one ``(Dk x C) @ (C x R Dv)``
@@ -637,7 +638,7 @@ class _GroupedChunkwise(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, g, ks, S0, strict: bool):
+    def forward(ctx, q, k, v, g, ks, S0, D, strict: bool):
         N, B, G, C, Dk = q.shape
         R, Dv = v.shape[-2:]
         b, seg, gamma, eps, reset = _scalar_decays(g)
@@ -665,7 +666,7 @@ class _GroupedChunkwise(torch.autograd.Function):
         # within chunks: o_h = gamma_h (q S_h) + P_h v_h, P_h = (q k^T) * L_h * ks_h (columns)
         L = P = v_h = None
         if fused:
-            o = ssd_intra(Gqk, b, seg, ks, gamma, v, QS, strict)
+            o = ssd_intra(Gqk, b, seg, ks, gamma, v, QS, D, strict)
         else:
             L = _pair_decays(b, seg, strict)
             P = Gqk.unsqueeze(3) * L
@@ -674,8 +675,10 @@ class _GroupedChunkwise(torch.autograd.Function):
             v_h = v.transpose(-2, -3).contiguous()  # head-major (N, B, G, R, C, Dv) for the per-head products
             o = torch.empty_like(QS)
             torch.addcmul(torch.matmul(P, v_h).transpose(-2, -3), QS, gamma.transpose(-1, -2).unsqueeze(-1), out=o)
+            if D is not None:
+                o.addcmul_(v, D.unsqueeze(-3))  # (G, R, Dv) -> over the chunk's tokens
         ctx.strict, ctx.fused = strict, fused
-        ctx.save_for_backward(q, k, v, v_h, ks, Gqk, P, L, b, seg, gamma, eps, reset, vt, states, QS)
+        ctx.save_for_backward(q, k, v, v_h, ks, Gqk, P, L, b, seg, gamma, eps, reset, vt, states, QS, D)
         return o, final
 
     @staticmethod
@@ -688,15 +691,18 @@ class _GroupedChunkwise(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, do, d_final):
-        q, k, v, v_h, ks, Gqk, P, L, b, seg, gamma, eps, reset, vt, states, QS = ctx.saved_tensors
+        q, k, v, v_h, ks, Gqk, P, L, b, seg, gamma, eps, reset, vt, states, QS, D = ctx.saved_tensors
         N, B, G, C, Dk = q.shape
         R, Dv = v.shape[-2:]
         do = do.contiguous()
         # within chunks (and o += gamma * (q S)): dQS, d gamma, d(q k^T), dv through P; X = dP * (q k^T) * L: its
         # column sums (x_col) and its row sums weighted by ks (z_row) carry the pair decays' share of the log-decay
         # gradient and of d ks
+        dD = None
         if ctx.fused:
-            dQS, d_gamma, dGqk, z_row, x_col, dv = ssd_intra_backward(Gqk, b, seg, ks, gamma, v, QS, do, ctx.strict)
+            dQS, d_gamma, dGqk, z_row, x_col, dv, dD = ssd_intra_backward(
+                Gqk, b, seg, ks, gamma, v, QS, D, do, ctx.strict
+            )
             dQS = dQS.view(N, B, G, C, R * Dv)
         else:
             dQS = (do * gamma.transpose(-1, -2).unsqueeze(-1)).view(N, B, G, C, R * Dv)
@@ -708,6 +714,9 @@ class _GroupedChunkwise(torch.autograd.Function):
             X = dP.mul_(Gqk.unsqueeze(3) * L)
             x_col = X.sum(-2)
             z_row = (X if ks is None else X.mul_(ks.unsqueeze(-2))).sum(-1)
+            if D is not None:  # the skip o += D v
+                dv.addcmul_(do, D.unsqueeze(-3))
+                dD = (do * v).sum((0, 1, 3))
         dq = torch.matmul(dQS, states.transpose(-1, -2))
         # the recurrence, last chunk first, in one buffer: slot n holds the gradient reaching S_n from chunk n's
         # outputs (q^T dQS), slot N the final state's; then slot n += a_n * slot n + 1 leaves in slot n + 1 the
@@ -754,7 +763,7 @@ class _GroupedChunkwise(torch.autograd.Function):
         d_end = t_eps.sum(-1) + d_ge * gamma[..., -1]  # and the chunk decay exp(b_C)
         db = db + torch.nn.functional.pad(d_end.unsqueeze(-1), (C - 1, 0))
         dg = (db.sum(-1, keepdim=True) - db.cumsum(-1) + db).masked_fill(reset, 0.0)
-        return dq, dk, dv, dg, d_ks, dS0, None
+        return dq, dk, dv, dg, d_ks, dS0, (dD if D is not None else None), None
 
 
 # A log-decay offset whose exp is exactly 0 in float32 and float64 (exp(-1000) underflows both).
@@ -787,7 +796,9 @@ def _pair_decays(b: Tensor, seg: Tensor, strict: bool) -> Tensor:
     return L.mul_(_causal_mask(C, strict, b.device).to(b.dtype))
 
 
-def _grouped_chunkwise(q, k, v, log_decay, key_scale, initial_state, output_final_state, strict, chunk_size, reset):
+def _grouped_chunkwise(
+    q, k, v, log_decay, key_scale, initial_state, output_final_state, strict, chunk_size, reset, skip_scale
+):
     """Time-major inputs (see ``grouped_decayed_linear_attention``) -> padded, chunk-major, one ``_GroupedChunkwise``."""
     B, T, G, Dk = q.shape
     H, Dv = v.shape[-2:]
@@ -799,6 +810,7 @@ def _grouped_chunkwise(q, k, v, log_decay, key_scale, initial_state, output_fina
     if reset is not None:
         g = g.masked_fill(reset[..., None], float("-inf"))
     ks = key_scale.to(fdt) if key_scale is not None else None
+    D = skip_scale.to(fdt).reshape(G, R, Dv) if skip_scale is not None else None
     if T == 0:
         o = v.new_zeros(B, 0, H, Dv).to(out_dtype)
         if not output_final_state:
@@ -829,6 +841,7 @@ def _grouped_chunkwise(q, k, v, log_decay, key_scale, initial_state, output_fina
         per_head(g),
         per_head(ks) if ks is not None else None,
         S0,
+        D,
         strict,
     )
     o = o.transpose(0, 1).transpose(2, 3).reshape(B, N * C, H, Dv)  # (N, B, G, C, R, Dv) -> time-major
@@ -851,10 +864,12 @@ def grouped_decayed_linear_attention(
     output_final_state: bool = False,
     bidirectional: bool = False,
     reset: Tensor | None = None,
+    skip_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``decayed_linear_attention`` with one scalar log decay per head and token, and queries / keys shared by the
     heads of a group, scaled per head: Mamba-2's SSD (``q = C``, ``k = B``, ``key_scale = dt``, ``v = x``,
-    ``log_decay = dt * A``), in Mamba's time-major layout, without materialising per-head queries or keys.
+    ``log_decay = dt * A``), in Mamba's time-major layout, without materialising per-head queries or keys; with
+    ``skip_scale`` also Mamba-2's ``D x`` skip.
 
     Args:
         q, k: (B, T, G, Dk), shared by the ``R = H / G`` consecutive heads of each group.
@@ -863,6 +878,8 @@ def grouped_decayed_linear_attention(
         key_scale: None or (B, T, H): head h's key at t is ``key_scale[:, t, h] * k[:, t, h // R]``.
         mode, chunk_size, initial_state (B, H, Dk, Dv), output_final_state, bidirectional, reset (B, T): as in
             ``decayed_linear_attention`` (which this equals, head by head, to float rounding).
+        skip_scale: None or (H, Dv): adds ``skip_scale * v`` to the output (once, also when bidirectional); in the
+            chunkwise form the within-chunk kernel adds it where it reads v anyway.
 
     Returns ``(o, final_state)``: o is (B, T, H, Dv) in v's dtype; final_state (B, H, Dk, Dv) or None.
     The chunkwise and parallel forms run ``_GroupedChunkwise`` (parallel = one chunk spanning the input); the
@@ -874,6 +891,8 @@ def grouped_decayed_linear_attention(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES + ('auto',)}, got {mode!r}")
     _check_grouped(q, k, v, log_decay, key_scale, initial_state, chunk_size, reset)
+    if skip_scale is not None and tuple(skip_scale.shape) != tuple(v.shape[2:]):
+        raise ValueError(f"skip_scale must have shape (H, Dv) = {tuple(v.shape[2:])}, got {tuple(skip_scale.shape)}")
     if mode == "recurrent":
         B, T, G, Dk = q.shape
         R = v.shape[2] // G
@@ -895,17 +914,22 @@ def grouped_decayed_linear_attention(
             bidirectional=bidirectional,
             reset=reset,
         )
-        return o.transpose(1, 2), final
+        o = o.transpose(1, 2)
+        return (o if skip_scale is None else o + v * skip_scale.to(o.dtype)), final
     C = chunk_size if mode == "chunkwise" else max(q.shape[1], 1)
     # float32 throughout (float64 for float64 inputs), also under autocast: the state is carried in float32
     with torch.autocast(device_type=q.device.type, enabled=False):
         return _grouped_both_ways(
-            q, k, v, log_decay, key_scale, initial_state, output_final_state, bidirectional, C, reset
+            q, k, v, log_decay, key_scale, initial_state, output_final_state, bidirectional, C, reset, skip_scale
         )
 
 
-def _grouped_both_ways(q, k, v, log_decay, key_scale, initial_state, output_final_state, bidirectional, C, reset):
-    o, final = _grouped_chunkwise(q, k, v, log_decay, key_scale, initial_state, output_final_state, False, C, reset)
+def _grouped_both_ways(
+    q, k, v, log_decay, key_scale, initial_state, output_final_state, bidirectional, C, reset, skip_scale
+):
+    o, final = _grouped_chunkwise(
+        q, k, v, log_decay, key_scale, initial_state, output_final_state, False, C, reset, skip_scale
+    )
     if bidirectional:
         # the anti-causal pass: the causal recurrence on the time-flipped sequence, strictly earlier tokens only
         # (token t is counted in the causal pass); a document starting at r is cut at r - 1 in this direction
@@ -915,7 +939,7 @@ def _grouped_both_ways(q, k, v, log_decay, key_scale, initial_state, output_fina
             r_f = torch.flip(backward_resets(reset), fl)
         ks_f = torch.flip(key_scale, fl) if key_scale is not None else None
         flipped = (torch.flip(x, fl) for x in (q, k, v, log_decay))
-        o_b, _ = _grouped_chunkwise(*flipped, ks_f, None, False, True, C, r_f)
+        o_b, _ = _grouped_chunkwise(*flipped, ks_f, None, False, True, C, r_f, None)  # the skip: counted once
         o = o + torch.flip(o_b, fl)
     return o, final
 
