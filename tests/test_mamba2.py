@@ -123,6 +123,29 @@ def test_forms_and_gradients_agree(bidirectional, n_groups, seq_len):
         assert all(g.abs().sum() > 0 for g in grads["recurrent"])
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_in_proj_split_into_two_gemms_equals_the_module_call(use_bias):
+    """Without a cache and with a plain `nn.Linear` in_proj, z and (xBC, dt) are two GEMMs on slices of its weight
+    (no z copy, no dz copy); a hooked in_proj (as accelerate, DeepSpeed, PEFT and quantizers leave it) is called as a
+    module. Both: the same outputs and gradients."""
+    m = mixer(use_bias=use_bias)
+    hidden = torch.randn(2, 37, 32)
+    weights = torch.linspace(-1, 1, 2 * 37 * 32).view(2, 37, 32)
+    calls, results = [], []
+    for hooked in (False, True):
+        handle = m.in_proj.register_forward_hook(lambda *_: calls.append(1)) if hooked else None
+        m.zero_grad()
+        x = hidden.clone().requires_grad_()
+        out = m(x)
+        (out * weights).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad.clone() for p in m.parameters()])
+        if handle is not None:
+            handle.remove()
+    assert calls == [1]  # the split path never called the module
+    for a, b in zip(*results):
+        assert rel_err(a, b) <= 1e-5
+
+
 @pytest.mark.parametrize("n_groups", [1, 2])
 @pytest.mark.parametrize("mode", MODES)
 def test_initial_state_continues_the_sequence(n_groups, mode):

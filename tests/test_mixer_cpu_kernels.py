@@ -405,7 +405,8 @@ def test_ssd_kernels_read_values_in_place_from_a_wider_row(monkeypatch):
 
 
 @pytest.mark.parametrize("documents", [False, True])
-@pytest.mark.parametrize("widths", [[12, 12, 5, 3], [32, 32, 16, 3]])  # the second: the register-blocked conv
+# the second: the register-blocked conv; the third: no z (Mamba-2 projects z apart from a plain in_proj)
+@pytest.mark.parametrize("widths", [[12, 12, 5, 3], [32, 32, 16, 3], [0, 32, 16, 3]])
 def test_mamba2_in_conv_equals_split_then_conv_with_gradients(documents, widths):
     """`mamba2_in_conv` against the split + conv + SiLU + split it replaces (float64 PyTorch): the five outputs and
     the gradients of the in_proj output, the taps and the bias, with every output's gradient used."""
@@ -428,7 +429,7 @@ def test_mamba2_in_conv_equals_split_then_conv_with_gradients(documents, widths)
     got_out = mixer_cpu_kernels.mamba2_in_conv(leaves[0], leaves[1][:, 0, :].t(), leaves[2], widths, starts)
     got = torch.autograd.grad(got_out, leaves, [g.float() for g in grads_out])
     for a, b in zip(got_out, reference):
-        assert rel(a, b) < 1e-6
+        assert a.shape == b.shape and (a.numel() == 0 or rel(a, b) < 1e-6)
     for a, b in zip(got, expected):
         assert rel(a, b) < 1e-6
 

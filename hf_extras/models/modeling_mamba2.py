@@ -43,6 +43,21 @@ from .retention_ops import grouped_decayed_linear_attention, pick_mode
 from .seq2seq import ForConditionalGenerationHead
 
 
+def _runs_own_forward(linear: nn.Module) -> bool:
+    """Whether ``linear`` is exactly an ``nn.Linear`` whose call runs nothing but its own forward: no subclass (PEFT's
+    LoRA layers, quantized linears, parametrizations), no module or global hooks (accelerate's offloading, DeepSpeed
+    ZeRO-3's gathering, pruning), no replaced ``forward``. Only then may its weight be used directly."""
+    glob = nn.modules.module
+    return (
+        type(linear) is nn.Linear
+        and "forward" not in linear.__dict__
+        and not (linear._forward_hooks or linear._forward_pre_hooks)
+        and not (linear._backward_hooks or linear._backward_pre_hooks)
+        and not (glob._global_forward_hooks or glob._global_forward_pre_hooks)
+        and not (glob._global_backward_hooks or glob._global_backward_pre_hooks)
+    )
+
+
 class GatedRMSNorm(nn.Module):
     """Mamba-2's output norm: `weight * groupnorm_rms(y * silu(z))`, RMS over each group of `group_size` channels;
     `norm_before_gate=True`: `weight * groupnorm_rms(y) * silu(z)` (mamba_ssm's option).
@@ -178,17 +193,29 @@ class HfxMamba2Mixer(nn.Module):
         the batch is not packed); a pad reaches no later token through the conv and passes the state (`dt = 0`)."""
         batch, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype
-        zxbcdt = self.in_proj(hidden_states)
+        inner = self.intermediate_size
+        z = None
+        if cache is None and _runs_own_forward(self.in_proj):
+            # z and (xBC, dt) as two GEMMs on slices of the weight: z is read in place by the norm, and neither z nor
+            # its gradient is copied (8 MB a layer at T=2048)
+            weight, bias = self.in_proj.weight, self.in_proj.bias
+            z = F.linear(hidden_states, weight[:inner], None if bias is None else bias[:inner])
+            proj = F.linear(hidden_states, weight[inner:], None if bias is None else bias[inner:])
+        else:  # (z, xBC, dt) in one tensor, whose gradient the conv kernel writes whole (no concatenation)
+            proj = self.in_proj(hidden_states)
         group_width = self.n_groups * self.ssm_state_size
-        keep = attention_mask[..., None].to(zxbcdt.dtype) if attention_mask is not None else None
+        keep = attention_mask[..., None].to(proj.dtype) if attention_mask is not None else None
         silu = self.hidden_act == "silu"  # fused with the conv where a compiled kernel applies
         conv = self.conv1d
-        if cache is None and keep is None and silu and conv_kernel_applies(zxbcdt, conv.weight, conv.bias):  # training
-            widths = [self.intermediate_size, self.intermediate_size, group_width, self.num_heads]
+        if cache is None and keep is None and silu and conv_kernel_applies(proj, conv.weight, conv.bias):  # training
+            widths = [0 if z is not None else inner, inner, group_width, self.num_heads]
             taps = self.conv1d.weight[:, 0, :].t()
-            z, x, B, C, dt = mamba2_in_conv(zxbcdt, taps, self.conv1d.bias, widths, document_starts)
+            z_out, x, B, C, dt = mamba2_in_conv(proj, taps, self.conv1d.bias, widths, document_starts)
+            z = z_out if z is None else z
         else:
-            z, xBC, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+            if z is None:
+                z, proj = proj.split([inner, self.conv_dim + self.num_heads], dim=-1)
+            xBC, dt = proj.split([self.conv_dim, self.num_heads], dim=-1)
             xBC = cached_causal_conv(
                 xBC,
                 self.conv1d,
