@@ -459,3 +459,49 @@ def test_rms_norm_kernel_equals_the_pytorch_norm_with_gradients(monkeypatch):
     assert rel(out, reference) < 1e-6
     for a, b in zip(got, expected):
         assert rel(a, b) < 1e-6
+
+
+def _load_copy(tmp_path, name: str, rename: dict[str, str]):
+    """This module as a checkpoint carries it (beside `cpu_kernel_build.py`, imported as another package), with the
+    operator names rewritten by `rename` (an older or newer copy)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    source = Path(mixer_cpu_kernels.__file__)
+    package = tmp_path / name
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copy(source.parent / "cpu_kernel_build.py", package / "cpu_kernel_build.py")
+    text = source.read_text()
+    for old, new in rename.items():
+        text = text.replace(old, new)
+    (package / "mixer_cpu_kernels.py").write_text(text)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return importlib.import_module(f"{name}.mixer_cpu_kernels")
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_copies_of_this_module_in_one_process_each_work(tmp_path):
+    """A checkpoint's copy of this file imported beside the package's: with the same operator names it finds them
+    defined and uses them; with other names (a copy from before or after a change, which renames every operator) it
+    defines its own beside them. Both give the package's numbers."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 32)
+    taps, bias = torch.randn(4, 32), torch.randn(32)
+    y, z, weight = torch.randn(2, 40, 32), torch.randn(2, 40, 32), torch.randn(32)
+    expected = (
+        mixer_cpu_kernels.conv_silu(x, taps, bias),
+        mixer_cpu_kernels.gated_rms_norm(y, z, weight, 2, 1e-6, False),
+    )
+    renamed = {
+        f"{op}_v": f"{op}_v9"
+        for op in ("conv_silu", "mamba2_in_conv", "rms_norm", "ssd_intra", "ssd_state_writes", "ssd_chunk_states")
+    }
+    for name, rename in (("same_names", {}), ("other_names", renamed)):
+        copy = _load_copy(tmp_path, name, rename)
+        got = (copy.conv_silu(x, taps, bias), copy.gated_rms_norm(y, z, weight, 2, 1e-6, False))
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), name
+    assert hasattr(torch.ops.hf_extras, "conv_silu_v94")  # the renamed copy defined its own
