@@ -80,6 +80,36 @@ def cached_causal_conv(
     return y
 
 
+def cached_conv_act(
+    x: torch.Tensor,
+    conv1d: torch.nn.Conv1d,
+    cache,
+    layer_idx: int,
+    hidden_act: str,
+    act,
+    *,
+    padding_mask: torch.Tensor | None = None,
+    document_starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mamba's and Mamba-2's conv: `act(cached_causal_conv(x))` (SiLU fused with the conv where a compiled kernel
+    applies), zero at padded positions, so that a pad's activated bias reaches no later step."""
+    silu = hidden_act == "silu"
+    y = cached_causal_conv(
+        x,
+        conv1d,
+        cache,
+        layer_idx,
+        padding_mask=padding_mask,
+        document_starts=document_starts,
+        activation="silu" if silu else None,
+    )
+    if not silu:
+        y = act(y)
+    if padding_mask is not None:
+        y = y * padding_mask[..., None].to(y.dtype)
+    return y
+
+
 def _conv(x, weight, bias, tail, padding_mask, document_starts, keep_tail):
     """The conv, where pads (already zeroed) sit only before the first or after the last real token."""
     kernel, seq_len = weight.shape[-1], x.shape[1]

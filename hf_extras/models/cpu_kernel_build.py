@@ -33,13 +33,16 @@ C_COMMON = r"""
 #include <stdint.h>
 #include <string.h>
 
+/* e^g for |g| <= ln 2 / 2, degree 7 (Taylor): scalar or GCC vector `g` */
+#define HFX_EXP_POLY(g) (1.0f + (g) * (1.0f + (g) * (0.5f + (g) * (0.16666666666666666f + (g) * (0.041666666666666664f \
+    + (g) * (0.008333333333333333f + (g) * (0.001388888888888889f + (g) * 0.0001984126984126984f)))))))
+
 static inline float exp2_neg(float x) {
     /* 2^x for x in [-126.5, 127] (a degree-7 polynomial on 2^f, so that loops over it vectorise); 0 below. */
     x = x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x);
     const float xi = floorf(x + 0.5f);
     const float g = (x - xi) * 0.69314718055994531f;
-    const float p = 1.0f + g * (1.0f + g * (0.5f + g * (0.16666666666666666f + g * (0.041666666666666664f
-                    + g * (0.008333333333333333f + g * (0.001388888888888889f + g * 0.0001984126984126984f))))));
+    const float p = HFX_EXP_POLY(g);
     const int32_t bits = ((int32_t)xi + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof(scale));

@@ -160,13 +160,12 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 static inline v16 vmax(v16 a, v16 b) { const v16i m = a > b; return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
 static inline v16 vmin(v16 a, v16 b) { const v16i m = a < b; return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
 
-/* exp2_neg of each lane (rounding to the nearest integer by the 1.5 * 2^23 shift, |x| <= 127) */
+/* exp2_neg of each lane, its polynomial (rounding to nearest by the 1.5 * 2^23 shift, |x| <= 127) */
 static inline v16 exp2_neg16(v16 x) {
     x = vmin(vmax(x, VZERO - 127.0f), VZERO + 127.0f);
     const v16 xi = (x + 12582912.0f) - 12582912.0f;
     const v16 g = (x - xi) * 0.69314718055994531f;
-    const v16 p = 1.0f + g * (1.0f + g * (0.5f + g * (0.16666666666666666f + g * (0.041666666666666664f
-                  + g * (0.008333333333333333f + g * (0.001388888888888889f + g * 0.0001984126984126984f))))));
+    const v16 p = HFX_EXP_POLY(g);
     const v16i bits = (__builtin_convertvector(xi, v16i) + 127) << 23;
     return p * (v16)bits;
 }
@@ -624,7 +623,7 @@ static void intra_bwd_head64(const intra_t *a, int64_t blk, int64_t r, float *re
         for (int64_t d = 0; d < 64; d++) {
             dQS[t * RD + d] = gt * dot[d];
             dg += dot[d] * QS[t * RD + d];
-            dD[d] += dot[d] * vr[d];
+            if (Dr) dD[d] += dot[d] * vr[d]; /* loop-invariant: the loop is compiled twice */
         }
         dgamma[t] = dg;
     }

@@ -17,7 +17,7 @@ from transformers.activations import ACT2FN
 
 from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_mamba import HfxMambaConfig
-from .conv_ops import cached_causal_conv
+from .conv_ops import cached_conv_act
 from .heads import (
     ForCausalLMHead,
     ForMaskedLMHead,
@@ -104,20 +104,16 @@ class HfxMambaMixer(nn.Module):
         dtype = hidden_states.dtype
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         keep = attention_mask[..., None].to(x.dtype) if attention_mask is not None else None
-        silu = self.hidden_act == "silu"  # fused with the conv where a compiled kernel applies
-        x = cached_causal_conv(
+        x = cached_conv_act(
             x,
             self.conv1d,
             cache,
             self.layer_idx,
+            self.hidden_act,
+            self.act,
             padding_mask=attention_mask,
             document_starts=document_starts,
-            activation="silu" if silu else None,
         )
-        if not silu:
-            x = self.act(x)
-        if keep is not None:
-            x = x * keep
         dt, B, C = self.x_proj(x).split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
         dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
         if keep is not None:  # dt = 0: the state passes a padded token unchanged

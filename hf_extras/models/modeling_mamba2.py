@@ -29,7 +29,7 @@ from transformers.activations import ACT2FN
 
 from .backbone import SequenceBackbone, SharedPreTrainedModel, register_family
 from .configuration_mamba2 import HfxMamba2Config
-from .conv_ops import cached_causal_conv
+from .conv_ops import cached_conv_act
 from .fla_dispatch import fla_available, fla_decayed_linear_attention
 from .heads import (
     ForCausalLMHead,
@@ -216,19 +216,16 @@ class HfxMamba2Mixer(nn.Module):
             if z is None:
                 z, proj = proj.split([inner, self.conv_dim + self.num_heads], dim=-1)
             xBC, dt = proj.split([self.conv_dim, self.num_heads], dim=-1)
-            xBC = cached_causal_conv(
+            xBC = cached_conv_act(
                 xBC,
                 self.conv1d,
                 cache,
                 self.layer_idx,
+                self.hidden_act,
+                self.act,
                 padding_mask=attention_mask,
                 document_starts=document_starts,
-                activation="silu" if silu else None,
             )
-            if not silu:
-                xBC = self.act(xBC)
-            if keep is not None:
-                xBC = xBC * keep
             x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
 
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (batch, time, heads), float32
